@@ -1,0 +1,28 @@
+"""E2 — linear probe: a linear head on CLIP's frozen, projected image embedding (2,052 parameters for ViT-B/16).
+
+The frozen tower gives every image the same embedding every epoch, so each embedding is computed once,
+cached on disk (keyed by the weights, the preprocessed pixels and the device), and the head trains on them.
+Augmentation is therefore off: a flipped image would need the tower again.
+"""
+
+import common
+from models import ImageClassifier, fingerprint
+from training import cached_embeddings, predict, train
+
+
+def main():
+    args = common.parser(__doc__, lr=1e-3).parse_args()
+
+    exp = common.start(common.script_name(__file__), args)
+    model = ImageClassifier(exp.clip, len(exp.data.class_names))
+    embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
+                                   fingerprint(model.vision, model.projection), 2 * args.batch_size, exp.device)
+    result = train(model.head, embeddings["train"], embeddings["val"], embeddings["test"],
+                   exp.train_config(augment=False))
+    logits = {name: predict(model.head, split.inputs, 2 * args.batch_size, exp.device)
+              for name, split in embeddings.items()}
+    common.finish(exp, model, result, split_logits=logits)
+
+
+if __name__ == "__main__":
+    common.run(main)

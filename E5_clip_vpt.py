@@ -1,0 +1,28 @@
+"""E5 — prompts in both towers: N shallow visual prompts in the frozen vision tower (as in E3) and M learned
+context vectors in the frozen text tower in place of a hand-written template (CoOp). An image is classified
+by CLIP itself, the scaled cosine similarity between its embedding and each class's text embedding; there is
+no linear head. Trainable: 768·N + 512·M for ViT-B/16 (2,816 with N = 1, M = 4).
+"""
+
+import common
+from models import PromptedCLIP
+from training import train
+
+
+def main():
+    p = common.parser(__doc__, lr=1e-3)
+    p.add_argument("--num-prompts", type=int, default=1, help="N, visual prompt tokens")
+    p.add_argument("--num-text-prompts", type=int, default=4, help="M, learned text context vectors")
+    p.add_argument("--prompt-dropout", type=float, default=0.0)
+    args = p.parse_args()
+
+    exp = common.start(common.script_name(__file__), args)
+    model = PromptedCLIP(exp.clip, exp.tokenizer, exp.data.class_names, args.num_prompts,
+                         args.num_text_prompts, args.prompt_dropout)
+    data = exp.data
+    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts)
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,230 @@
+"""What every experiment script shares: the command line, starting a run, and finishing it with its outputs.
+
+The pieces live in plainly named modules, each readable on its own:
+data.py (images in), models.py (CLIP and the classifiers), training.py (the loop), reporting.py (files out).
+"""
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, describe_duplicates, load_data
+from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
+from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
+from training import TrainConfig, TrainingStopped, TrainResult, predict
+
+SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
+# Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
+NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"}
+
+
+def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and test/<class>/* "
+                                  f"[default: {DEFAULT_DATA}; with --smoke: the sample shipped in {SAMPLE_DATA.name}]")
+    p.add_argument("--model", help=f"hub id or local directory saved with save_pretrained "
+                                   f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
+    p.add_argument("--epochs", type=int, help=f"most epochs to train [default: 500; with --smoke: {SMOKE_EPOCHS}]")
+    p.add_argument("--patience", type=int, help="stop when validation loss has not improved for this many epochs "
+                                                f"[default: 10; with --smoke: {SMOKE_PATIENCE}]")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="outputs", help="each experiment writes to <output-dir>/<script name>/")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
+                                                        "the whole pipeline in seconds on a CPU, no download")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+    p.add_argument("--stop-after-epochs", type=int, help="stop after this many epochs of this invocation "
+                                                         "(for job time limits); --resume continues")
+    p.add_argument("--noise-levels", type=float, nargs="+", default=list(NOISE_LEVELS),
+                   help="Gaussian noise sigmas (pixels in [0, 1]) for the robustness check")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
+    p.add_argument("--drop-test-duplicates", action="store_true",
+                   help="remove train images whose pixels equal a test image's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    return p
+
+
+@dataclass
+class Experiment:
+    name: str
+    args: argparse.Namespace
+    device: torch.device
+    out_dir: Path
+    clip: torch.nn.Module
+    image_processor: object
+    tokenizer: object
+    data: MRIData
+    started: float
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.args.output_dir) / "cache"
+
+    def train_config(self, augment: bool = True) -> TrainConfig:
+        a = self.args
+        settings = {k: v for k, v in sorted(vars(a).items()) if k not in NOT_SETTINGS}
+        return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
+                           weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
+                           device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
+                           resume=a.resume, stop_after_epochs=a.stop_after_epochs, settings=settings)
+
+    def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(model) if self.args.compile else model
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.model is None:
+        args.model = TINY_CLIP if args.smoke else DEFAULT_MODEL
+    if args.data is None:
+        args.data = str(SAMPLE_DATA) if args.smoke else DEFAULT_DATA
+    if args.epochs is None:
+        args.epochs = SMOKE_EPOCHS if args.smoke else 500
+    if args.patience is None:
+        args.patience = SMOKE_PATIENCE if args.smoke else 10
+    for flag in ("epochs", "patience", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 < args.val_fraction < 1:
+        raise UserError("--val-fraction must be between 0 and 1")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 leftovers outside autocast run on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any training, not after an hour of it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {folder} ({error.strerror or error}); "
+                        f"pass --output-dir a writable folder") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start(name: str, args: argparse.Namespace) -> Experiment:
+    started = time.time()
+    args = resolve_defaults(args)
+    out_dir = Path(args.output_dir) / name
+    check_writable(out_dir)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    clip, image_processor, tokenizer = load_clip(args.model)
+    data = load_data(args.data, image_processor, args.val_fraction, args.seed,
+                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates)
+    print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
+          f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
+    print(describe_duplicates(data.report))
+    for key, what in (("skipped_images", "skipped unreadable images"),
+                      ("dropped_train_duplicates", "dropped train copies of test images")):
+        if data.report[key]:
+            print(f"{what}: {', '.join(data.report[key])}")
+    seed_everything(args.seed)   # the same initial weights whatever loading consumed
+    return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data, started)
+
+
+def zero_shot_history(scores: dict) -> list[dict]:
+    return [{"epoch": 0, **{f"{split}_{metric}": scores[split][metric] for split in ("train", "val", "test")
+                             for metric in ("loss", "accuracy")}, "lr": 0.0}]
+
+
+def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None = None,
+           split_logits: dict | None = None, **extra) -> dict:
+    """Final evaluation of the selected model, noise robustness, and every output file.
+    split_logits: already computed clean logits per split (E2 has them from its cached embeddings)."""
+    args, data, device = exp.args, exp.data, exp.device
+    model.to(device)
+    eval_batch = 2 * args.batch_size
+    if split_logits is None:
+        split_logits = {name: predict(model, split.inputs, eval_batch, device) for name, split in data.splits().items()}
+    scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
+
+    generator = torch.Generator().manual_seed(args.seed)
+    robustness = []
+    for sigma in args.noise_levels:
+        logits = split_logits["test"] if sigma == 0 else predict(model, add_pixel_noise(
+            data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
+            eval_batch, device)
+        robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
+                                             classification_metrics(logits, data.test.labels).items()}})
+
+    trainable, total = count_params(model)
+    correct = (split_logits["test"].argmax(1) == data.test.labels.cpu()).numpy()
+    report = data.report
+    metrics = {
+        "experiment": exp.name,
+        **{f"{split}_{metric}": scores[split][metric] for split in ("train", "val", "test")
+           for metric in ("accuracy", "loss")},
+        **{f"test_{metric}": scores["test"][metric] for metric in ("macro_f1", "balanced_accuracy", "ece")},
+        "test_accuracy_ci95": bootstrap_interval(correct, args.seed),
+        "best_epoch": result.best_epoch if result else 0,
+        "epochs_run": result.epochs_run if result else 0,
+        "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+        "wall_time_s": round(time.time() - exp.started, 2),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "model": args.model, "data": args.data, "seed": args.seed,
+        "model_dims": model_dims(exp.clip),
+        "class_names": data.class_names,
+        "num_images": report["num_images"],
+        "train_test_duplicates": sum(len(g["test"]) for g in report["train_test_duplicates"]),
+        "skipped_images": len(report["skipped_images"]),
+        "dropped_train_duplicates": len(report["dropped_train_duplicates"]),
+        "robustness": {str(r["sigma"]): r["test_accuracy"] for r in robustness},
+        **extra,
+        "settings": {k: v for k, v in sorted(vars(args).items())},
+    }
+    history = result.history if result else zero_shot_history(scores)
+    write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
+                 data.test.files, history, metrics, robustness, report)
+    low, high = metrics["test_accuracy_ci95"]
+    print(f"{exp.name}: test accuracy {metrics['test_accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
+          f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
+          f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
+    return metrics
+
+
+def run(main) -> None:
+    """Runs a script's main: a user's mistake is one line on stderr and a non-zero exit, not a traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as stop:
+        print(stop)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def script_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]

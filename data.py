@@ -1,0 +1,226 @@
+"""Loading the MRI images: from a local folder or the Hugging Face hub, checked, de-duplicated,
+preprocessed once by CLIP's own image processor and split into train / validation / test."""
+
+import hashlib
+import io
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+
+DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
+SAMPLE_DATA = Path(__file__).parent / "sample_data" / "brain_mri"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+READABLE_NAMES = {"notumor": "no tumor"}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, never as a traceback."""
+
+
+def readable(class_name: str) -> str:
+    return READABLE_NAMES.get(class_name, class_name.replace("_", " "))
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".")
+
+
+@dataclass
+class Split:
+    """One split's model inputs (preprocessed pixels, or cached embeddings for E2) and labels."""
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    files: list[str]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def with_inputs(self, inputs: torch.Tensor) -> "Split":
+        return Split(inputs, self.labels, self.files)
+
+    def to(self, device) -> "Split":
+        return Split(self.inputs.to(device), self.labels.to(device), self.files)
+
+
+@dataclass
+class MRIData:
+    class_names: list[str]          # readable: "no tumor", not "notumor"
+    train: Split
+    val: Split
+    test: Split
+    report: dict = field(default_factory=dict)   # duplicates and skipped files, written to outputs
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+# --------------------------------------------------------------------------- reading the source
+
+def check_image_folder(root: Path) -> None:
+    """ImageFolder layout checks that `datasets` would otherwise pass over silently."""
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist: pass --data a folder holding "
+                        f"train/<class>/* and test/<class>/*, or a Hugging Face dataset id")
+    classes = {}
+    for split in ("train", "test"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise UserError(f"{split_dir} is missing: the data folder needs train/<class>/* and test/<class>/*")
+        classes[split] = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not classes[split]:
+            raise UserError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class>/")
+        for name in classes[split]:
+            if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (split_dir / name).iterdir()):
+                raise UserError(f"class folder {split_dir / name} holds no images: add some or remove the folder")
+    if classes["train"] != classes["test"]:
+        raise UserError(f"train and test have different class folders ({', '.join(classes['train'])} vs "
+                        f"{', '.join(classes['test'])}): both splits need the same classes")
+
+
+def load_source(data: str):
+    """Returns the `datasets` DatasetDict with undecoded images, so that we decode (and name bad files) ourselves."""
+    import datasets
+    datasets.disable_progress_bars()
+    if Path(data).expanduser().exists() or not looks_like_hub_id(data):
+        root = Path(data).expanduser()
+        check_image_folder(root)
+        source = datasets.load_dataset("imagefolder", data_dir=str(root))
+    else:
+        try:
+            source = datasets.load_dataset(data)
+        except Exception as error:   # the hub raises many types: offline, not found, gated, ...
+            raise UserError(f"could not load dataset '{data}' from the Hugging Face hub "
+                            f"({type(error).__name__}); pass --data a local folder with train/<class>/* "
+                            f"and test/<class>/* instead") from None
+    missing = {"train", "test"} - set(source)
+    if missing:
+        raise UserError(f"dataset '{data}' has no {' or '.join(sorted(missing))} split")
+    return source.cast_column("image", datasets.Image(decode=False))
+
+
+def open_rgb(image: dict) -> Image.Image:
+    """Any mode (L, RGBA, P, ...) and any format whatever the file name says, as RGB."""
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as img:
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent areas become black, the background of an MRI slice, not the colour hidden behind alpha.
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            return Image.alpha_composite(background, img).convert("RGB")
+        return img.convert("RGB")
+
+
+def pixel_hash(img: Image.Image) -> str:
+    """Same decoded pixels, same hash, whatever the file's name, format or original mode."""
+    return hashlib.blake2b(np.asarray(img).tobytes() + str(img.size).encode(), digest_size=16).hexdigest()
+
+
+# --------------------------------------------------------------------------- duplicates
+
+def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    groups = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    cross, within = [], {"train": [], "test": []}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        in_split = defaultdict(list)
+        for i in members:
+            in_split[splits[i]].append(files[i])
+        if len(in_split) > 1:
+            cross.append({"train": in_split["train"], "test": in_split["test"]})
+        for split, names in in_split.items():
+            if len(names) > 1:
+                within[split].append(names)
+    return {"train_test_duplicates": cross, "within_split_duplicates": within}
+
+
+def describe_duplicates(report: dict) -> str:
+    cross = report["train_test_duplicates"]
+    within = report["within_split_duplicates"]
+    return (f"duplicates: {sum(len(g['test']) for g in cross)} test images are pixel copies of a train image, "
+            f"{sum(len(g) - 1 for g in within['train'])} extra copies inside train, "
+            f"{sum(len(g) - 1 for g in within['test'])} inside test")
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+def preprocess(images: list[Image.Image], image_processor, batch_size: int = 64) -> torch.Tensor:
+    batches = [image_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]
+               for i in range(0, len(images), batch_size)]
+    return torch.cat(batches)
+
+
+def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    num_classes = len(np.unique(labels))
+    num_val = max(round(fraction * len(labels)), num_classes)   # at least one image of every class
+    if np.bincount(labels).min() < 2 or num_val >= len(labels):
+        raise UserError(f"train has too few images ({len(labels)}) to carve a stratified validation split "
+                        f"with one image per class: add images or lower --val-fraction")
+    indices = np.arange(len(labels))
+    train, val = train_test_split(indices, test_size=num_val, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int = 0,
+              skip_bad_images: bool = False, drop_test_duplicates: bool = False) -> MRIData:
+    source = load_source(data)
+    class_names = source["train"].features["label"].names
+    images, labels, splits, files, skipped = [], [], [], [], []
+    for split in ("train", "test"):
+        for row in source[split]:
+            path = row["image"].get("path")
+            name = relative_name(path) if path else f"{split}[{len(files) + len(skipped)}]"
+            try:
+                images.append(open_rgb(row["image"]))
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+                if not skip_bad_images:
+                    raise UserError(f"cannot read image {name} ({error}); fix or remove it, "
+                                    f"or pass --skip-bad-images to leave it out") from None
+                skipped.append(name)
+                continue
+            labels.append(row["label"])
+            splits.append(split)
+            files.append(name)
+
+    hashes = [pixel_hash(img) for img in images]
+    duplicates = find_duplicates(hashes, splits, files)
+    keep = np.ones(len(images), dtype=bool)
+    dropped = []
+    if drop_test_duplicates:
+        test_hashes = {h for h, s in zip(hashes, splits) if s == "test"}
+        for i, (h, s) in enumerate(zip(hashes, splits)):
+            if s == "train" and h in test_hashes:
+                keep[i] = False
+                dropped.append(files[i])
+
+    pixels = preprocess([img for img, k in zip(images, keep) if k], image_processor)
+    labels = np.array(labels)[keep]
+    splits = np.array(splits)[keep]
+    files = [f for f, k in zip(files, keep) if k]
+
+    train_all = np.flatnonzero(splits == "train")
+    test = np.flatnonzero(splits == "test")
+    train_pos, val_pos = stratified_val_indices(labels[train_all], val_fraction, seed)
+
+    def subset(indices):
+        return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices])
+
+    report = {**duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
+              "source": data, "num_images": {"train": len(train_pos), "val": len(val_pos), "test": len(test)}}
+    return MRIData([readable(c) for c in class_names], subset(train_all[train_pos]),
+                   subset(train_all[val_pos]), subset(test), report)
+
+
+def relative_name(path: str) -> str:
+    """File names in outputs read as split/class/file rather than as absolute paths of one machine."""
+    parts = Path(path).parts
+    return os.path.join(*parts[-3:]) if len(parts) >= 3 else path

@@ -1,0 +1,150 @@
+"""Metrics, plots and the files in outputs/: everything written atomically, so a kill never leaves half a report."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,  # noqa: E402
+                             f1_score)
+
+from training import atomic_save  # noqa: E402
+
+NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
+ECE_BINS = 15
+
+
+# --------------------------------------------------------------------------- numbers
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Gap between confidence and accuracy, averaged over equal-width confidence bins weighted by size."""
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of accuracy over test images."""
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), (resamples, len(correct)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    probs = logits.softmax(1).numpy()
+    labels = labels.cpu().numpy()
+    predictions = probs.argmax(1)
+    return {"accuracy": float((predictions == labels).mean()),
+            "loss": float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels))),
+            "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+            "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+            "ece": expected_calibration_error(probs, labels)}
+
+
+def add_pixel_noise(pixels: torch.Tensor, sigma: float, mean, std, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of std sigma on [0, 1] pixels: undo CLIP's normalisation, add, clip, redo."""
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
+    raw = pixels * std + mean
+    noisy = (raw + sigma * torch.randn(raw.shape, generator=generator)).clamp(0, 1)
+    return (noisy - mean) / std
+
+
+# --------------------------------------------------------------------------- files
+
+def write_text(path: Path, text: str) -> None:
+    atomic_save(path, lambda p: Path(p).write_text(text))
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], metric: str, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [row["epoch"] for row in history]
+    for split in ("train", "val", "test"):
+        ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o" if len(epochs) < 30 else None,
+                markersize=3, label=split)
+    ax.set(xlabel="epoch", ylabel=metric, title=title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_confusion_matrix(labels, predictions, class_names, title: str, path: Path) -> None:
+    matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", xticklabels=class_names, yticklabels=class_names, ax=ax)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    save_figure(fig, path)
+
+
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, title: str, path: Path, bins: int = ECE_BINS) -> None:
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    centres = (np.arange(bins) + 0.5) / bins
+    accuracy = [correct[which == b].mean() if (which == b).any() else 0 for b in range(bins)]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.legend(loc="upper left")
+    save_figure(fig, path)
+
+
+def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="Gaussian noise sigma (pixels in [0, 1])", ylabel="test accuracy", ylim=(0, 1.02), title=title)
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: torch.Tensor,
+                 test_labels: torch.Tensor, test_files: list[str], history: list[dict], metrics: dict,
+                 robustness: list[dict], data_report: dict) -> None:
+    """Every per-experiment output file; metrics.json last, so that its presence means a complete set."""
+    probs = test_logits.softmax(1).numpy()
+    labels, predictions = test_labels.numpy(), probs.argmax(1)
+    write_text(out_dir / "classification_report.txt",
+               f"{name}: test set, {len(labels)} images\n\n" + classification_report(
+                   labels, predictions, labels=range(len(class_names)), target_names=class_names, digits=4,
+                   zero_division=0))
+    write_csv(out_dir / "history.csv", history)
+    write_csv(out_dir / "predictions.csv", [
+        {"file": f, "label": class_names[y], "prediction": class_names[p],
+         **{f"p_{c}": round(float(q), 6) for c, q in zip(class_names, row)}}
+        for f, y, p, row in zip(test_files, labels, predictions, probs)])
+    write_csv(out_dir / "robustness.csv", robustness)
+    write_json(out_dir / "data_report.json", data_report)
+    plot_curves(history, "loss", f"{name}: loss", out_dir / "loss_curves.png")
+    plot_curves(history, "accuracy", f"{name}: accuracy", out_dir / "accuracy_curves.png")
+    plot_confusion_matrix(labels, predictions, class_names, f"{name}: test confusion matrix",
+                          out_dir / "confusion_matrix.png")
+    plot_reliability(probs, labels, f"{name}: reliability (test)", out_dir / "reliability_diagram.png")
+    plot_robustness({name: [(r["sigma"], r["test_accuracy"]) for r in robustness]},
+                    f"{name}: accuracy under noise", out_dir / "robustness.png")
+    write_json(out_dir / "metrics.json", metrics)

@@ -1,0 +1,161 @@
+"""Runs E1 to E6 in order with the same flags, keeps going when one fails, and writes the comparison:
+<output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
+summary_robustness.png (test accuracy against pixel noise). With --seeds, every experiment runs once per
+seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run gets a 95% bootstrap
+interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
+"""
+
+import argparse
+import json
+import runpy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+import common
+from reporting import plt, save_figure, write_csv, write_text
+
+HERE = Path(__file__).parent
+EXPERIMENTS = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
+               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune"]
+STUDY_REPORTED = {"E1_zero_shot_clip": 0.29, "E2_linear_probe": 0.91, "E3_shallow_vpt": 0.88,
+                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95}
+METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
+           "best_epoch", "epochs_run", "wall_time_s"]
+
+
+def own_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: mean ± std")
+    p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS,
+                   help="a subset to run, in the order E1..E6")
+    return p
+
+
+def run_experiment(name: str, argv: list[str]) -> int:
+    """Runs one script in this process (its imports are already paid for); a crash is reported, not fatal."""
+    saved_argv, sys.argv = sys.argv, [f"{name}.py", *argv]
+    try:
+        runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
+        return 0
+    except SystemExit as exit_:
+        if exit_.code == 130:   # Ctrl-C stops the whole run, not just this experiment
+            raise KeyboardInterrupt from None
+        return exit_.code or 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved_argv
+
+
+def aggregate(name: str, runs: list[dict]) -> dict:
+    row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
+           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"]}
+    for metric in METRICS:
+        values = np.array([r[metric] for r in runs], dtype=float)
+        row[f"{metric}_mean"] = float(values.mean())
+        row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""
+    row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] = (runs[0]["test_accuracy_ci95"]
+                                                                     if len(runs) == 1 else ("", ""))
+    for sigma in runs[0]["robustness"]:
+        row[f"test_accuracy_noise_{sigma}"] = float(np.mean([r["robustness"][sigma] for r in runs]))
+    return row
+
+
+def spread(row: dict, metric: str, digits: int = 3) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if std != "":
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if metric == "test_accuracy":
+        return f"{mean:.{digits}f} [{row['test_accuracy_ci95_low']:.{digits}f}, {row['test_accuracy_ci95_high']:.{digits}f}]"
+    return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
+
+
+def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
+    noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
+    interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
+    lines = [f"# Summary\n", f"`{command}`\n",
+             f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
+             f"reported (convergence speed). 'Study' is the accuracy the reproduced study reported, not measured "
+             f"here.\n",
+             "| experiment | test accuracy | study | macro-F1 | balanced acc. | ECE | train acc. | best epoch | "
+             "epochs run | trainable params | share of total | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {STUDY_REPORTED[r['experiment']]:.2f} | "
+                     f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | {spread(r, 'test_ece')} | "
+                     f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
+                     f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
+    if noise:
+        lines += ["\n## Test accuracy under Gaussian pixel noise (sigma on [0, 1] pixels)\n",
+                  "| experiment | " + " | ".join(f"sigma {k.rsplit('_', 1)[1]}" for k in noise) + " |",
+                  "|---|" + "---|" * len(noise)]
+        lines += [f"| {r['experiment']} | " + " | ".join(f"{r[k]:.3f}" for k in noise) + " |" for r in rows]
+    if failed:
+        lines.append(f"\n**Failed:** {', '.join(failed)} (see the console output).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(rows: list[dict], out_dir: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        std = r["test_accuracy_std"] or 0.0
+        ax.errorbar(r["trainable_params"], r["test_accuracy_mean"], yerr=std, fmt="o", capsize=3)
+        ax.annotate(r["experiment"].split("_")[0], (r["trainable_params"], r["test_accuracy_mean"]),
+                    textcoords="offset points", xytext=(6, 4))
+    ax.set_xscale("symlog", linthresh=1)   # E1 trains nothing: 0 must still show on a log axis
+    ax.set(xlabel="trainable parameters (log scale; 0 = zero-shot)", ylabel="test accuracy", ylim=(0, 1.02),
+           title="Test accuracy against trainable parameters")
+    ax.grid(alpha=0.3)
+    save_figure(fig, out_dir / "summary.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        keys = [k for k in r if k.startswith("test_accuracy_noise_")]
+        ax.plot([float(k.rsplit("_", 1)[1]) for k in keys], [r[k] for k in keys], marker="o", label=r["experiment"])
+    ax.set(xlabel="Gaussian noise sigma (pixels in [0, 1])", ylabel="test accuracy", ylim=(0, 1.02),
+           title="Robustness to pixel noise")
+    ax.legend(fontsize="small")
+    save_figure(fig, out_dir / "summary_robustness.png")
+
+
+def main():
+    parser = common.parser(__doc__, lr=None)
+    for action in own_flags()._actions:
+        parser._add_action(action)
+    args = parser.parse_args()   # validates every flag, and gives --help
+    _, forwarded = own_flags().parse_known_args()
+    seeds = args.seeds or [args.seed]
+    out_dir = Path(args.output_dir)
+    common.check_writable(out_dir)
+
+    runs, failed = {name: [] for name in args.experiments}, []
+    for seed in seeds:
+        seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
+        for name in args.experiments:
+            print(f"\n=== {name} (seed {seed}) ===", flush=True)
+            started = time.time()
+            code = run_experiment(name, [*forwarded, "--seed", str(seed), "--output-dir", str(seed_dir)])
+            metrics_path = seed_dir / name / "metrics.json"
+            if code == 0 and metrics_path.exists() and metrics_path.stat().st_mtime >= started:
+                runs[name].append(json.loads(metrics_path.read_text()))
+            else:
+                failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
+
+    rows = [aggregate(name, r) for name, r in runs.items() if r]
+    if rows:
+        write_csv(out_dir / "summary.csv", rows)
+        plot_summary(rows, out_dir)
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, " ".join(["python", *sys.argv])))
+    print(f"\nsummary written to {out_dir / 'summary.md'}")
+    if failed:
+        print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run(main)

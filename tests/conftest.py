@@ -1,0 +1,101 @@
+"""Fixtures: a tiny random CLIP saved to disk, small image folders, and ways to run the scripts. Offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"        # nothing in the tests may touch the network; set before
+os.environ["HF_DATASETS_OFFLINE"] = "1"   # huggingface_hub reads it, at import
+
+import runpy  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPProcessor  # noqa: E402
+
+import models  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "brain_mri"
+SAMPLE_DATA = REPO / "sample_data" / "brain_mri"
+CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+METRIC_KEYS = {"experiment", "train_accuracy", "val_accuracy", "test_accuracy", "train_loss", "test_loss",
+               "best_epoch", "epochs_run", "trainable_params", "total_params", "wall_time_s", "device", "model",
+               "data", "seed", "model_dims"}
+OUTPUT_FILES = {"classification_report.txt", "metrics.json", "history.csv", "loss_curves.png",
+                "accuracy_curves.png", "confusion_matrix.png", "reliability_diagram.png", "robustness.csv",
+                "robustness.png", "data_report.json", "predictions.csv"}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP, tokenizer and image processor saved with save_pretrained, as a user would pass one."""
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    clip, image_processor, tokenizer = models.tiny_clip()
+    clip.save_pretrained(directory)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def clip_parts(tiny_clip_dir):
+    """A fresh (CLIPModel, image processor, tokenizer) loaded from the saved fixture, through the project's loader."""
+    return models.load_clip(str(tiny_clip_dir))
+
+
+def noise_image(seed: int, size=(40, 48), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode if mode != "P" else "RGB"]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(array.squeeze(-1) if channels == 1 else array)
+    return image.convert("P") if mode == "P" else image
+
+
+def make_image_folder(root: Path, per_class: int = 3, classes=CLASSES) -> Path:
+    """train/<class>/ and test/<class>/ of small random images in varied sizes, modes and formats."""
+    modes = ["RGB", "L", "RGBA", "P"]
+    seed = 0
+    for split in ("train", "test"):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                seed += 1
+                image = noise_image(seed, size=(30 + 7 * i, 40 + 5 * seed % 17), mode=modes[seed % 4])
+                # A PNG behind a .jpg name, as in the public release.
+                image.save(folder / f"{c}_{i}.jpg", format="PNG" if image.mode in ("RGBA", "P") or i == 2 else "JPEG")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+def run_script(script: str, *args, expect_exit: int | None = None):
+    """Runs an experiment script in this process (imports are the slow part of a fresh one)."""
+    argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    finally:
+        sys.argv = argv
+    if expect_exit is not None:
+        assert code == expect_exit
+    return code
+
+
+def run_process(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+def tiny_batch(image_processor, n: int = 4) -> torch.Tensor:
+    images = [noise_image(100 + i) for i in range(n)]
+    return image_processor(images, return_tensors="pt")["pixel_values"]

@@ -1,0 +1,270 @@
+"""The classifiers: reference numbers, parameter counts, frozen weights, where gradients go, prompt placement."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import noise_image, tiny_batch
+from transformers import CLIPModel
+
+from data import Split
+from models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, tiny_tokenizer, vit_b16_config)
+from training import TrainConfig, predict, train
+
+CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
+
+
+def splits_of(pixels: torch.Tensor, labels: torch.Tensor):
+    split = Split(pixels, labels, [f"img{i}" for i in range(len(labels))])
+    return split, split, split
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(epochs=2, patience=5, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0, seed=0,
+                  device=torch.device("cpu"), checkpoint_dir=tmp_path / "checkpoint", augment=True)
+    return TrainConfig(**{**values, **overrides})
+
+
+def clip_state(clip):
+    return {k: v.clone() for k, v in clip.state_dict().items()}
+
+
+def assert_unchanged(before: dict, clip):
+    after = clip.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"frozen weights changed: {changed[:5]}"
+
+
+def gradients_after_one_step(model, pixels, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(pixels), labels).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- E1
+
+def test_zero_shot_logits_equal_transformers_clip(clip_parts, tiny_clip_dir):
+    clip, image_processor, tokenizer = clip_parts
+    pixels = tiny_batch(image_processor, 6)
+    template = "a brain MRI scan showing {}."
+    ours = ZeroShot(clip, tokenizer, CLASS_NAMES, templates=(template,))(pixels)
+
+    reference = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tokens = tokenizer([template.format(c) for c in CLASS_NAMES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, **tokens).logits_per_image
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_shot_ensemble_averages_unit_text_embeddings(clip_parts):
+    clip, _, tokenizer = clip_parts
+    templates = ("a brain MRI scan showing {}.", "an MRI of {}.")
+    model = ZeroShot(clip, tokenizer, CLASS_NAMES, templates)
+    singles = [ZeroShot(clip, tokenizer, CLASS_NAMES, (t,)).class_embeddings for t in templates]
+    torch.testing.assert_close(model.class_embeddings, F.normalize(singles[0] + singles[1], dim=-1))
+    assert count_params(model)[0] == 0
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+def fixture_dims(clip):
+    v, t = clip.config.vision_config, clip.config.text_config
+    return v.hidden_size, v.num_hidden_layers, clip.config.projection_dim, t.hidden_size
+
+
+@pytest.mark.parametrize("num_prompts", [1, 3])
+def test_parameter_counts_match_formulas_for_fixture(clip_parts, num_prompts):
+    clip, _, tokenizer = clip_parts
+    width, layers, projection, text_width = fixture_dims(clip)
+    head = projection * 4 + 4
+    vision_total = count_params(ImageClassifier(copy.deepcopy(clip), 4, train_backbone=True))[1] - head
+    expected = {
+        "E2": (ImageClassifier(copy.deepcopy(clip), 4), head),
+        "E3": (ImageClassifier(copy.deepcopy(clip), 4, num_prompts=num_prompts), head + width * num_prompts),
+        "E4": (ImageClassifier(copy.deepcopy(clip), 4, num_prompts=num_prompts, prompt_layers=range(layers)),
+               head + layers * width * num_prompts),
+        "E5": (PromptedCLIP(copy.deepcopy(clip), tokenizer, CLASS_NAMES, num_prompts, 5),
+               width * num_prompts + text_width * 5),
+        "E6": (ImageClassifier(copy.deepcopy(clip), 4, train_backbone=True), vision_total + head),
+    }
+    for name, (model, trainable) in expected.items():
+        assert count_params(model)[0] == trainable, name
+    assert vision_total == sum(p.numel() for p in clip.vision_model.parameters()) + projection * width
+
+
+def test_parameter_counts_for_vit_b16_on_meta_device():
+    with torch.device("meta"):
+        clip = CLIPModel(vit_b16_config())
+    tokenizer = tiny_tokenizer()   # only its ids are used; counting needs no real vocabulary
+    assert count_params(ImageClassifier(copy.deepcopy(clip), 4))[0] == 2_052
+    assert count_params(ImageClassifier(copy.deepcopy(clip), 4, num_prompts=1))[0] == 2_820
+    assert count_params(ImageClassifier(copy.deepcopy(clip), 4, num_prompts=1, prompt_layers=range(12)))[0] == 11_268
+    assert count_params(PromptedCLIP(copy.deepcopy(clip), tokenizer, CLASS_NAMES, 1, 4))[0] == 768 + 4 * 512
+    full = ImageClassifier(copy.deepcopy(clip), 4, train_backbone=True)
+    assert count_params(full) == (86_194_692, 86_194_692)   # no text tower, trained or counted
+
+
+# --------------------------------------------------------------------------- frozen weights and gradients
+
+@pytest.mark.parametrize("kind", ["E2", "E3", "E4", "E5"])
+def test_frozen_clip_is_bit_identical_and_only_prompts_and_head_get_gradients(clip_parts, tmp_path, kind):
+    clip, image_processor, tokenizer = clip_parts
+    clip.config.vision_config.attention_dropout = 0.0
+    before = clip_state(clip)
+    layers = clip.config.vision_config.num_hidden_layers
+    model = {"E2": lambda: ImageClassifier(clip, 4),
+             "E3": lambda: ImageClassifier(clip, 4, num_prompts=2),
+             "E4": lambda: ImageClassifier(clip, 4, num_prompts=2, prompt_layers=range(layers)),
+             "E5": lambda: PromptedCLIP(clip, tokenizer, CLASS_NAMES, 2, 3)}[kind]()
+    pixels, labels = tiny_batch(image_processor, 8), torch.arange(8) % 4
+
+    grads = gradients_after_one_step(model, pixels, labels)
+    trainable = {"E2": {"head.weight", "head.bias"},
+                 "E3": {"head.weight", "head.bias", "prompts.prompts"},
+                 "E4": {"head.weight", "head.bias", "prompts.prompts"},
+                 "E5": {"visual_prompts.prompts", "text_context.context"}}[kind]
+    assert {n for n, g in grads.items() if g is not None} == trainable
+    assert all(grads[n].abs().sum() > 0 for n in trainable)
+    assert not any(m.training for name, m in model.named_modules() if name.startswith(("vision", "clip")))
+
+    train(model, *splits_of(pixels, labels), config(tmp_path))
+    assert_unchanged(before, clip)
+
+
+def test_full_finetune_trains_every_vision_weight_and_leaves_text_tower_alone(clip_parts):
+    clip, image_processor, _ = clip_parts
+    text_before = {k: v.clone() for k, v in clip.text_model.state_dict().items()}
+    model = ImageClassifier(clip, 4, train_backbone=True)
+    grads = gradients_after_one_step(model, tiny_batch(image_processor, 8), torch.arange(8) % 4)
+    missing = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    assert not any("text" in name for name, _ in model.named_parameters())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(torch.equal(text_before[k], v) for k, v in clip.text_model.state_dict().items())
+    assert all(p.grad is None for p in clip.text_model.parameters())
+
+
+# --------------------------------------------------------------------------- prompt placement
+
+def test_zero_prompts_give_exactly_the_frozen_embeddings(clip_parts):
+    clip, image_processor, tokenizer = clip_parts
+    pixels = tiny_batch(image_processor)
+    with torch.no_grad():
+        plain_image = clip.get_image_features(pixel_values=pixels).pooler_output
+        plain_text = clip.get_text_features(**tokenizer(CLASS_NAMES, padding=True, return_tensors="pt")).pooler_output
+        layers = range(clip.config.vision_config.num_hidden_layers)
+        prompted = ImageClassifier(copy.deepcopy(clip), 4)
+        from models import VisualPrompts
+        VisualPrompts(prompted.vision, 0, layers)
+        assert torch.equal(prompted.embed(pixels), plain_image)
+        e5 = PromptedCLIP(clip, tokenizer, CLASS_NAMES, num_prompts=0, num_text_prompts=2)
+        assert torch.equal(clip.get_image_features(pixel_values=pixels).pooler_output, plain_image)
+        # Outside E5's own forward, the text tower is CLIP's own.
+        assert torch.equal(clip.get_text_features(**tokenizer(CLASS_NAMES, padding=True, return_tensors="pt"))
+                           .pooler_output, plain_text)
+        assert e5.class_embeddings().shape == (4, clip.config.projection_dim)
+
+
+def record_layer_inputs(vision_model) -> list:
+    seen = []
+    for layer in vision_model.encoder.layers:   # registered after the prompt hooks, so they see what the layer sees
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("num_prompts, layers", [(1, [0]), (3, [0]), (2, [0, 1, 2]), (2, [1, 2])])
+def test_each_encoder_layer_sees_the_expected_sequence(clip_parts, num_prompts, layers):
+    clip, image_processor, _ = clip_parts
+    model = ImageClassifier(clip, 4, num_prompts=num_prompts, prompt_layers=layers)
+    seen = record_layer_inputs(model.vision)
+    with torch.no_grad():
+        model(tiny_batch(image_processor, 2))
+    patches = (clip.config.vision_config.image_size // clip.config.vision_config.patch_size) ** 2
+    first = min(layers)
+    expected = [1 + patches + (num_prompts if i >= first else 0) for i in range(len(seen))]
+    assert [s.shape[1] for s in seen] == expected
+    # Each prompted layer reads its own prompts verbatim right after the class token (after the pre-layernorm).
+    for position, index in enumerate(sorted(layers)):
+        prompts = model.prompts.prompts[position]
+        assert torch.equal(seen[index][:, 1:1 + num_prompts], prompts.expand(2, -1, -1))
+
+
+def test_prompt_dropout_is_active_only_in_training(clip_parts):
+    clip, image_processor, _ = clip_parts
+    model = ImageClassifier(clip, 4, num_prompts=4, prompt_dropout=0.5)
+    pixels = tiny_batch(image_processor, 2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(pixels), model(pixels))
+        model.train()
+        torch.manual_seed(0)
+        assert not torch.equal(model(pixels), model(pixels))
+
+
+# --------------------------------------------------------------------------- E5
+
+def test_class_name_shapes_its_text_embedding(clip_parts):
+    clip, _, tokenizer = clip_parts
+    model = PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4)
+    renamed = PromptedCLIP(copy.deepcopy(clip), tokenizer, ["glioma", "meningioma", "healthy brain", "pituitary"], 1, 4)
+    renamed.text_context.context.data.copy_(model.text_context.context.data)
+    with torch.no_grad():
+        a, b = model.class_embeddings(), renamed.class_embeddings()
+    assert not torch.allclose(a[2], b[2])
+    torch.testing.assert_close(a[[0, 1, 3]], b[[0, 1, 3]])
+
+
+def test_learned_context_changes_text_embeddings_and_gets_gradients(clip_parts):
+    clip, image_processor, tokenizer = clip_parts
+    model = PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4)
+    with torch.no_grad():
+        before = model.class_embeddings()
+        model.text_context.context.add_(1.0)
+        assert not torch.allclose(before, model.class_embeddings())
+    grads = gradients_after_one_step(model, tiny_batch(image_processor, 4), torch.arange(4))
+    assert grads["text_context.context"].abs().sum() > 0
+
+
+def test_e5_predictions_never_see_labels(clip_parts):
+    clip, image_processor, tokenizer = clip_parts
+    model = PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4)
+    assert list(inspect.signature(model.forward).parameters) == ["pixels"]
+    assert list(inspect.signature(predict).parameters) == ["model", "inputs", "batch_size", "device"]
+    pixels = tiny_batch(image_processor, 8)
+    cpu = torch.device("cpu")
+    logits = [predict(model, Split(pixels, labels, []).inputs, 3, cpu)
+              for labels in (torch.arange(8) % 4, torch.zeros(8, dtype=torch.long), torch.randperm(8) % 4)]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    # Nor do other images of the batch: each prediction alone equals the batched one.
+    alone = torch.cat([predict(model, pixels[i:i + 1], 1, cpu) for i in range(8)])
+    torch.testing.assert_close(alone, logits[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- E2 cache
+
+def test_cached_embeddings_train_the_same_head_as_running_the_tower(clip_parts, tmp_path):
+    from training import cached_embeddings
+    clip, image_processor, _ = clip_parts
+    pixels = torch.cat([tiny_batch(image_processor, 8), image_processor(
+        [noise_image(200 + i, mode="L").convert("RGB") for i in range(8)], return_tensors="pt")["pixel_values"]])
+    labels = torch.arange(16) % 4
+    settings = dict(epochs=4, augment=False)
+
+    torch.manual_seed(0)
+    every_epoch = ImageClassifier(copy.deepcopy(clip), 4)
+    train(every_epoch, *splits_of(pixels, labels), config(tmp_path / "a", **settings))
+
+    torch.manual_seed(0)
+    cached = ImageClassifier(clip, 4)
+    split = Split(pixels, labels, [])
+    embeddings = cached_embeddings(cached.embed, {"train": split}, tmp_path / "cache", "key", 5, torch.device("cpu"))
+    train(cached.head, embeddings["train"], embeddings["train"], embeddings["train"], config(tmp_path / "b", **settings))
+
+    torch.testing.assert_close(cached.head.weight, every_epoch.head.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached.head.bias, every_epoch.head.bias, rtol=1e-4, atol=1e-5)
+    # A second call reads the file instead of running the tower.
+    again = cached_embeddings(None, {"train": split}, tmp_path / "cache", "key", 5, torch.device("cpu"))
+    assert torch.equal(again["train"].inputs, embeddings["train"].inputs)

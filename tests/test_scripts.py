@@ -1,0 +1,203 @@
+"""The scripts as a user runs them: complete outputs, one-line errors, exact resume, same seed same result."""
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import METRIC_KEYS, OUTPUT_FILES, REPO, SHARED_DATA, make_image_folder, run_process, run_script
+
+from data import Split, UserError
+from training import TrainConfig, train
+
+SCRIPTS = ["E1_zero_shot_clip.py", "E2_linear_probe.py", "E3_shallow_vpt.py", "E4_deep_vpt.py",
+           "E5_clip_vpt.py", "E6_full_finetune.py"]
+TRAINED = SCRIPTS[1:]
+
+
+def metrics_of(out_dir, script) -> dict:
+    return json.loads((out_dir / script.removesuffix(".py") / "metrics.json").read_text())
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "settings")}
+
+
+def assert_complete_outputs(folder, trained: bool):
+    assert OUTPUT_FILES <= {p.name for p in folder.iterdir()}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+    history = list(csv.DictReader(open(folder / "history.csv")))
+    assert len(history) == max(metrics["epochs_run"], 1)
+    assert {"train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"} <= set(history[0])
+    assert (folder / "checkpoint" / "best.safetensors").exists() == trained
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    return metrics
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data/brain_mri")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_writes_every_output_on_the_project_data(script, tmp_path):
+    run_script(script, "--smoke", "--data", SHARED_DATA, "--epochs", 2, "--output-dir", tmp_path, expect_exit=0)
+    metrics = assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
+    assert metrics["num_images"] == {"train": 408, "val": 72, "test": 320}
+    assert metrics["train_test_duplicates"] == 0
+    assert metrics["epochs_run"] == (0 if script == SCRIPTS[0] else 2)
+    assert 0 < metrics["trainable_params"] <= metrics["total_params"] or script == SCRIPTS[0]
+    if script in ("E3_shallow_vpt.py", "E4_deep_vpt.py", "E5_clip_vpt.py"):
+        assert metrics["num_prompts"] == 1
+
+
+def test_run_all_smoke_writes_the_complete_tree(tmp_path):
+    result = run_process("run_all_experiments.py", "--smoke", "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for script in SCRIPTS:
+        assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["experiment"] for r in rows] == [s.removesuffix(".py") for s in SCRIPTS]
+    assert rows[0]["trainable_params"] == "0" and float(rows[-1]["trainable_share"]) == 1.0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "E6_full_finetune" in summary and "Failed" not in summary
+    for png in ("summary.png", "summary_robustness.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_all_with_seeds_reports_mean_and_std_and_names_failures(tmp_path, monkeypatch):
+    args = ["--smoke", "--output-dir", tmp_path, "--seeds", 0, 1, "--experiments", "E1_zero_shot_clip",
+            "E2_linear_probe"]
+    run_script("run_all_experiments.py", *args, expect_exit=0)
+    row = next(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert row["runs"] == "2" and row["test_accuracy_std"] != ""
+    assert (tmp_path / "seed_1" / "E2_linear_probe" / "metrics.json").exists()
+    assert "±" in (tmp_path / "summary.md").read_text()
+
+    code = run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path / "bad", "--data", tmp_path / "no",
+                      "--experiments", "E1_zero_shot_clip", "E2_linear_probe")
+    assert code == 1
+    assert "**Failed:** E1_zero_shot_clip, E2_linear_probe" in (tmp_path / "bad" / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_one_line_on_stderr_without_traceback(tmp_path):
+    result = run_process("E2_linear_probe.py", "--smoke", "--data", tmp_path / "missing", "--output-dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def broken_folder(kind, root):
+    folder = make_image_folder(root / "data", per_class=3)
+    if kind == "mismatch":
+        (folder / "test" / "glioma").rename(folder / "test" / "astrocytoma")
+    elif kind == "empty":
+        for f in (folder / "test" / "notumor").iterdir():
+            f.unlink()
+    elif kind == "unreadable":
+        (folder / "train" / "glioma" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    return folder
+
+
+@pytest.mark.parametrize("case, flags, message", [
+    ("missing data", ["--data", "{tmp}/nowhere"], "does not exist"),
+    ("class mismatch", ["--data", "mismatch"], "different class folders"),
+    ("empty class", ["--data", "empty"], "holds no images"),
+    ("unreadable image", ["--data", "unreadable"], "cannot read image train/glioma/bad.jpg"),
+    ("model path missing", ["--model", "{tmp}/no_model"], "model directory .* does not exist"),
+    ("not a model", ["--model", "{tmp}"], "is not a CLIP model directory"),
+    ("hub offline", ["--model", "openai/clip-vit-base-patch16"], "hub cannot be reached"),
+    ("dataset hub offline", ["--data", "aggr8/brain_mri_train_test_split"], "could not load dataset"),
+    ("output not writable", ["--output-dir", "{tmp}/file/sub"], "cannot write to output folder"),
+    ("bad epochs", ["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    flags = [str(broken_folder(f, tmp_path)) if f in ("mismatch", "empty", "unreadable") else f.format(tmp=tmp_path)
+             for f in flags]
+    if "--output-dir" not in flags:
+        flags += ["--output-dir", tmp_path / "out"]
+    run_script("E2_linear_probe.py", "--smoke", *flags, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out" / "E2_linear_probe" / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- determinism and resume
+
+RESUME_FLAGS = ["--smoke", "--epochs", 8, "--patience", 8, "--lr", 3e-3]
+
+
+def test_same_seed_same_metrics(tmp_path):
+    for run in ("a", "b"):
+        run_script("E4_deep_vpt.py", *RESUME_FLAGS, "--output-dir", tmp_path / run, expect_exit=0)
+    assert comparable(metrics_of(tmp_path / "a", "E4_deep_vpt.py")) == \
+        comparable(metrics_of(tmp_path / "b", "E4_deep_vpt.py"))
+    assert (tmp_path / "a/E4_deep_vpt/history.csv").read_text() == (tmp_path / "b/E4_deep_vpt/history.csv").read_text()
+
+
+@pytest.mark.parametrize("script", ["E3_shallow_vpt.py", "E5_clip_vpt.py"])
+def test_stopped_run_resumes_to_exactly_the_uninterrupted_result(script, tmp_path):
+    flags = [*RESUME_FLAGS, "--prompt-dropout", 0.2]
+    run_script(script, *flags, "--output-dir", tmp_path / "whole", expect_exit=0)
+    run_script(script, *flags, "--output-dir", tmp_path / "parts", "--stop-after-epochs", 3, expect_exit=0)
+    assert not (tmp_path / "parts" / script.removesuffix(".py") / "metrics.json").exists()
+    run_script(script, *flags, "--output-dir", tmp_path / "parts", "--resume", expect_exit=0)
+    whole, parts = metrics_of(tmp_path / "whole", script), metrics_of(tmp_path / "parts", script)
+    assert comparable(whole) == comparable(parts)
+    assert whole["epochs_run"] == 8
+
+
+def test_killed_process_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    flags = ["--smoke", "--epochs", 150, "--patience", 150, "--lr", 1e-3]
+    process = subprocess.Popen([sys.executable, "E3_shallow_vpt.py", *map(str, flags), "--output-dir",
+                                str(tmp_path / "parts")], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "parts" / "E3_shallow_vpt" / "checkpoint" / "last.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)   # no chance to clean up: only atomic writes save the run
+    process.wait()
+    assert not (tmp_path / "parts" / "E3_shallow_vpt" / "metrics.json").exists(), "killed too late to test resume"
+    run_script("E3_shallow_vpt.py", *flags, "--output-dir", tmp_path / "parts", "--resume", expect_exit=0)
+    run_script("E3_shallow_vpt.py", *flags, "--output-dir", tmp_path / "whole", expect_exit=0)
+    assert comparable(metrics_of(tmp_path / "parts", "E3_shallow_vpt.py")) == \
+        comparable(metrics_of(tmp_path / "whole", "E3_shallow_vpt.py"))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    run_script("E2_linear_probe.py", "--smoke", "--output-dir", tmp_path, "--stop-after-epochs", 1, expect_exit=0)
+    run_script("E2_linear_probe.py", "--smoke", "--output-dir", tmp_path, "--resume", "--lr", 0.5, expect_exit=2)
+    assert "different lr" in capsys.readouterr().err
+
+
+class TurnsNaN(torch.nn.Module):
+    """A head that works for two epochs, then produces NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += self.training
+        return self.linear(x) * (float("nan") if self.calls > 2 else 1.0)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    split = Split(torch.randn(8, 3), torch.arange(8) % 2, [])
+    config = TrainConfig(epochs=10, patience=10, batch_size=8, lr=0.1, weight_decay=0, warmup_epochs=0, seed=0,
+                         device=torch.device("cpu"), checkpoint_dir=tmp_path, augment=False)
+    with pytest.raises(UserError, match="loss became nan in epoch 3.*epoch 2.*--lr"):
+        train(TurnsNaN(), split, split, split, config)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
