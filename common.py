@@ -148,7 +148,8 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
         if data.report[key]:
             print(f"{what}: {', '.join(data.report[key])}")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
-    return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data, started)
+    return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
+                      started)
 
 
 def zero_shot_history(scores: dict) -> list[dict]:

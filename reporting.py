@@ -89,6 +89,8 @@ def plot_curves(history: list[dict], metric: str, title: str, path: Path) -> Non
         ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o" if len(epochs) < 30 else None,
                 markersize=3, label=split)
     ax.set(xlabel="epoch", ylabel=metric, title=title)
+    if metric == "accuracy":
+        ax.set_ylim(0, 1.02)   # a fixed scale: small differences should look small
     ax.legend()
     save_figure(fig, path)
 

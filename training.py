@@ -55,7 +55,7 @@ def atomic_save(path: Path, save) -> None:
     os.replace(temporary, path)
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
 def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     outputs = []
     for chunk in inputs.split(batch_size):
@@ -81,14 +81,26 @@ def tensor_hash(tensor: torch.Tensor) -> str:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "_orig_mod", model)   # the same names with or without torch.compile
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    params = dict(getattr(model, "_orig_mod", model).named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def training_step(model, optimizer, inputs, labels, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step; the benchmark times exactly this."""
+    with autocast(device):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -152,12 +164,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             inputs, labels = train_split.inputs[batch], train_split.labels[batch]
             if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                 inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-            with autocast(device):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = training_step(model, optimizer, inputs, labels, device)
             scheduler.step()
             # Kept on the device: reading them back every step would stall the GPU.
             loss_sum += loss.detach() * len(batch)

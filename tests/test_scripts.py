@@ -201,3 +201,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_skipped_bad_images_are_listed_in_the_outputs(tmp_path):
+    folder = broken_folder("unreadable", tmp_path)
+    run_script("E1_zero_shot_clip.py", "--smoke", "--data", folder, "--skip-bad-images", "--output-dir", tmp_path,
+               expect_exit=0)
+    report = json.loads((tmp_path / "E1_zero_shot_clip" / "data_report.json").read_text())
+    assert report["skipped_images"] == ["train/glioma/bad.jpg"]
+    assert metrics_of(tmp_path, "E1_zero_shot_clip.py")["skipped_images"] == 1

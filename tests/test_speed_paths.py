@@ -1,0 +1,46 @@
+"""The fast paths compute what the plain ones do; the benchmark runs and writes valid JSON."""
+
+import copy
+import json
+
+import torch
+from conftest import run_script, tiny_batch
+
+from data import Split
+from models import ImageClassifier, PromptedCLIP
+from training import TrainConfig, predict, train
+
+
+def test_sdpa_attention_matches_plain_attention_in_logits_and_training(clip_parts, tmp_path):
+    clip, image_processor, tokenizer = clip_parts
+    plain = copy.deepcopy(clip)
+    plain.set_attn_implementation("eager")
+    assert clip.config._attn_implementation == "sdpa" and plain.config._attn_implementation == "eager"
+    pixels, labels = tiny_batch(image_processor, 12), torch.arange(12) % 4
+    split = Split(pixels, labels, [])
+    results = []
+    for backbone, folder in ((clip, "fast"), (plain, "plain")):
+        torch.manual_seed(0)
+        model = ImageClassifier(backbone, 4, num_prompts=2, prompt_layers=[0, 1, 2])
+        e5 = PromptedCLIP(copy.deepcopy(backbone), tokenizer, ["a", "b", "c", "d"], 1, 2)
+        before = predict(model, pixels, 5, torch.device("cpu")), predict(e5, pixels, 5, torch.device("cpu"))
+        config = TrainConfig(epochs=3, patience=3, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_epochs=0, seed=0,
+                             device=torch.device("cpu"), checkpoint_dir=tmp_path / folder)
+        train(model, split, split, split, config)
+        results.append((*before, predict(model, pixels, 5, torch.device("cpu"))))
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_smoke_writes_valid_json(tmp_path):
+    run_script("bench.py", "--smoke", "--steps", 1, "--warmup", 1, "--e2-epochs", 2, "--e2-images", 16, 16,
+               "--output-dir", tmp_path, expect_exit=0)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["experiment"]: r for r in result["experiments"]}
+    assert len(rows) == 6 and "train_images_per_s" not in rows["E1_zero_shot_clip"]
+    for name, row in rows.items():
+        assert row["eval_images_per_s"] > 0 and 0 < row["eval_mfu"] < 1, name
+    # Frozen backbone: backward computes input gradients only, so a step costs less than a full fine-tuning one.
+    assert rows["E4_deep_vpt"]["train_gflop_per_image"] < rows["E6_full_finetune"]["train_gflop_per_image"]
+    assert result["e2_cached_vs_tower"]["speedup"] > 1
+    assert result["peak_flops"] > 0 and result["peak_flops_source"]
