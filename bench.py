@@ -10,8 +10,8 @@ run every epoch. Writes <output-dir>/bench.json and prints a table.
 
 import argparse
 import copy
-import json
 import platform
+import re
 import resource
 import time
 from pathlib import Path
@@ -27,8 +27,8 @@ from reporting import write_json
 from training import batched, training_step
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts; sparsity not counted).
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (sparsity not counted), first match wins.
+GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
 def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
@@ -45,15 +45,17 @@ def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
 def peak_flops(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
+        for pattern, value in GPU_PEAK_BF16:
+            if re.search(pattern, name):
                 return value, f"{name}: datasheet dense bf16 peak {value / 1e12:.0f} TFLOP/s"
-    # No datasheet figure: take the best measured large matmul as the peak (so MFU is an upper estimate).
+    # No datasheet figure: the best of several large matmuls stands in for the peak. On a shared machine a
+    # noisy moment can lower it, so MFU is approximate there.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    best = min(timed(lambda: a @ a, device, steps=5, warmup=2) for _ in range(3))
+    n = 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    best = min(timed(lambda: a @ a, device, steps=1, warmup=1 if i == 0 else 0) for i in range(5))
     what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return 2 * 2048 ** 3 / best, f"{what}: measured {str(dtype).split('.')[-1]} 2048^3 matmul, best of 3"
+    return 2 * n ** 3 / best, f"{what}: measured {str(dtype).split('.')[-1]} {n}^3 matmul, best of 5"
 
 
 def sync(device: torch.device) -> None:

@@ -93,9 +93,18 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.epochs = SMOKE_EPOCHS if args.smoke else 500
     if args.patience is None:
         args.patience = SMOKE_PATIENCE if args.smoke else 10
-    for flag in ("epochs", "patience", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name in ("epochs", "patience", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"{flag(name)} must be at least 1")
+    for name in ("num_prompts", "num_text_prompts", "weight_decay"):
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"{flag(name)} must not be negative")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError("--lr must be positive")
+    if not 0 <= getattr(args, "prompt_dropout", 0) < 1:
+        raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
     return args
@@ -136,7 +145,6 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
     device = pick_device(args.device)
-    seed_everything(args.seed)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates)
@@ -162,7 +170,6 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     """Final evaluation of the selected model, noise robustness, and every output file.
     split_logits: already computed clean logits per split (E2 has them from its cached embeddings)."""
     args, data, device = exp.args, exp.data, exp.device
-    model.to(device)
     eval_batch = 2 * args.batch_size
     if split_logits is None:
         split_logits = {name: predict(model, split.inputs, eval_batch, device) for name, split in data.splits().items()}

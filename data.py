@@ -106,6 +106,10 @@ def load_source(data: str):
     missing = {"train", "test"} - set(source)
     if missing:
         raise UserError(f"dataset '{data}' has no {' or '.join(sorted(missing))} split")
+    features = source["train"].features
+    if not {"image", "label"} <= set(features) or not isinstance(features["label"], datasets.ClassLabel):
+        raise UserError(f"dataset '{data}' needs an 'image' column and a 'label' ClassLabel column; "
+                        f"it has {', '.join(features)}")
     return source.cast_column("image", datasets.Image(decode=False))
 
 
@@ -166,7 +170,7 @@ def preprocess(images: list[Image.Image], image_processor, batch_size: int = 64)
 def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     num_classes = len(np.unique(labels))
     num_val = max(round(fraction * len(labels)), num_classes)   # at least one image of every class
-    if np.bincount(labels).min() < 2 or num_val >= len(labels):
+    if np.bincount(labels).min() < 2 or len(labels) - num_val < num_classes:
         raise UserError(f"train has too few images ({len(labels)}) to carve a stratified validation split "
                         f"with one image per class: add images or lower --val-fraction")
     indices = np.arange(len(labels))
@@ -180,9 +184,9 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     class_names = source["train"].features["label"].names
     images, labels, splits, files, skipped = [], [], [], [], []
     for split in ("train", "test"):
-        for row in source[split]:
+        for index, row in enumerate(source[split]):
             path = row["image"].get("path")
-            name = relative_name(path) if path else f"{split}[{len(files) + len(skipped)}]"
+            name = relative_name(path) if path else f"{split}[{index}]"
             try:
                 images.append(open_rgb(row["image"]))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

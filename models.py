@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from data import UserError, looks_like_hub_id
 
@@ -80,6 +80,9 @@ def load_clip(name: str):
                         f"save_pretrained (CLIPModel and CLIPProcessor) or a hub id such as {DEFAULT_MODEL}")
     source = str(path) if path.exists() else name
     try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if model_type != "clip":   # from_pretrained would only warn, and carry on with random weights
+            raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
         clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa")
         # The PIL backend everywhere: the torchvision one resizes slightly differently, and results
         # should not depend on whether torchvision happens to be installed.
@@ -226,6 +229,11 @@ class TextContext(nn.Module):
         super().__init__()
         self.context = nn.Parameter(torch.randn(num_context, text_model.config.hidden_size) * 0.02)
         tokens = tokenizer([f"{name}." for name in class_names], padding=True, return_tensors="pt")
+        limit = text_model.config.max_position_embeddings
+        if tokens["input_ids"].shape[1] + num_context > limit:
+            raise UserError(f"{num_context} text context vectors and the class names take "
+                            f"{tokens['input_ids'].shape[1] + num_context} tokens, more than CLIP's {limit}: "
+                            f"lower --num-text-prompts")
         # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token.
         placeholders = torch.full((len(class_names), num_context), tokenizer.bos_token_id)
         ids, mask = tokens["input_ids"], tokens["attention_mask"]

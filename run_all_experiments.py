@@ -27,8 +27,8 @@ METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_ac
            "best_epoch", "epochs_run", "wall_time_s"]
 
 
-def own_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of this script alone; every other flag goes on to the experiments."""
     p.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: mean ± std")
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS,
                    help="a subset to run, in the order E1..E6")
@@ -124,11 +124,9 @@ def plot_summary(rows: list[dict], out_dir: Path) -> None:
 
 
 def main():
-    parser = common.parser(__doc__, lr=None)
-    for action in own_flags()._actions:
-        parser._add_action(action)
-    args = parser.parse_args()   # validates every flag, and gives --help
-    _, forwarded = own_flags().parse_known_args()
+    args = add_own_flags(common.parser(__doc__, lr=None)).parse_args()   # validates every flag; --help
+    own = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False))   # --seed is not --seeds
+    _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)

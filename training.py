@@ -125,13 +125,13 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         round(config.warmup_epochs * steps_per_epoch), config.epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
-    history, best_val_loss, best_epoch, bad_epochs, start = [], math.inf, 0, 0, 1
+    history, best_state, best_val_loss, best_epoch, bad_epochs, start = [], None, math.inf, 0, 0, 1
 
     checkpoint_dir = Path(config.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.safetensors"
     if config.resume and last_path.exists():
-        state = torch.load(last_path, weights_only=True)
+        state = torch.load(last_path, weights_only=True, map_location="cpu")   # a GPU run may resume on a CPU
         if state["settings"] != config.settings:
             changed = sorted(k for k in set(state["settings"]) | set(config.settings)
                              if state["settings"].get(k) != config.settings.get(k))
@@ -144,8 +144,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
-        history, best_val_loss, best_epoch, bad_epochs = (state[k] for k in ("history", "best_val_loss",
-                                                                              "best_epoch", "bad_epochs"))
+        history, best_state, best_val_loss, best_epoch, bad_epochs = (
+            state[k] for k in ("history", "best_model", "best_val_loss", "best_epoch", "bad_epochs"))
         start = state["epoch"] + 1
         print(f"resuming after epoch {state['epoch']} from {last_path}")
 
@@ -170,28 +170,30 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             loss_sum += loss.detach() * len(batch)
             correct += (logits.argmax(1) == labels).sum()
         train_loss, train_accuracy = (loss_sum / len(train_split)).item(), (correct / len(train_split)).item()
-        if not math.isfinite(train_loss):
-            bar.close()
-            raise UserError(f"training loss became {train_loss} in epoch {epoch}: stopped; the last good "
-                            f"checkpoint (epoch {epoch - 1}) and history are in {checkpoint_dir.parent}; "
-                            f"try a lower --lr")
-
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                "lr": scheduler.get_last_lr()[0]}
         for name, split in (("val", val), ("test", test)):
             row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(
                 predict(model, split.inputs, 2 * config.batch_size, device), split.labels)
+        if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
+            bar.close()
+            raise UserError(f"loss became {train_loss if not math.isfinite(train_loss) else row['val_loss']} in "
+                            f"epoch {epoch}: stopped; the last good checkpoint (epoch {epoch - 1}) is in "
+                            f"{checkpoint_dir}; try a lower --lr")
         history.append(row)
         bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
                         val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
         bar.close()
 
         if row["val_loss"] < best_val_loss:
-            best_val_loss, best_epoch, bad_epochs = row["val_loss"], epoch, 0
-            atomic_save(best_path, lambda p: save_file(trainable_state(model), p))
+            best_state, best_val_loss, best_epoch, bad_epochs = trainable_state(model), row["val_loss"], epoch, 0
+            # The weights for users; last.pt below carries its own copy, so a kill between the two writes
+            # can never pair these weights with another epoch's bookkeeping.
+            atomic_save(best_path, lambda p: save_file(best_state, p, metadata={"epoch": str(epoch)}))
         else:
             bad_epochs += 1
-        state = {"epoch": epoch, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+        state = {"epoch": epoch, "model": trainable_state(model), "best_model": best_state,
+                 "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "history": history, "best_val_loss": best_val_loss,
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "settings": config.settings}
@@ -205,9 +207,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             raise TrainingStopped(f"stopped after {epochs_this_run} epochs as asked (epoch {epoch}); "
                                   f"rerun with --resume to continue")
 
-    if best_epoch == 0:
-        raise UserError("no epoch was trained: raise --epochs")
-    load_trainable(model, load_file(best_path))
+    load_trainable(model, best_state)
     return TrainResult(history, best_epoch, len(history))
 
 

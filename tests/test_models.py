@@ -228,19 +228,23 @@ def test_learned_context_changes_text_embeddings_and_gets_gradients(clip_parts):
     assert grads["text_context.context"].abs().sum() > 0
 
 
-def test_e5_predictions_never_see_labels(clip_parts):
+def test_e5_predictions_never_see_labels(clip_parts, tmp_path):
     clip, image_processor, tokenizer = clip_parts
-    model = PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4)
-    assert list(inspect.signature(model.forward).parameters) == ["pixels"]
+    assert list(inspect.signature(PromptedCLIP.forward).parameters) == ["self", "pixels"]
     assert list(inspect.signature(predict).parameters) == ["model", "inputs", "batch_size", "device"]
-    pixels = tiny_batch(image_processor, 8)
-    cpu = torch.device("cpu")
-    logits = [predict(model, Split(pixels, labels, []).inputs, 3, cpu)
-              for labels in (torch.arange(8) % 4, torch.zeros(8, dtype=torch.long), torch.randperm(8) % 4)]
-    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    pixels, labels = tiny_batch(image_processor, 8), torch.arange(8) % 4
+    train_split = Split(pixels, labels, [])
+    # Train twice, alike but for the test labels (the answer sheet): they must change nothing.
+    runs = []
+    for name, test_labels in (("a", labels), ("b", torch.tensor([3, 3, 0, 1, 2, 2, 0, 1]))):
+        torch.manual_seed(0)
+        model = PromptedCLIP(copy.deepcopy(clip), tokenizer, CLASS_NAMES, 1, 4)
+        result = train(model, train_split, train_split, Split(pixels, test_labels, []), config(tmp_path / name))
+        runs.append((predict(model, pixels, 3, torch.device("cpu")), [r["val_loss"] for r in result.history]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
     # Nor do other images of the batch: each prediction alone equals the batched one.
-    alone = torch.cat([predict(model, pixels[i:i + 1], 1, cpu) for i in range(8)])
-    torch.testing.assert_close(alone, logits[0], rtol=1e-5, atol=1e-5)
+    alone = torch.cat([predict(model, pixels[i:i + 1], 1, torch.device("cpu")) for i in range(8)])
+    torch.testing.assert_close(alone, runs[1][0], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- E2 cache

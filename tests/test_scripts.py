@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import METRIC_KEYS, OUTPUT_FILES, REPO, SHARED_DATA, make_image_folder, run_process, run_script
 
+from transformers import BertConfig
+
 from data import Split, UserError
 from training import TrainConfig, train
 
@@ -107,6 +109,9 @@ def broken_folder(kind, root):
 
 @pytest.mark.parametrize("case, flags, message", [
     ("missing data", ["--data", "{tmp}/nowhere"], "does not exist"),
+    ("another model type", ["--model", "{tmp}/bert"], "holds a 'bert' model, not CLIP"),
+    ("zero learning rate", ["--lr", "0"], "--lr must be positive"),
+    ("val fraction too big", ["--val-fraction", "0.9"], "too few images"),
     ("class mismatch", ["--data", "mismatch"], "different class folders"),
     ("empty class", ["--data", "empty"], "holds no images"),
     ("unreadable image", ["--data", "unreadable"], "cannot read image train/glioma/bad.jpg"),
@@ -119,6 +124,8 @@ def broken_folder(kind, root):
 ])
 def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, capsys):
     (tmp_path / "file").write_text("a file, not a folder")
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
+        tmp_path / "bert")
     flags = [str(broken_folder(f, tmp_path)) if f in ("mismatch", "empty", "unreadable") else f.format(tmp=tmp_path)
              for f in flags]
     if "--output-dir" not in flags:
@@ -128,6 +135,18 @@ def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, cap
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "out" / "E2_linear_probe" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("E3_shallow_vpt.py", ["--num-prompts", "-1"], "--num-prompts must not be negative"),
+    ("E4_deep_vpt.py", ["--prompt-layers", "7"], "prompt layers must be between 0 and 2"),
+    ("E5_clip_vpt.py", ["--num-text-prompts", "70"], "lower --num-text-prompts"),
+    ("E5_clip_vpt.py", ["--prompt-dropout", "1"], "--prompt-dropout must be in"),
+])
+def test_bad_prompt_flags_get_a_clear_message(script, flags, message, tmp_path, capsys):
+    run_script(script, "--smoke", *flags, "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 # --------------------------------------------------------------------------- determinism and resume
