@@ -148,6 +148,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             state[k] for k in ("history", "best_model", "best_val_loss", "best_epoch", "bad_epochs"))
         start = state["epoch"] + 1
         print(f"resuming after epoch {state['epoch']} from {last_path}")
+    elif config.resume:
+        print(f"nothing to resume in {checkpoint_dir}: starting from epoch 1")
 
     epochs_this_run = 0
     for epoch in range(start, config.epochs + 1):
