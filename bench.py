@@ -197,8 +197,8 @@ def main():
         model_name = "ViT-B/16 CLIP from its config, random weights"
     clip.set_attn_implementation(args.attention)
     peak, peak_how = peak_flops(device)
-    print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; peak assumed {peak / 1e12:.3g} TFLOP/s "
-          f"({peak_how})", flush=True)
+    print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; "
+          f"peak assumed {peak / 1e12:.3g} TFLOP/s ({peak_how})", flush=True)
 
     rows = [bench_experiment(name, clip, tokenizer, args, device, peak) for name in args.experiments]
     e2 = bench_e2_cache(clip, args, device) if "E2_linear_probe" in args.experiments else None

@@ -187,14 +187,15 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                         val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
         bar.close()
 
+        weights = trainable_state(model)
         if row["val_loss"] < best_val_loss:
-            best_state, best_val_loss, best_epoch, bad_epochs = trainable_state(model), row["val_loss"], epoch, 0
+            best_state, best_val_loss, best_epoch, bad_epochs = weights, row["val_loss"], epoch, 0
             # The weights for users; last.pt below carries its own copy, so a kill between the two writes
             # can never pair these weights with another epoch's bookkeeping.
             atomic_save(best_path, lambda p: save_file(best_state, p, metadata={"epoch": str(epoch)}))
         else:
             bad_epochs += 1
-        state = {"epoch": epoch, "model": trainable_state(model), "best_model": best_state,
+        state = {"epoch": epoch, "model": weights, "best_model": best_state,
                  "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "history": history, "best_val_loss": best_val_loss,
