@@ -16,10 +16,11 @@ def main():
     exp = common.start(common.script_name(__file__), args)
     model = ImageClassifier(exp.clip, len(exp.data.class_names))
     embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
-                                   fingerprint(model.vision, model.projection), 2 * args.batch_size, exp.device)
+                                   fingerprint(model.vision, model.projection), 2 * args.batch_size, exp.device,
+                                   args.precision)
     result = train(model.head, embeddings["train"], embeddings["val"], embeddings["test"],
                    exp.train_config(augment=False))
-    logits = {name: predict(model.head, split.inputs, 2 * args.batch_size, exp.device)
+    logits = {name: predict(model.head, split.inputs, 2 * args.batch_size, exp.device, args.precision)
               for name, split in embeddings.items()}
     common.finish(exp, model, result, split_logits=logits)
 

@@ -18,7 +18,7 @@ import torch
 from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, describe_duplicates, load_data
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
-from training import TrainConfig, TrainingStopped, TrainResult, predict
+from training import PRECISIONS, TrainConfig, TrainingStopped, TrainResult, predict
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
@@ -42,6 +42,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="outputs", help="each experiment writes to <output-dir>/<script name>/")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision path")
     p.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
                                                         "the whole pipeline in seconds on a CPU, no download")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
@@ -78,7 +80,8 @@ class Experiment:
         return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
                            weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
                            device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
-                           resume=a.resume, stop_after_epochs=a.stop_after_epochs, settings=settings)
+                           resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
+                           settings=settings)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
@@ -172,7 +175,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
-        split_logits = {name: predict(model, split.inputs, eval_batch, device) for name, split in data.splits().items()}
+        split_logits = {name: predict(model, split.inputs, eval_batch, device, args.precision)
+                        for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -180,7 +184,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     for sigma in args.noise_levels:
         logits = split_logits["test"] if sigma == 0 else predict(model, add_pixel_noise(
             data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
-            eval_batch, device)
+            eval_batch, device, args.precision)
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
 

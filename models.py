@@ -138,7 +138,22 @@ class Classifier(nn.Module):
 
 
 def normalized_image_embeddings(clip: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    return F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+
+
+def similarity_logits(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIP's scaled cosine similarities, in fp32 even under autocast: at a logit scale of 100, bf16 logits
+    of 16–32 fall on steps of 0.125, and the ties it makes go to class 0."""
+    with torch.autocast(image.device.type, enabled=False):
+        return clip.logit_scale.exp().float() * image.float() @ text.float().T
+
+
+class Fp32Linear(nn.Linear):
+    """A linear head that computes in fp32 under autocast too, for the same reason as similarity_logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 class ZeroShot(Classifier):
@@ -161,7 +176,7 @@ class ZeroShot(Classifier):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
-        return self.clip.logit_scale.exp() * image @ self.class_embeddings.T
+        return similarity_logits(self.clip, image, self.class_embeddings)
 
 
 class VisualPrompts(nn.Module):
@@ -192,7 +207,8 @@ class VisualPrompts(nn.Module):
 
     def _put_prompts(self, position: int, layer, args, kwargs):
         hidden = args[0]
-        prompts = self.dropout(self.prompts[position]).to(hidden.dtype).expand(hidden.shape[0], -1, -1)
+        # Expanded before dropout, so that every image draws its own mask, as in VPT.
+        prompts = self.dropout(self.prompts[position].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)
         first_patch = 1 if position == 0 else 1 + self.num_prompts
         hidden = torch.cat([hidden[:, :1], prompts, hidden[:, first_patch:]], dim=1)
         return (hidden, *args[1:]), kwargs
@@ -211,7 +227,7 @@ class ImageClassifier(Classifier):
             freeze(self.vision), freeze(self.projection)
         self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout)
                         if num_prompts else None)
-        self.head = nn.Linear(clip.config.projection_dim, num_classes)
+        self.head = Fp32Linear(clip.config.projection_dim, num_classes)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.projection(self.vision(pixel_values=pixels).pooler_output)
@@ -273,8 +289,8 @@ class PromptedCLIP(Classifier):
     def class_embeddings(self) -> torch.Tensor:
         with self.text_context.active() as (input_ids, attention_mask):
             return F.normalize(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-                               .pooler_output, dim=-1)
+                               .pooler_output.float(), dim=-1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
-        return self.clip.logit_scale.exp() * image @ self.class_embeddings().T
+        return similarity_logits(self.clip, image, self.class_embeddings())

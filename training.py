@@ -33,6 +33,7 @@ class TrainConfig:
     augment: bool = True
     resume: bool = False
     stop_after_epochs: int | None = None     # this invocation only; --resume continues
+    precision: str = "auto"
     settings: dict = field(default_factory=dict)   # what a resumed run must share with the one it continues
 
 
@@ -43,8 +44,15 @@ class TrainResult:
     epochs_run: int
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast: by default on CUDA only. precision="bf16" asks for it on a CPU too, which is how the
+    tests exercise the GPU's precision path on machines without one."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def atomic_save(path: Path, save) -> None:
@@ -56,18 +64,19 @@ def atomic_save(path: Path, save) -> None:
 
 
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
-def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, precision: str = "auto") -> torch.Tensor:
     outputs = []
     for chunk in inputs.split(batch_size):
-        with autocast(device):
+        with autocast(device, precision):
             outputs.append(fn(chunk.to(device, non_blocking=True)).float())
     return torch.cat(outputs).cpu()
 
 
-def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
+            precision: str = "auto") -> torch.Tensor:
     """Logits for inputs. Takes no labels: a prediction cannot see its own."""
     model.eval()
-    return batched(model, inputs, batch_size, device)
+    return batched(model, inputs, batch_size, device, precision)
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -92,9 +101,9 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def training_step(model, optimizer, inputs, labels, device) -> tuple[torch.Tensor, torch.Tensor]:
+def training_step(model, optimizer, inputs, labels, device, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step; the benchmark times exactly this."""
-    with autocast(device):
+    with autocast(device, precision):
         logits = model(inputs)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -166,7 +175,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             inputs, labels = train_split.inputs[batch], train_split.labels[batch]
             if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                 inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-            logits, loss = training_step(model, optimizer, inputs, labels, device)
+            logits, loss = training_step(model, optimizer, inputs, labels, device, config.precision)
             scheduler.step()
             # Kept on the device: reading them back every step would stall the GPU.
             loss_sum += loss.detach() * len(batch)
@@ -176,7 +185,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                "lr": scheduler.get_last_lr()[0]}
         for name, split in (("val", val), ("test", test)):
             row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(
-                predict(model, split.inputs, 2 * config.batch_size, device), split.labels)
+                predict(model, split.inputs, 2 * config.batch_size, device, config.precision), split.labels)
         if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
             bar.close()
             raise UserError(f"loss became {train_loss if not math.isfinite(train_loss) else row['val_loss']} in "
@@ -215,11 +224,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
 
 
 def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str, batch_size: int,
-                      device: torch.device) -> dict[str, Split]:
+                      device: torch.device, precision: str = "auto") -> dict[str, Split]:
     """The frozen tower gives every image the same embedding every epoch: compute each once, keep them
     on disk keyed by the weights, the exact preprocessed pixels and the device precision, and reuse them."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{key}|{device.type}".encode())
+    digest.update(f"{key}|{device.type}|{precision}".encode())
     for name, split in splits.items():
         digest.update(f"{name}:{tensor_hash(split.inputs)}".encode())
     path = Path(cache_dir) / f"embeddings-{digest.hexdigest()}.safetensors"
@@ -227,7 +236,8 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
         embeddings = load_file(path)
         print(f"reusing cached image embeddings {path}")
     else:
-        embeddings = {name: batched(embed, split.inputs, batch_size, device) for name, split in splits.items()}
+        embeddings = {name: batched(embed, split.inputs, batch_size, device, precision)
+                      for name, split in splits.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(path, lambda p: save_file(embeddings, p))
     return {name: split.with_inputs(embeddings[name]) for name, split in splits.items()}

@@ -10,7 +10,8 @@ from conftest import noise_image, tiny_batch
 from transformers import CLIPModel
 
 from data import Split
-from models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, tiny_tokenizer, vit_b16_config)
+from models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, normalized_image_embeddings, tiny_tokenizer,
+                    vit_b16_config)
 from training import TrainConfig, predict, train
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
@@ -231,7 +232,7 @@ def test_learned_context_changes_text_embeddings_and_gets_gradients(clip_parts):
 def test_e5_predictions_never_see_labels(clip_parts, tmp_path):
     clip, image_processor, tokenizer = clip_parts
     assert list(inspect.signature(PromptedCLIP.forward).parameters) == ["self", "pixels"]
-    assert list(inspect.signature(predict).parameters) == ["model", "inputs", "batch_size", "device"]
+    assert "labels" not in inspect.signature(predict).parameters
     pixels, labels = tiny_batch(image_processor, 8), torch.arange(8) % 4
     train_split = Split(pixels, labels, [])
     # Train twice, alike but for the test labels (the answer sheet): they must change nothing.
@@ -272,3 +273,42 @@ def test_cached_embeddings_train_the_same_head_as_running_the_tower(clip_parts, 
     # A second call reads the file instead of running the tower.
     again = cached_embeddings(None, {"train": split}, tmp_path / "cache", "key", 5, torch.device("cpu"))
     assert torch.equal(again["train"].inputs, embeddings["train"].inputs)
+
+
+# --------------------------------------------------------------------------- precision and prompt dropout
+
+@pytest.mark.parametrize("kind", ["E1", "E3", "E5"])
+def test_bf16_autocast_logits_are_computed_in_fp32(clip_parts, kind):
+    """Under bf16 autocast, similarities at CLIP's logit scale of 100 and the heads would round to bf16 steps
+    (0.125 at 16–32), tying classes; the logits must come out in fp32, equal to an fp32 matmul of the same
+    embeddings."""
+    clip, image_processor, tokenizer = clip_parts
+    model = {"E1": lambda: ZeroShot(clip, tokenizer, CLASS_NAMES),
+             "E3": lambda: ImageClassifier(clip, 4, num_prompts=1),
+             "E5": lambda: PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 2)}[kind]().eval()
+    if kind == "E3":
+        with torch.no_grad():
+            model.head.weight.mul_(300)   # logits of tens, where bf16's steps are coarse
+    pixels = tiny_batch(image_processor, 6)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(pixels)
+            if kind == "E3":
+                features = model.embed(pixels).float()
+            else:
+                features = normalized_image_embeddings(clip, pixels)
+                text = model.class_embeddings if kind == "E1" else model.class_embeddings()
+        # The reference: the same bf16-tower features, the last step in fp32.
+        expected = (features @ model.head.weight.T + model.head.bias if kind == "E3"
+                    else clip.logit_scale.exp() * features @ text.float().T)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_prompt_dropout_draws_a_mask_per_image(clip_parts):
+    clip, image_processor, _ = clip_parts
+    model = ImageClassifier(clip, 4, num_prompts=8, prompt_dropout=0.5).train()
+    pixels = tiny_batch(image_processor, 1).expand(16, -1, -1, -1)   # one image 16 times: only masks differ
+    torch.manual_seed(0)
+    logits = model(pixels)
+    assert len({tuple(row.tolist()) for row in logits.detach()}) > 1
