@@ -9,9 +9,11 @@ import common
 from models import ImageClassifier, fingerprint
 from training import cached_embeddings, predict, train
 
+LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+
 
 def main():
-    args = common.parser(__doc__, lr=1e-3).parse_args()
+    args = common.parser(__doc__, lr=LEARNING_RATE).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
     model = ImageClassifier(exp.clip, len(exp.data.class_names))

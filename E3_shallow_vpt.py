@@ -7,9 +7,11 @@ import common
 from models import ImageClassifier
 from training import train
 
+LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+
 
 def main():
-    p = common.parser(__doc__, lr=1e-3)
+    p = common.parser(__doc__, lr=LEARNING_RATE)
     p.add_argument("--num-prompts", type=int, default=1, help="N, learnable prompt tokens")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     args = p.parse_args()

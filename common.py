@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, describe_duplicates, load_data
+from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates, load_data
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
-from training import PRECISIONS, TrainConfig, TrainingStopped, TrainResult, predict
+from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
-NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"}
+NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every"}
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
@@ -54,6 +54,9 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     p.add_argument("--drop-test-duplicates", action="store_true",
                    help="remove train images whose pixels equal a test image's")
+    p.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
+                   help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
+                        "the end); 0: after every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     return p
 
@@ -81,7 +84,7 @@ class Experiment:
                            weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
                            device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
                            resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           settings=settings)
+                           checkpoint_every=a.checkpoint_every, settings=settings)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
@@ -104,6 +107,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("num_prompts", "num_text_prompts", "weight_decay"):
         if getattr(args, name, 0) < 0:
             raise UserError(f"{flag(name)} must not be negative")
+    if args.checkpoint_every < 0:
+        raise UserError("--checkpoint-every must not be negative")
     if args.lr is not None and args.lr <= 0:
         raise UserError("--lr must be positive")
     if not 0 <= getattr(args, "prompt_dropout", 0) < 1:
@@ -148,6 +153,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
     device = pick_device(args.device)
+    check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates)
@@ -232,6 +238,9 @@ def run(main) -> None:
         sys.exit(2)
     except TrainingStopped as stop:
         print(stop)
+    except TrainingInterrupted as interruption:
+        print(interruption, file=sys.stderr)
+        sys.exit(interruption.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
               file=sys.stderr)

@@ -88,14 +88,34 @@ def check_image_folder(root: Path) -> None:
                         f"{', '.join(classes['test'])}): both splits need the same classes")
 
 
+def is_local(data: str) -> bool:
+    return Path(data).expanduser().exists() or not looks_like_hub_id(data)
+
+
+def check_data_early(data: str) -> None:
+    """The cheap checks of --data, made before any model is loaded: a wrong path fails at once with a message
+    about the data, not after the model hub's retries."""
+    if is_local(data):
+        check_image_folder(Path(data).expanduser())
+
+
+def image_files(root: Path) -> dict[str, list[str]]:
+    """Every image under train/ and test/, following symbolic links (data on shared storage), which the
+    `datasets` folder search does not."""
+    return {split: sorted(os.path.join(folder, name)
+                          for folder, _, names in os.walk(root / split, followlinks=True) for name in names
+                          if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."))
+            for split in ("train", "test")}
+
+
 def load_source(data: str):
     """Returns the `datasets` DatasetDict with undecoded images, so that we decode (and name bad files) ourselves."""
     import datasets
     datasets.disable_progress_bars()
-    if Path(data).expanduser().exists() or not looks_like_hub_id(data):
+    if is_local(data):
         root = Path(data).expanduser()
         check_image_folder(root)
-        source = datasets.load_dataset("imagefolder", data_dir=str(root))
+        source = datasets.load_dataset("imagefolder", data_files=image_files(root))
     else:
         try:
             source = datasets.load_dataset(data)

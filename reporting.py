@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")   # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -89,6 +90,7 @@ def plot_curves(history: list[dict], metric: str, title: str, path: Path) -> Non
         ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o" if len(epochs) < 30 else None,
                 markersize=3, label=split)
     ax.set(xlabel="epoch", ylabel=metric, title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))   # no epoch 2.5
     if metric == "accuracy":
         ax.set_ylim(0, 1.02)   # a fixed scale: small differences should look small
     ax.legend()

@@ -14,8 +14,10 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import common
+from data import UserError
 from reporting import plt, save_figure, write_csv, write_text
 
 HERE = Path(__file__).parent
@@ -38,18 +40,33 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_experiment(name: str, argv: list[str]) -> int:
     """Runs one script in this process (its imports are already paid for); a crash is reported, not fatal."""
     saved_argv, sys.argv = sys.argv, [f"{name}.py", *argv]
+    # torch.compile's caches and recompile limit are per process: the experiments before must not use them up.
+    torch._dynamo.reset()
     try:
         runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
         return 0
     except SystemExit as exit_:
-        if exit_.code == 130:   # Ctrl-C stops the whole run, not just this experiment
-            raise KeyboardInterrupt from None
+        if exit_.code in (130, 143):   # Ctrl-C or SIGTERM stops the whole run, not just this experiment
+            sys.exit(exit_.code)
         return exit_.code or 0
     except Exception:
         traceback.print_exc()
         return 1
     finally:
         sys.argv = saved_argv
+
+
+def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
+    """--lr gives every experiment the same rate; refuse it where their defaults differ (E6 fine-tunes 86M
+    weights at 1e-5, the prompts and heads train at 1e-3), rather than run E6 at a prompt's rate."""
+    if lr is None:
+        return
+    defaults = {name: runpy.run_path(str(HERE / f"{name}.py")).get("LEARNING_RATE") for name in experiments}
+    defaults = {name: rate for name, rate in defaults.items() if rate is not None}   # E1 trains nothing
+    if len(set(defaults.values())) > 1:
+        listed = ", ".join(f"{name.split('_')[0]} {rate:g}" for name, rate in defaults.items())
+        raise UserError(f"--lr would give every experiment the same rate, but their defaults differ ({listed}): "
+                        f"pass --lr with --experiments that share a default, or run a script on its own")
 
 
 def aggregate(name: str, runs: list[dict]) -> dict:
@@ -128,6 +145,7 @@ def main():
     own = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False))   # --seed is not --seeds
     _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
+    check_one_learning_rate(args.lr, args.experiments)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
 

@@ -14,6 +14,8 @@ from conftest import METRIC_KEYS, OUTPUT_FILES, REPO, SHARED_DATA, make_image_fo
 
 from transformers import BertConfig
 
+from safetensors.torch import load_file
+
 from data import Split, UserError
 from training import TrainConfig, train
 
@@ -151,7 +153,8 @@ def test_bad_prompt_flags_get_a_clear_message(script, flags, message, tmp_path, 
 
 # --------------------------------------------------------------------------- determinism and resume
 
-RESUME_FLAGS = ["--smoke", "--epochs", 8, "--patience", 8, "--lr", 3e-3]
+# Pinned to the CPU: on a GPU, bf16 autocast and fused attention use non-deterministic kernels.
+RESUME_FLAGS = ["--smoke", "--device", "cpu", "--epochs", 8, "--patience", 8, "--lr", 3e-3]
 
 
 def test_same_seed_same_metrics(tmp_path):
@@ -175,7 +178,7 @@ def test_stopped_run_resumes_to_exactly_the_uninterrupted_result(script, tmp_pat
 
 
 def test_killed_process_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    flags = ["--smoke", "--epochs", 150, "--patience", 150, "--lr", 1e-3]
+    flags = ["--smoke", "--device", "cpu", "--epochs", 150, "--patience", 150, "--lr", 1e-3, "--checkpoint-every", 0]
     process = subprocess.Popen([sys.executable, "E3_shallow_vpt.py", *map(str, flags), "--output-dir",
                                 str(tmp_path / "parts")], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -214,12 +217,13 @@ class TurnsNaN(torch.nn.Module):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     split = Split(torch.randn(8, 3), torch.arange(8) % 2, [])
     config = TrainConfig(epochs=10, patience=10, batch_size=8, lr=0.1, weight_decay=0, warmup_epochs=0, seed=0,
-                         device=torch.device("cpu"), checkpoint_dir=tmp_path, augment=False)
+                         device=torch.device("cpu"), checkpoint_dir=tmp_path, augment=False, checkpoint_every=0)
     with pytest.raises(UserError, match="loss became nan in epoch 3.*epoch 2.*--lr"):
         train(TurnsNaN(), split, split, split, config)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert state["progress"]["epoch"] == 3 and len(state["progress"]["history"]) == 2   # epoch 2 done, 3 not begun
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "best.safetensors").values())
 
 
 def test_skipped_bad_images_are_listed_in_the_outputs(tmp_path):
@@ -229,3 +233,59 @@ def test_skipped_bad_images_are_listed_in_the_outputs(tmp_path):
     report = json.loads((tmp_path / "E1_zero_shot_clip" / "data_report.json").read_text())
     assert report["skipped_images"] == ["train/glioma/bad.jpg"]
     assert metrics_of(tmp_path, "E1_zero_shot_clip.py")["skipped_images"] == 1
+
+
+# --------------------------------------------------------------------------- cheap checks first, odd folders
+
+def test_data_is_checked_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    import models
+    monkeypatch.setattr(models, "load_clip", lambda name: pytest.fail("the model was loaded before the data check"))
+    run_script("E2_linear_probe.py", "--data", tmp_path / "wrong", "--model", "openai/clip-vit-base-patch16",
+               "--output-dir", tmp_path, expect_exit=2)
+    assert "data folder" in capsys.readouterr().err
+
+
+def test_symlinked_split_folders_are_followed(tmp_path):
+    real = make_image_folder(tmp_path / "storage", per_class=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / split).symlink_to(real / split, target_is_directory=True)
+    run_script("E1_zero_shot_clip.py", "--smoke", "--data", data, "--output-dir", tmp_path / "out", expect_exit=0)
+    metrics = metrics_of(tmp_path / "out", "E1_zero_shot_clip.py")
+    assert sum(metrics["num_images"].values()) == 2 * 4 * 3
+
+
+def test_curves_have_whole_epochs_on_their_axis(monkeypatch, tmp_path):
+    import reporting
+    figures = []
+    monkeypatch.setattr(reporting, "save_figure", lambda fig, path: figures.append(fig))
+    history = [{"epoch": e, **{f"{s}_loss": 1 / e for s in ("train", "val", "test")}} for e in (1, 2, 3)]
+    reporting.plot_curves(history, "loss", "loss", tmp_path / "curves.png")
+    ticks = [t for t in figures[0].axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_bit_for_bit_tests_are_pinned_to_the_cpu():
+    """On a GPU, bf16 autocast and fused attention kernels are not deterministic: --device auto would make
+    the same-seed and resume tests flaky there."""
+    assert RESUME_FLAGS[RESUME_FLAGS.index("--device") + 1] == "cpu"
+
+
+# --------------------------------------------------------------------------- run_all_experiments.py
+
+def test_run_all_refuses_one_learning_rate_for_experiments_with_different_defaults(tmp_path, capsys):
+    run_script("run_all_experiments.py", "--smoke", "--lr", 1e-3, "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err
+    assert "E6 1e-05" in err and "E2 0.001" in err and err.count("\n") == 1
+    import run_all_experiments
+    run_all_experiments.check_one_learning_rate(1e-2, ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"])
+
+
+def test_run_all_resets_torch_compile_between_experiments(tmp_path, monkeypatch):
+    import torch._dynamo
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    run_script("run_all_experiments.py", "--smoke", "--experiments", "E1_zero_shot_clip", "E2_linear_probe",
+               "--output-dir", tmp_path, expect_exit=0)
+    assert len(resets) == 2

@@ -1,0 +1,111 @@
+"""The loop itself: the learning rate decays within the epochs a run lasts, the resume state is written on a
+time interval and on signals, and a run stopped anywhere, mid-epoch included, resumes to the same result."""
+
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training
+from data import Split
+from training import TrainConfig, TrainingInterrupted, train
+
+
+def noisy_task(n: int = 48, seed: int = 0) -> tuple[Split, Split]:
+    """Two classes a linear model half-separates: validation loss improves, then stalls."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, 6, generator=g)
+    y = ((x[:, 0] + 1.5 * torch.randn(2 * n, generator=g)) > 0).long()
+    return Split(x[:n], y[:n], []), Split(x[n:], y[n:], [])
+
+
+class Head(torch.nn.Module):
+    """A small model with dropout, so that resume must restore the random state as well as the weights."""
+
+    def __init__(self, interrupt_at_step: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                       torch.nn.Linear(16, 2))
+        self.interrupt_at_step, self.steps = interrupt_at_step, 0
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            if self.steps == self.interrupt_at_step:   # as if the user pressed Ctrl-C or the scheduler sent SIGTERM
+                signal.raise_signal(signal.SIGTERM)
+        return self.net(x)
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(epochs=60, patience=9, batch_size=8, lr=0.05, weight_decay=0.0, warmup_epochs=2, seed=0,
+                  device=torch.device("cpu"), checkpoint_dir=tmp_path, augment=False)
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_learning_rate_decays_on_plateau_and_does_not_depend_on_the_epoch_cap(tmp_path):
+    train_split, val = noisy_task()
+    results = {}
+    for cap in (60, 500):
+        torch.manual_seed(0)
+        results[cap] = train(Head(), train_split, val, val, config(tmp_path / str(cap), epochs=cap))
+    history = results[60].history
+    assert results[60].epochs_run < 60, "early stopping should end this run"
+    # A cosine over the cap would depend on it; the plateau schedule depends on the validation loss only.
+    assert history == results[500].history
+    rates = [row["lr"] for row in history]
+    assert rates[0] < 0.05 and max(rates) == pytest.approx(0.05)   # warm-up, then the peak
+    assert rates[-1] <= 0.05 * training.Schedule.PLATEAU_FACTOR + 1e-12, "the rate never decayed before stopping"
+
+
+def test_resume_state_is_written_on_the_interval_not_every_epoch(tmp_path, monkeypatch):
+    writes = []
+    real_save = training.atomic_save
+    monkeypatch.setattr(training, "atomic_save", lambda path, save: (writes.append(path.name), real_save(path, save)))
+    train_split, val = noisy_task()
+    train(Head(), train_split, val, val, config(tmp_path, epochs=6, patience=6, checkpoint_every=3600))
+    assert writes == ["last.pt", "best.safetensors"]   # once at the end, and the best weights once
+    writes.clear()
+    train(Head(), train_split, val, val, config(tmp_path / "often", epochs=3, patience=3, checkpoint_every=0))
+    assert writes.count("last.pt") == 3 * 6 + 3   # after every step and every epoch
+
+
+def test_resume_state_holds_the_best_weights_once(tmp_path):
+    train_split, val = noisy_task()
+    result = train(Head(), train_split, val, val, config(tmp_path, epochs=2, patience=2))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = load_file(tmp_path / "best.safetensors")
+    if result.best_epoch == 2:   # the last epoch was the best: last.pt's weights are the best ones
+        assert state["progress"]["best_state"] is None
+    for name, value in best.items():
+        assert torch.equal(value, state["model"][name] if state["progress"]["best_state"] is None
+                           else state["progress"]["best_state"][name])
+
+
+@pytest.mark.parametrize("step", [3, 6, 14])   # mid-epoch, the last step of an epoch, a later epoch
+def test_sigterm_mid_epoch_writes_a_resume_state_that_continues_exactly(tmp_path, step):
+    train_split, val = noisy_task()
+    torch.manual_seed(0)
+    whole = train(Head(), train_split, val, val, config(tmp_path / "whole", epochs=8, patience=8))
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped in epoch .* --resume") as stopped:
+        train(Head(interrupt_at_step=step), train_split, val, val,
+              config(tmp_path / "parts", epochs=8, patience=8, checkpoint_every=3600))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers are given back
+    state = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
+    assert (state["progress"]["epoch"] - 1) * 6 + state["progress"]["batch"] == step
+
+    torch.manual_seed(123)   # whatever the process did in between
+    model = Head()
+    resumed = train(model, train_split, val, val, config(tmp_path / "parts", epochs=8, patience=8, resume=True))
+    assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+
+
+def test_an_old_resume_state_is_refused_with_a_message(tmp_path):
+    torch.save({"epoch": 3, "model": {}}, tmp_path / "last.pt")
+    train_split, val = noisy_task()
+    with pytest.raises(training.UserError, match="older version.*without --resume"):
+        train(Head(), train_split, val, val, config(tmp_path, resume=True))
