@@ -35,7 +35,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--patience", type=int, help="stop when validation loss has not improved for this many epochs "
                                                 f"[default: 10; with --smoke: {SMOKE_PATIENCE}]")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    p.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
