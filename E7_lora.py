@@ -26,8 +26,8 @@ def main():
     p.add_argument("--save-merged", action="store_true", help="also save a CLIP with the adapter merged in")
     args = p.parse_args()
 
+    config = peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)   # checks first
     exp = common.start(common.script_name(__file__), args)
-    config = peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)
     model = AdapterClassifier(exp.clip, len(exp.data.class_names), config)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
