@@ -7,6 +7,7 @@ computes exactly what it computes without them.
 import contextlib
 import hashlib
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -370,8 +371,11 @@ class AdapterClassifier(Classifier):
         from peft import PeftModel, get_peft_model
         super().__init__()
         freeze(clip)
-        peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
-                      else get_peft_model(clip, config or peft_config()))
+        with warnings.catch_warnings():
+            # peft asks transformers a deprecated question; the user can do nothing about that warning.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
+                          else get_peft_model(clip, config or peft_config()))
         # Not a registered submodule: it holds the text tower too, which this classifier does not use.
         object.__setattr__(self, "peft_model", peft_model)
         self.vision, self.projection = clip.vision_model, clip.visual_projection
