@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPModel
 
 import common
-from models import AdapterClassifier, ImageClassifier, PromptedCLIP, ZeroShot, load_clip, tiny_clip, tiny_tokenizer, vit_b16_config
+from models import (AdapterClassifier, ImageClassifier, PromptedCLIP, ZeroShot, load_clip, tiny_clip, tiny_tokenizer,
+                    vit_b16_config)
 from reporting import write_json
 from training import batched, training_step
 
