@@ -22,7 +22,8 @@ from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopp
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
-NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every"}
+NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every",
+                "save_merged"}
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:

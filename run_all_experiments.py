@@ -1,4 +1,4 @@
-"""Runs E1 to E6 in order with the same flags, keeps going when one fails, and writes the comparison:
+"""Runs E1 to E7 in order with the same flags, keeps going when one fails, and writes the comparison:
 <output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
 summary_robustness.png (test accuracy against pixel noise). With --seeds, every experiment runs once per
 seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run gets a 95% bootstrap
@@ -22,9 +22,10 @@ from reporting import plt, save_figure, write_csv, write_text
 
 HERE = Path(__file__).parent
 EXPERIMENTS = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
-               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune"]
+               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune", "E7_lora"]
 STUDY_REPORTED = {"E1_zero_shot_clip": 0.29, "E2_linear_probe": 0.91, "E3_shallow_vpt": 0.88,
-                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95}
+                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95,
+                  "E7_lora": None}   # not in the study
 METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
            "best_epoch", "epochs_run", "wall_time_s"]
 
@@ -33,7 +34,7 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of this script alone; every other flag goes on to the experiments."""
     p.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: mean ± std")
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS,
-                   help="a subset to run, in the order E1..E6")
+                   help="a subset to run, in the order E1..E7")
     return p
 
 
@@ -92,6 +93,11 @@ def spread(row: dict, metric: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
 
 
+def study_accuracy(name: str) -> str:
+    reported = STUDY_REPORTED[name]
+    return "–" if reported is None else f"{reported:.2f}"
+
+
 def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
@@ -103,7 +109,7 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
              "epochs run | trainable params | share of total | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {STUDY_REPORTED[r['experiment']]:.2f} | "
+        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {study_accuracy(r['experiment'])} | "
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | {spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
