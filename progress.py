@@ -19,7 +19,7 @@ def is_quiet() -> bool:
 
 
 def on_terminal() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr.isatty()   # where tqdm draws its bars
 
 
 def say(message: str) -> None:
@@ -52,4 +52,5 @@ def _one_line(iterable, desc: str, total: int | None, unit: str, initial: int):
         done += 1
     of = f"/{total}" if total is not None and total != done else ""
     units = unit if done == 1 else unit + ("es" if unit.endswith("ch") else "s")
-    print(f"{desc}: {done}{of} {units} in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    # stdout, like the run's other news: stderr stays for errors, one line each.
+    print(f"{desc}: {done}{of} {units} in {time.monotonic() - started:.1f} s", flush=True)

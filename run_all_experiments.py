@@ -131,6 +131,8 @@ def figure_links(out_dir: Path, runs: list[Path]) -> str:
                  if name in ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png") and (run / name).exists()]
         if shown:
             lines += [f"\n### {run.relative_to(out_dir).as_posix()}\n", " ".join(shown)]
+    if len(lines) == 1:
+        return ""
     lines.append("\nEvery figure, the reliability diagrams and the classification reports: `report.html`.")
     return "\n".join(lines) + "\n"
 
