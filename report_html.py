@@ -63,7 +63,7 @@ def inline_markdown(text: str) -> str:
 
 def markdown_table(lines: list[str]) -> str:
     cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    head, body = cells[0], [row for row in cells[2:]]   # cells[1] is the |---| rule
+    head, body = cells[0], cells[2:]   # cells[1] is the |---| rule
     return ("<table><tr>" + "".join(f"<th>{inline_markdown(c)}</th>" for c in head) + "</tr>" +
             "".join("<tr>" + "".join(f"<td>{inline_markdown(c)}</td>" for c in row) + "</tr>" for row in body) +
             "</table>")
@@ -128,7 +128,8 @@ def run_section(folder: Path, title: str) -> str:
     low, high = m["test_accuracy_ci95"]
     facts = [("test accuracy", f"{m['test_accuracy']:.4f} (95% CI {low:.3f}–{high:.3f})"),
              ("macro-F1", f"{m['test_macro_f1']:.4f}"), ("balanced accuracy", f"{m['test_balanced_accuracy']:.4f}"),
-             ("ECE", f"{m['test_ece']:.4f}"), ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
+             ("ECE", f"{m['test_ece']:.4f}"),
+             ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
              ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}"),
              ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,}"),
              ("wall time", f"{m['wall_time_s']:.1f} s on {m['device']}"), ("model", m["model"])]
@@ -154,7 +155,8 @@ def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
     if runs:
         body.append("<p>Experiments: " + ", ".join(f'<a href="#{html.escape(t)}">{html.escape(t)}</a>'
                                                      for t in titles) + "</p>")
-    body.append("<h2>Summary</h2>" + summary_sections(summary_md) + figures(out_dir, SUMMARY_FIGURES))
+    # No finished run: any summary plot in the folder is an earlier run's.
+    body.append("<h2>Summary</h2>" + summary_sections(summary_md) + (figures(out_dir, SUMMARY_FIGURES) if runs else ""))
     data_reports = [run / "data_report.json" for run in runs if (run / "data_report.json").exists()]
     if data_reports:
         body.append("<h2>Data</h2>" + data_section(json.loads(data_reports[0].read_text())))

@@ -1,9 +1,9 @@
 """Runs E1 to E6 in order with the same flags, keeps going when one fails, and writes the comparison:
 <output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
-summary_robustness.png (test accuracy against pixel noise), with every figure linked from summary.md, and
-report.html (the whole run on one self-contained page, see report_html.py). With --seeds, every experiment runs once per
-seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run gets a 95% bootstrap
-interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
+summary_robustness.png (test accuracy against pixel noise), with every figure linked from summary.md,
+and report.html (the whole run on one self-contained page, see report_html.py). With --seeds, every
+experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run
+gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
 """
 
 import argparse
@@ -121,18 +121,20 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
 
 def figure_links(out_dir: Path, runs: list[Path]) -> str:
     """summary.md's figures, linked relative to it so that it reads as a report in any Markdown viewer:
-    the summary plots and each finished experiment's curves and confusion matrix, where the file exists."""
+    the summary plots and each finished experiment's curves and confusion matrix, where the file exists.
+    No finished run: no figures, not even a summary plot an earlier run left in the folder."""
+    if not runs:
+        return ""
     def image(path: Path, caption: str) -> str:
         return f"![{caption}]({path.relative_to(out_dir).as_posix()})"
     lines = ["\n## Figures\n"]
     lines += [image(out_dir / name, caption) for name, caption in SUMMARY_FIGURES if (out_dir / name).exists()]
+    in_summary = ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png")
     for run in runs:
         shown = [image(run / name, f"{run.name} {caption}") for name, caption in RUN_FIGURES
-                 if name in ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png") and (run / name).exists()]
+                 if name in in_summary and (run / name).exists()]
         if shown:
             lines += [f"\n### {run.relative_to(out_dir).as_posix()}\n", " ".join(shown)]
-    if len(lines) == 1:
-        return ""
     lines.append("\nEvery figure, the reliability diagrams and the classification reports: `report.html`.")
     return "\n".join(lines) + "\n"
 

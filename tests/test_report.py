@@ -70,11 +70,12 @@ def test_summary_md_links_every_figure_that_exists(smoke_run):
 
 
 def test_summary_md_leaves_out_figures_of_failed_runs(tmp_path):
+    (tmp_path / "summary.png").write_bytes(b"an earlier run's plot")
     run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path, "--data", tmp_path / "nowhere",
                "--experiments", "E1_zero_shot_clip", expect_exit=1)
     summary = (tmp_path / "summary.md").read_text()
     assert "**Failed:** E1_zero_shot_clip" in summary and "![" not in summary and "## Figures" not in summary
-    assert (tmp_path / "report.html").exists()
+    assert "<img" not in (tmp_path / "report.html").read_text()
 
 
 # --------------------------------------------------------------------------- report.html
