@@ -1,8 +1,9 @@
 """Runs E1 to E7 in order with the same flags, keeps going when one fails, and writes the comparison:
 <output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
-summary_robustness.png (test accuracy against pixel noise). With --seeds, every experiment runs once per
-seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run gets a 95% bootstrap
-interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
+summary_robustness.png (test accuracy against pixel noise), with every figure linked from summary.md,
+and report.html (the whole run on one self-contained page, see report_html.py). With --seeds, every
+experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run
+gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import torch
 
 import common
 from data import UserError
+from report_html import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from reporting import plt, save_figure, write_csv, write_text
 
 HERE = Path(__file__).parent
@@ -123,6 +125,26 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
     return "\n".join(lines) + "\n"
 
 
+def figure_links(out_dir: Path, runs: list[Path]) -> str:
+    """summary.md's figures, linked relative to it so that it reads as a report in any Markdown viewer:
+    the summary plots and each finished experiment's curves and confusion matrix, where the file exists.
+    No finished run: no figures, not even a summary plot an earlier run left in the folder."""
+    if not runs:
+        return ""
+    def image(path: Path, caption: str) -> str:
+        return f"![{caption}]({path.relative_to(out_dir).as_posix()})"
+    lines = ["\n## Figures\n"]
+    lines += [image(out_dir / name, caption) for name, caption in SUMMARY_FIGURES if (out_dir / name).exists()]
+    in_summary = ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png")
+    for run in runs:
+        shown = [image(run / name, f"{run.name} {caption}") for name, caption in RUN_FIGURES
+                 if name in in_summary and (run / name).exists()]
+        if shown:
+            lines += [f"\n### {run.relative_to(out_dir).as_posix()}\n", " ".join(shown)]
+    lines.append("\nEvery figure, the reliability diagrams and the classification reports: `report.html`.")
+    return "\n".join(lines) + "\n"
+
+
 def plot_summary(rows: list[dict], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -155,7 +177,7 @@ def main():
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
 
-    runs, failed = {name: [] for name in args.experiments}, []
+    runs, failed, finished = {name: [] for name in args.experiments}, [], []
     for seed in seeds:
         seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
         for name in args.experiments:
@@ -165,6 +187,7 @@ def main():
             metrics_path = seed_dir / name / "metrics.json"
             if code == 0 and metrics_path.exists() and metrics_path.stat().st_mtime >= started:
                 runs[name].append(json.loads(metrics_path.read_text()))
+                finished.append(metrics_path.parent)
             else:
                 failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
 
@@ -172,8 +195,10 @@ def main():
     if rows:
         write_csv(out_dir / "summary.csv", rows)
         plot_summary(rows, out_dir)
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, " ".join(["python", *sys.argv])))
+    command = " ".join(["python", *sys.argv])
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command) + figure_links(out_dir, finished))
     print(f"\nsummary written to {out_dir / 'summary.md'}")
+    print(f"report written to {write_html_report(out_dir, finished, command)}")
     if failed:
         print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
