@@ -54,6 +54,12 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     p.add_argument("--drop-test-duplicates", action="store_true",
                    help="remove train images whose pixels equal a test image's")
+    p.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
+    p.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
+    p.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
+                                                        "'validation' is used for validation when present")
+    p.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
+                                                    "without names, or to replace the dataset's")
     p.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
                    help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
                         "the end); 0: after every step")
@@ -156,7 +162,9 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
-                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates)
+                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
+                     image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
+                     class_names=args.class_names)
     print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
           f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
     print(describe_duplicates(data.report))

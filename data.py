@@ -18,6 +18,7 @@ DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "brain_mri"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 READABLE_NAMES = {"notumor": "no tumor"}
+VALIDATION_SPLIT = "validation"   # used as such when a dataset has one
 
 
 class UserError(Exception):
@@ -95,8 +96,13 @@ def is_local(data: str) -> bool:
 def check_data_early(data: str) -> None:
     """The cheap checks of --data, made before any model is loaded: a wrong path fails at once with a message
     about the data, not after the model hub's retries."""
-    if is_local(data):
+    if is_local(data) and not is_saved_dataset(Path(data).expanduser()):
         check_image_folder(Path(data).expanduser())
+
+
+def is_saved_dataset(root: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a DatasetDict, or a single Dataset)."""
+    return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
 
 
 def image_files(root: Path) -> dict[str, list[str]]:
@@ -108,11 +114,18 @@ def image_files(root: Path) -> dict[str, list[str]]:
             for split in ("train", "test")}
 
 
-def load_source(data: str):
-    """Returns the `datasets` DatasetDict with undecoded images, so that we decode (and name bad files) ourselves."""
+def load_source(data: str, image_column: str | None = None, label_column: str | None = None,
+                test_split: str = "test", class_names: list[str] | None = None):
+    """Returns the `datasets` DatasetDict with undecoded images in an 'image' column and integer labels in a
+    'label' column, so that we decode (and name bad files) ourselves, and the class names."""
     import datasets
     datasets.disable_progress_bars()
-    if is_local(data):
+    if is_local(data) and is_saved_dataset(Path(data).expanduser()):
+        source = datasets.load_from_disk(str(Path(data).expanduser()))
+        if not isinstance(source, datasets.DatasetDict):
+            raise UserError(f"{data} holds a single dataset saved with save_to_disk; it needs train and "
+                            f"{test_split} splits: save a DatasetDict")
+    elif is_local(data):
         root = Path(data).expanduser()
         check_image_folder(root)
         source = datasets.load_dataset("imagefolder", data_files=image_files(root))
@@ -123,14 +136,57 @@ def load_source(data: str):
             raise UserError(f"could not load dataset '{data}' from the Hugging Face hub "
                             f"({type(error).__name__}); pass --data a local folder with train/<class>/* "
                             f"and test/<class>/* instead") from None
-    missing = {"train", "test"} - set(source)
+    missing = {"train", test_split} - set(source)
     if missing:
-        raise UserError(f"dataset '{data}' has no {' or '.join(sorted(missing))} split")
+        raise UserError(f"dataset '{data}' has no {' or '.join(sorted(missing))} split (it has "
+                        f"{', '.join(source)}); pass --test-split to name its held-out split")
+    kept = ["train", test_split] + ([VALIDATION_SPLIT] if VALIDATION_SPLIT in source else [])
+    source = datasets.DatasetDict({name: source[name] for name in kept})
     features = source["train"].features
-    if not {"image", "label"} <= set(features) or not isinstance(features["label"], datasets.ClassLabel):
-        raise UserError(f"dataset '{data}' needs an 'image' column and a 'label' ClassLabel column; "
-                        f"it has {', '.join(features)}")
-    return source.cast_column("image", datasets.Image(decode=False))
+    image_column = pick_column(features, image_column, datasets.Image, "image", data)
+    label_column = pick_column(features, label_column, datasets.ClassLabel, "label", data)
+    label = features[label_column]
+    if isinstance(label, datasets.ClassLabel):
+        names = label.names
+        if class_names and len(class_names) != len(names):
+            raise UserError(f"--class-names gives {len(class_names)} names but column '{label_column}' has "
+                            f"{len(names)} classes")
+        names = class_names or names
+    elif getattr(label, "dtype", "").startswith(("int", "uint")):
+        if not class_names:
+            raise UserError(f"column '{label_column}' holds integer labels without class names: pass "
+                            f"--class-names with one name per label, in label order")
+        largest = max(max(source[name][label_column]) for name in source)
+        if largest >= len(class_names) or min(min(source[name][label_column]) for name in source) < 0:
+            raise UserError(f"column '{label_column}' has labels 0..{largest} but --class-names gives "
+                            f"{len(class_names)} names")
+        names = class_names
+    else:
+        raise UserError(f"column '{label_column}' is of type {label}, not a class label: pass --label-column "
+                        f"a ClassLabel or integer column")
+    source = source.select_columns([image_column, label_column])
+    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    if renames:
+        source = source.rename_columns(renames)
+    return source.cast_column("image", datasets.Image(decode=False)), list(names)
+
+
+def pick_column(features, asked: str | None, kind, what: str, data: str) -> str:
+    """The column the user named, or the only column of the right type."""
+    described = ", ".join(f"{name} ({getattr(feature, 'dtype', None) if type(feature).__name__ == 'Value' else type(feature).__name__})"
+                          for name, feature in features.items())
+    if asked is not None:
+        if asked not in features:
+            raise UserError(f"dataset '{data}' has no column '{asked}'; its columns are {described}")
+        if kind.__name__ == "Image" and not isinstance(features[asked], kind):
+            raise UserError(f"column '{asked}' does not hold images; the columns are {described}")
+        return asked
+    candidates = [name for name, feature in features.items() if isinstance(feature, kind)]
+    if len(candidates) != 1:
+        kind_name = "Image" if what == "image" else "ClassLabel"
+        raise UserError(f"dataset '{data}' has {len(candidates) or 'no'} {kind_name} columns: pass "
+                        f"--{what}-column; its columns are {described}")
+    return candidates[0]
 
 
 def open_rgb(image: dict) -> Image.Image:
@@ -156,7 +212,7 @@ def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> d
     groups = defaultdict(list)
     for i, h in enumerate(hashes):
         groups[h].append(i)
-    cross, within = [], {"train": [], "test": []}
+    cross, within = [], {"train": [], "test": []}   # and "val", for a dataset's own validation split
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -164,10 +220,11 @@ def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> d
         for i in members:
             in_split[splits[i]].append(files[i])
         if len(in_split) > 1:
-            cross.append({"train": in_split["train"], "test": in_split["test"]})
+            cross.append({"train": in_split["train"], "test": in_split["test"],
+                          **({"val": in_split["val"]} if "val" in in_split else {})})
         for split, names in in_split.items():
             if len(names) > 1:
-                within[split].append(names)
+                within.setdefault(split, []).append(names)
     return {"train_test_duplicates": cross, "within_split_duplicates": within}
 
 
@@ -199,14 +256,19 @@ def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tu
 
 
 def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int = 0,
-              skip_bad_images: bool = False, drop_test_duplicates: bool = False) -> MRIData:
-    source = load_source(data)
-    class_names = source["train"].features["label"].names
+              skip_bad_images: bool = False, drop_test_duplicates: bool = False, image_column: str | None = None,
+              label_column: str | None = None, test_split: str = "test",
+              class_names: list[str] | None = None) -> MRIData:
+    """A dataset's own `validation` split is used as the validation set; without one, a stratified share of
+    train is carved out. `test_split` names the held-out split (some datasets call it 'validation' or 'val')."""
+    source, class_names = load_source(data, image_column, label_column, test_split, class_names)
     images, labels, splits, files, skipped = [], [], [], [], []
-    for split in ("train", "test"):
-        for index, row in enumerate(source[split]):
+    own_validation = VALIDATION_SPLIT in source and test_split != VALIDATION_SPLIT
+    for split, source_split in (("train", "train"), *((("val", VALIDATION_SPLIT),) if own_validation else ()),
+                                ("test", test_split)):
+        for index, row in enumerate(source[source_split]):
             path = row["image"].get("path")
-            name = relative_name(path) if path else f"{split}[{index}]"
+            name = relative_name(path) if path else f"{source_split}[{index}]"
             try:
                 images.append(open_rgb(row["image"]))
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -237,15 +299,19 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
 
     train_all = np.flatnonzero(splits == "train")
     test = np.flatnonzero(splits == "test")
-    train_pos, val_pos = stratified_val_indices(labels[train_all], val_fraction, seed)
+    if own_validation:
+        train, val = train_all, np.flatnonzero(splits == "val")
+    else:
+        train_pos, val_pos = stratified_val_indices(labels[train_all], val_fraction, seed)
+        train, val = train_all[train_pos], train_all[val_pos]
 
     def subset(indices):
         return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices])
 
     report = {**duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
-              "source": data, "num_images": {"train": len(train_pos), "val": len(val_pos), "test": len(test)}}
-    return MRIData([readable(c) for c in class_names], subset(train_all[train_pos]),
-                   subset(train_all[val_pos]), subset(test), report)
+              "source": data, "num_images": {"train": len(train), "val": len(val), "test": len(test)},
+              "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
+    return MRIData([readable(c) for c in class_names], subset(train), subset(val), subset(test), report)
 
 
 def relative_name(path: str) -> str:
