@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image, run_script
+from conftest import noise_image, run_process, run_script
 from test_scripts import SCRIPTS, TRAINED, assert_complete_outputs, metrics_of
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
@@ -199,3 +199,39 @@ def test_clips_of_other_shapes_run_through_every_script(script, shaped_clip_dir,
     metrics = assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
     assert metrics["model_dims"] == {"vision_hidden": width, "vision_layers": depth, "projection_dim": projection,
                                      "text_hidden": text_width}
+
+
+# --------------------------------------------------------------------------- several processes
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_launch_resumes_and_matches_one_process(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU starts two gloo processes. Stopped after an
+    epoch and resumed, the run ends with one complete set of outputs, and its numbers are those of one process
+    with the same global batch (6 images: 3 per process), up to float summation order."""
+    flags = ["--smoke", "--lr", 1e-2, "--batch-size", 6]
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+              "E6_full_finetune.py", *flags, "--output-dir", tmp_path / "two"]
+    first = run_process(*launch, "--stop-after-epochs", 1)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = tmp_path / "two" / "E6_full_finetune"
+    assert not (folder / "metrics.json").exists() and (folder / "checkpoint" / "last.pt").exists()
+    resumed = run_process(*launch, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch 2" in resumed.stdout
+    two = assert_complete_outputs(folder, trained=True)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []   # no leftover temporaries
+    assert two["num_processes"] == 2
+
+    run_script("E6_full_finetune.py", *flags, "--output-dir", tmp_path / "one", expect_exit=0)
+    one = metrics_of(tmp_path / "one", "E6_full_finetune.py")
+    assert one["num_processes"] == 1
+    assert two["epochs_run"] == one["epochs_run"] and two["best_epoch"] == one["best_epoch"]
+    for key in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
