@@ -207,7 +207,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
-        split_logits = {name: predict_everywhere(model, split.inputs, eval_batch, device, args.precision,
+        split_logits = {name: predict_everywhere(model, split, eval_batch, device, args.precision,
                                                  exp.accelerator) for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
@@ -215,7 +215,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     robustness = []
     for sigma in args.noise_levels:
         logits = split_logits["test"] if sigma == 0 else predict_everywhere(model, add_pixel_noise(
-            data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
+            data.test.model_inputs(device=torch.device("cpu")), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
             eval_batch, device, args.precision, exp.accelerator)
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})

@@ -18,6 +18,8 @@ DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "brain_mri"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 READABLE_NAMES = {"notumor": "no tumor"}
+DEVICE_SHARE = 0.5   # of the GPU's free memory the images may take; the rest is for the model and activations
+PREPROCESS_CHUNK = 256   # images per call of the processor; chunks run in parallel threads
 VALIDATION_SPLIT = "validation"   # used as such when a dataset has one
 
 
@@ -35,10 +37,14 @@ def looks_like_hub_id(name: str) -> bool:
 
 @dataclass
 class Split:
-    """One split's model inputs (preprocessed pixels, or cached embeddings for E2) and labels."""
+    """One split's model inputs and labels. Inputs are images resized and cropped by CLIP's processor but kept
+    as uint8 (a quarter of fp32), normalised with the processor's `mean` and `std` batch by batch on the
+    device (model_inputs); or any float tensor the model takes as it is (E2's cached embeddings)."""
     inputs: torch.Tensor
     labels: torch.Tensor
     files: list[str]
+    mean: tuple[float, ...] | None = None   # set for uint8 pixels
+    std: tuple[float, ...] | None = None
 
     def __len__(self):
         return len(self.labels)
@@ -46,8 +52,29 @@ class Split:
     def with_inputs(self, inputs: torch.Tensor) -> "Split":
         return Split(inputs, self.labels, self.files)
 
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.inputs[index.to(self.inputs.device)], self.labels[index.to(self.labels.device)],
+                     [self.files[i] for i in index.tolist()], self.mean, self.std)
+
     def to(self, device) -> "Split":
-        return Split(self.inputs.to(device), self.labels.to(device), self.files)
+        """Pinned host inputs stay on the host (they did not fit the device); batches move as they are used."""
+        inputs = self.inputs if self.inputs.is_pinned() else self.inputs.to(device)
+        return Split(inputs, self.labels.to(device), self.files, self.mean, self.std)
+
+    def model_inputs(self, index=None, device=None) -> torch.Tensor:
+        """The inputs the model takes, for `index` (all when None), on `device`: uint8 pixels become
+        CLIP-normalised floats there, after the copy, so the copy moves a quarter of the bytes."""
+        inputs = self.inputs
+        if index is not None:
+            inputs = inputs[index.to(inputs.device) if isinstance(index, torch.Tensor) else index]
+            if self.inputs.is_pinned():
+                inputs = inputs.pin_memory()   # gathered rows are pageable; pinned ones copy asynchronously
+        inputs = inputs.to(device or inputs.device, non_blocking=True)
+        if inputs.dtype != torch.uint8:
+            return inputs
+        mean = torch.tensor(self.mean, device=inputs.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=inputs.device).view(1, -1, 1, 1)
+        return (inputs.float() / 255 - mean) / std
 
 
 @dataclass
@@ -62,8 +89,19 @@ class MRIData:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def to(self, device) -> "MRIData":
-        """All images on the device once (800 at 224 px are 0.5 GB): no per-batch copies, no loader workers."""
-        return MRIData(self.class_names, self.train.to(device), self.val.to(device), self.test.to(device), self.report)
+        """All images on the device once when they fit (800 at 224 px are 120 MB as uint8): no per-batch copies,
+        no loader workers. When they would take more than DEVICE_SHARE of the GPU's free memory, they stay in
+        pinned host memory instead and each batch is copied as it is used."""
+        device = torch.device(device)
+        splits = [self.train, self.val, self.test]
+        if device.type == "cuda":
+            size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > DEVICE_SHARE * free:
+                print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
+                      f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
+                splits = [Split(s.inputs.pin_memory(), s.labels, s.files, s.mean, s.std) for s in splits]
+        return MRIData(self.class_names, *(s.to(device) for s in splits), self.report)
 
 
 # --------------------------------------------------------------------------- reading the source
@@ -238,10 +276,33 @@ def describe_duplicates(report: dict) -> str:
 
 # --------------------------------------------------------------------------- the whole pipeline
 
-def preprocess(images: list[Image.Image], image_processor, batch_size: int = 64) -> torch.Tensor:
-    batches = [image_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-               for i in range(0, len(images), batch_size)]
-    return torch.cat(batches)
+def preprocess(images: list[Image.Image], image_processor, workers: int | None = None,
+               progress: bool = True) -> torch.Tensor:
+    """CLIP's resize and crop, in parallel threads (PIL releases the GIL while it resamples), into one
+    preallocated uint8 tensor: no fp32 copy of the whole set ever exists. Rescaling and normalisation, the
+    processor's other two steps, are done per batch on the device (Split.model_inputs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def chunk(start: int) -> torch.Tensor:
+        return image_processor(images[start:start + PREPROCESS_CHUNK], do_rescale=False, do_normalize=False,
+                               return_tensors="pt")["pixel_values"]
+
+    starts = range(0, len(images), PREPROCESS_CHUNK)
+    first = chunk(0)
+    if first.dtype != torch.uint8:
+        raise UserError(f"the image processor returned {first.dtype} pixels before normalisation, not uint8: "
+                        f"use a CLIP image processor")
+    pixels = torch.empty((len(images), *first.shape[1:]), dtype=torch.uint8)
+    pixels[:len(first)] = first
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(images), initial=len(first), desc="preprocessing", unit="img",
+                 disable=not progress or len(images) <= PREPROCESS_CHUNK) as bar:
+        for start, result in zip(starts[1:], pool.map(chunk, starts[1:])):
+            pixels[start:start + len(result)] = result
+            bar.update(len(result))
+    return pixels
 
 
 def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +367,8 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
         train, val = train_all[train_pos], train_all[val_pos]
 
     def subset(indices):
-        return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices])
+        return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices],
+                     tuple(image_processor.image_mean), tuple(image_processor.image_std))
 
     report = {**duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
               "source": data, "num_images": {"train": len(train), "val": len(val), "test": len(test)},

@@ -72,15 +72,18 @@ def atomic_save(path: Path, save) -> None:
 
 
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
-def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, precision: str = "auto") -> torch.Tensor:
+def batched(fn, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
+            precision: str = "auto") -> torch.Tensor:
+    """fn over inputs in batches; a Split's uint8 pixels are normalised batch by batch on the device."""
+    split = inputs if isinstance(inputs, Split) else Split(inputs, torch.empty(len(inputs)), [])
     outputs = []
-    for chunk in inputs.split(batch_size):
+    for start in range(0, len(split), batch_size):
         with autocast(device, precision):
-            outputs.append(fn(chunk.to(device, non_blocking=True)).float())
+            outputs.append(fn(split.model_inputs(slice(start, start + batch_size), device)).float())
     return torch.cat(outputs).cpu()
 
 
-def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
+def predict(model: torch.nn.Module, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
             precision: str = "auto") -> torch.Tensor:
     """Logits for inputs. Takes no labels: a prediction cannot see its own."""
     model.eval()
@@ -95,8 +98,9 @@ def predict_everywhere(model: torch.nn.Module, inputs: torch.Tensor, batch_size:
     if processes == 1 or len(inputs) < processes:
         return predict(model, inputs, batch_size, device, precision)
     shares = torch.arange(len(inputs)).tensor_split(processes)
-    mine = shares[accelerator.process_index].to(inputs.device)
-    logits = predict(model, inputs[mine], batch_size, device, precision).to(device)
+    mine = shares[accelerator.process_index]
+    logits = predict(model, inputs.subset(mine) if isinstance(inputs, Split) else inputs[mine.to(inputs.device)],
+                     batch_size, device, precision).to(device)
     # accelerate's gather needs equal sizes: pad each share to the longest, gather, then cut the padding off.
     gathered = accelerator.gather(accelerator.pad_across_processes(logits, dim=0)).cpu()
     longest = len(shares[0])
@@ -328,7 +332,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                         progress.batch += 1
                         continue
                     batch = batch.tensor_split(processes)[rank]
-                inputs, labels = train_split.inputs[batch], train_split.labels[batch]
+                inputs, labels = train_split.model_inputs(batch, device), train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
                 logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision)
@@ -355,7 +359,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                    "lr": optimizer.param_groups[0]["lr"]}
             for name, split in (("val", val), ("test", test)):
                 row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
-                    model, split.inputs, 2 * config.batch_size, device, config.precision, accelerator), split.labels)
+                    model, split, 2 * config.batch_size, device, config.precision, accelerator), split.labels)
             bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
                             val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
             bar.close()
@@ -397,7 +401,7 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
         embeddings = load_file(path)
         print(f"reusing cached image embeddings {path}")
     else:
-        embeddings = {name: batched(embed, split.inputs, batch_size, device, precision)
+        embeddings = {name: batched(embed, split, batch_size, device, precision)
                       for name, split in splits.items()}
         if write:   # only the main process of several writes
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from test_scripts import SCRIPTS, TRAINED, assert_complete_outputs, metrics_of
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 import models
-from data import UserError, check_data_early, load_data
+from data import PREPROCESS_CHUNK, Split, UserError, check_data_early, load_data, preprocess
 from models import ImageClassifier, PromptedCLIP, clip_config, count_params, tiny_tokenizer
 
 FINE = ["apple", "aquarium_fish", "baby", "bear"]
@@ -120,6 +120,28 @@ def test_saved_dataset_passes_the_early_check(cifar100_dir, tmp_path):
     check_data_early(str(cifar100_dir))
     with pytest.raises(UserError, match="does not exist"):
         check_data_early(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- any size
+
+def test_uint8_pixels_normalised_per_batch_equal_the_processors_floats(image_processor):
+    """Images are kept as uint8 after resize and crop (a quarter of fp32) and normalised when a batch is used;
+    the model sees the numbers CLIP's processor would have given it. Chunks run in parallel threads."""
+    images = [noise_image(seed, size=(30 + seed % 5, 41)) for seed in range(PREPROCESS_CHUNK + 7)]
+    pixels = preprocess(images, image_processor, workers=2)
+    assert pixels.dtype == torch.uint8
+    split = Split(pixels, torch.zeros(len(images)), [], tuple(image_processor.image_mean),
+                  tuple(image_processor.image_std))
+    expected = image_processor(images, return_tensors="pt")["pixel_values"]
+    index = torch.tensor([0, 5, PREPROCESS_CHUNK + 6])
+    torch.testing.assert_close(split.model_inputs(index), expected[index], rtol=0, atol=1e-6)
+    torch.testing.assert_close(split.model_inputs(), expected, rtol=0, atol=1e-6)
+
+
+def test_loaded_splits_hold_uint8_pixels(cifar10_dir, image_processor):
+    data = load_data(str(cifar10_dir), image_processor)
+    for split in data.splits().values():
+        assert split.inputs.dtype == torch.uint8 and split.model_inputs(torch.tensor([0])).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- CLIPs of any shape
