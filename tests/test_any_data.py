@@ -138,6 +138,14 @@ def test_uint8_pixels_normalised_per_batch_equal_the_processors_floats(image_pro
     torch.testing.assert_close(split.model_inputs(), expected, rtol=0, atol=1e-6)
 
 
+def test_bench_data_smoke_writes_its_figures(tmp_path):
+    import json
+    run_script("bench_data.py", "--smoke", "--output-dir", tmp_path, expect_exit=0)
+    result = json.loads((tmp_path / "bench_data.json").read_text())
+    assert result["images"] == 300 and result["preprocess_images_per_s"] > 0
+    assert result["uint8_bytes"] == 300 * 3 * 64 * 64 and result["fp32_would_be_bytes"] == 4 * 300 * 3 * 64 * 64
+
+
 def test_loaded_splits_hold_uint8_pixels(cifar10_dir, image_processor):
     data = load_data(str(cifar10_dir), image_processor)
     for split in data.splits().values():
