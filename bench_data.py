@@ -84,8 +84,8 @@ def main():
     write_json(Path(args.output_dir) / "bench_data.json", result)
     print(f"bench_data: {args.images:,} images {args.source_size} px -> {args.image_size} px with "
           f"{result['workers']} threads: {result['preprocess_images_per_s']:,} images/s "
-          f"({seconds:.1f} s); uint8 tensor {uint8_gb:.2f} GB (fp32 would be {4 * uint8_gb:.2f} GB); process peak "
-          f"{result['peak_rss_gb']:.2f} GB; normalisation on {device}: {result['normalise_images_per_s']:,} images/s")
+          f"({seconds:.1f} s); uint8 tensor {uint8_gb:.2f} GiB (fp32 would be {4 * uint8_gb:.2f} GiB); process peak "
+          f"{result['peak_rss_gb']:.2f} GiB; normalisation on {device}: {result['normalise_images_per_s']:,} images/s")
     print(f"written to {Path(args.output_dir) / 'bench_data.json'}")
 
 
