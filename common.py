@@ -18,7 +18,7 @@ import torch
 from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates, load_data
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
-from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict,
+from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                       predict_everywhere)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3

@@ -4,7 +4,6 @@ CLIPs of other shapes through every script, and parameter counts of the publishe
 import copy
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from conftest import noise_image, run_process, run_script
