@@ -184,6 +184,8 @@ def load_source(data: str, image_column: str | None = None, label_column: str | 
     image_column = pick_column(features, image_column, datasets.Image, "image", data)
     label_column = pick_column(features, label_column, datasets.ClassLabel, "label", data)
     label = features[label_column]
+    if class_names and len(set(class_names)) != len(class_names):
+        raise UserError("--class-names has a name twice: every class needs its own name")
     if isinstance(label, datasets.ClassLabel):
         names = label.names
         if class_names and len(class_names) != len(names):

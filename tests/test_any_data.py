@@ -110,6 +110,8 @@ def test_integer_labels_need_names_from_a_flag(tmp_path, image_processor):
         load_data(str(tmp_path / "d"), image_processor, label_column="fine_label")
     with pytest.raises(UserError, match="labels 0..3 but --class-names gives 2 names"):
         load_data(str(tmp_path / "d"), image_processor, label_column="fine_label", class_names=["a", "b"])
+    with pytest.raises(UserError, match="has a name twice"):
+        load_data(str(tmp_path / "d"), image_processor, label_column="fine_label", class_names=["a", "b", "a", "c"])
     data = load_data(str(tmp_path / "d"), image_processor, label_column="fine_label",
                      class_names=["red apple", "fish", "baby", "bear"])
     assert data.class_names == ["red apple", "fish", "baby", "bear"]
