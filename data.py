@@ -14,6 +14,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from progress import progress_bar
+
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "brain_mri"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -278,14 +280,11 @@ def describe_duplicates(report: dict) -> str:
 
 # --------------------------------------------------------------------------- the whole pipeline
 
-def preprocess(images: list[Image.Image], image_processor, workers: int | None = None,
-               progress: bool = True) -> torch.Tensor:
+def preprocess(images: list[Image.Image], image_processor, workers: int | None = None) -> torch.Tensor:
     """CLIP's resize and crop, in parallel threads (PIL releases the GIL while it resamples), into one
     preallocated uint8 tensor: no fp32 copy of the whole set ever exists. Rescaling and normalisation, the
     processor's other two steps, are done per batch on the device (Split.model_inputs)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
 
     def chunk(start: int) -> torch.Tensor:
         return image_processor(images[start:start + PREPROCESS_CHUNK], do_rescale=False, do_normalize=False,
@@ -298,13 +297,13 @@ def preprocess(images: list[Image.Image], image_processor, workers: int | None =
                         f"use a CLIP image processor")
     pixels = torch.empty((len(images), *first.shape[1:]), dtype=torch.uint8)
     pixels[:len(first)] = first
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(images), initial=len(first), desc="preprocessing", unit="img",
-                 disable=not progress or len(images) <= PREPROCESS_CHUNK) as bar:
-        for start, result in zip(starts[1:], pool.map(chunk, starts[1:])):
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        results = progress_bar(pool.map(chunk, starts[1:]), "preprocessing images", total=len(starts),
+                               unit="chunk", initial=1)   # of PREPROCESS_CHUNK images
+        for result, start in zip(results, starts[1:]):   # results first: the bar sees its end
             pixels[start:start + len(result)] = result
-            bar.update(len(result))
     return pixels
+
 
 
 def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +328,9 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     own_validation = VALIDATION_SPLIT in source and test_split != VALIDATION_SPLIT
     for split, source_split in (("train", "train"), *((("val", VALIDATION_SPLIT),) if own_validation else ()),
                                 ("test", test_split)):
-        for index, row in enumerate(source[source_split]):
+        rows = source[source_split]
+        for index, row in enumerate(progress_bar(rows, f"reading {source_split} images", total=len(rows),
+                                                 unit="image")):
             path = row["image"].get("path")
             name = relative_name(path) if path else f"{source_split}[{index}]"
             try:
