@@ -31,9 +31,10 @@ def main():
     model = AdapterClassifier(exp.clip, len(exp.data.class_names), config)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    model.save_adapter(exp.out_dir / "adapter")
-    if args.save_merged:
-        model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)
+    if exp.is_main:   # under accelerate launch, one process writes
+        model.save_adapter(exp.out_dir / "adapter")
+        if args.save_merged:
+            model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)
     common.finish(exp, model, result, **adapter_settings(args))
 
 

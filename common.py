@@ -19,8 +19,8 @@ from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
 from progress import set_quiet
-from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict,
-                      summary_writer_class)
+from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
+                      predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
@@ -58,6 +58,12 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     p.add_argument("--drop-test-duplicates", action="store_true",
                    help="remove train images whose pixels equal a test image's")
+    p.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
+    p.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
+    p.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
+                                                        "'validation' is used for validation when present")
+    p.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
+                                                    "without names, or to replace the dataset's")
     p.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
                    help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
                         "the end); 0: after every step")
@@ -80,6 +86,11 @@ class Experiment:
     tokenizer: object
     data: MRIData
     started: float
+    accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
     @property
     def cache_dir(self) -> Path:
@@ -92,7 +103,7 @@ class Experiment:
                            weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
                            device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
                            resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           checkpoint_every=a.checkpoint_every, settings=settings,
+                           checkpoint_every=a.checkpoint_every, settings=settings, accelerator=self.accelerator,
                            tensorboard_dir=self.out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -144,7 +155,7 @@ def check_writable(folder: Path) -> None:
     """Fail before any training, not after an hour of it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"   # processes of one accelerate launch probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -158,6 +169,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_accelerator(device: torch.device):
+    """Hugging Face accelerate's view of the launch: one process when run plainly, several (one per GPU, or gloo
+    processes on a CPU) under `accelerate launch`. Without a GPU it must be told so, or it treats
+    `--multi_gpu` processes as unrelated single ones."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=device.type == "cpu")
+
+
 def start(name: str, args: argparse.Namespace) -> Experiment:
     started = time.time()
     set_quiet(args.quiet)
@@ -165,20 +184,27 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
     device = pick_device(args.device)
+    accelerator = make_accelerator(device)
+    if accelerator.num_processes > 1:
+        device = accelerator.device   # this process's GPU
+        set_quiet(args.quiet or not accelerator.is_main_process)   # one progress log, not one per process
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
-                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates)
-    print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
-          f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
-    print(describe_duplicates(data.report))
-    for key, what in (("skipped_images", "skipped unreadable images"),
-                      ("dropped_train_duplicates", "dropped train copies of test images")):
-        if data.report[key]:
-            print(f"{what}: {', '.join(data.report[key])}")
+                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
+                     image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
+                     class_names=args.class_names)
+    if accelerator.is_main_process:   # one log, not one per process
+        print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
+              f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
+        print(describe_duplicates(data.report))
+        for key, what in (("skipped_images", "skipped unreadable images"),
+                          ("dropped_train_duplicates", "dropped train copies of test images")):
+            if data.report[key]:
+                print(f"{what}: {', '.join(data.report[key])}")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
-                      started)
+                      started, accelerator)
 
 
 def zero_shot_history(scores: dict) -> list[dict]:
@@ -193,17 +219,18 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
-        split_logits = {name: predict(model, split.inputs, eval_batch, device, args.precision,
-                                      desc=f"final evaluation ({name})")
+        split_logits = {name: predict_everywhere(model, split, eval_batch, device, args.precision,
+                                                 exp.accelerator, desc=f"final evaluation ({name})")
                         for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
     generator = torch.Generator().manual_seed(args.seed)
     robustness = []
     for sigma in args.noise_levels:
-        logits = split_logits["test"] if sigma == 0 else predict(model, add_pixel_noise(
-            data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
-            eval_batch, device, args.precision, desc=f"robustness, noise sigma {sigma}")
+        logits = split_logits["test"] if sigma == 0 else predict_everywhere(model, add_pixel_noise(
+            data.test.model_inputs(device=torch.device("cpu")), sigma, exp.image_processor.image_mean,
+            exp.image_processor.image_std, generator), eval_batch, device, args.precision, exp.accelerator,
+            desc=f"robustness, noise sigma {sigma}")
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
 
@@ -222,6 +249,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "data": args.data, "seed": args.seed,
+        "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,
         "num_images": report["num_images"],
@@ -233,6 +261,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
     history = result.history if result else zero_shot_history(scores)
+    if not exp.is_main:   # the other processes computed the same numbers; one writes them
+        return metrics
     write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
                  data.test.files, history, metrics, robustness, report)
     low, high = metrics["test_accuracy_ci95"]

@@ -31,14 +31,33 @@ ZERO_SHOT_TEMPLATES = (
 
 # --------------------------------------------------------------------------- loading
 
-def vit_b16_config() -> CLIPConfig:
-    """The architecture of openai/clip-vit-base-patch16, for counting and benchmarking without a download."""
+# The published OpenAI CLIP architectures: (vision width, depth, heads, patch, image size, text width, text
+# heads, projection). Every one has a 12-layer text tower and MLPs four times as wide as the layer.
+CLIP_ARCHITECTURES = {
+    "vit-b32": (768, 12, 12, 32, 224, 512, 8, 512),       # openai/clip-vit-base-patch32
+    "vit-b16": (768, 12, 12, 16, 224, 512, 8, 512),       # openai/clip-vit-base-patch16
+    "vit-l14": (1024, 24, 16, 14, 224, 768, 12, 768),     # openai/clip-vit-large-patch14
+    "vit-l14-336": (1024, 24, 16, 14, 336, 768, 12, 768),  # openai/clip-vit-large-patch14-336
+}
+
+
+def clip_config(name: str) -> CLIPConfig:
+    """The architecture of a published CLIP, for counting and benchmarking without a download."""
+    if name not in CLIP_ARCHITECTURES:
+        raise UserError(f"unknown CLIP architecture '{name}': choose one of {', '.join(CLIP_ARCHITECTURES)}")
+    width, layers, heads, patch, image_size, text_width, text_heads, projection = CLIP_ARCHITECTURES[name]
     return CLIPConfig(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                         max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16),
-        projection_dim=512)
+        text_config=dict(hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=12,
+                         num_attention_heads=text_heads, max_position_embeddings=77, vocab_size=49408,
+                         bos_token_id=49406, eos_token_id=49407),
+        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch),
+        projection_dim=projection)
+
+
+def vit_b16_config() -> CLIPConfig:
+    """The architecture of openai/clip-vit-base-patch16 (the project's default model)."""
+    return clip_config("vit-b16")
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
