@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates, load_data
-from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
+from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
+                    model_dims)
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
 from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict
 
@@ -59,6 +60,26 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                         "the end); 0: after every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     return p
+
+
+def add_prompt_flags(p: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
+                     ) -> argparse.ArgumentParser:
+    """The token-prompt flags E3, E4 and E5 share (see models.VisualPrompts for what each does)."""
+    p.add_argument("--num-prompts", type=int, default=1, help=num_prompts_help)
+    p.add_argument("--prompt-position", default="front", choices=PROMPT_POSITIONS,
+                   help="front: right after the class token (VPT); back: after the last patch token (MaPLe). "
+                        "The same function, up to float rounding")
+    p.add_argument("--prompt-entry", default="pre-ln", choices=PROMPT_ENTRIES,
+                   help="layer 0's prompts go in before CLIP's pre-layernorm (MaPLe, IVLP) or after it, at the "
+                        "encoder input; deeper layers' prompts always enter at the layer input")
+    p.add_argument("--prompt-init", default="normal", choices=PROMPT_INITS,
+                   help="normal: N(0, 0.02) as MaPLe and IVLP; xavier: VPT's uniform bound")
+    return p
+
+
+def prompt_options(args: argparse.Namespace) -> dict:
+    """The VisualPrompts keyword arguments chosen on the command line."""
+    return {"position": args.prompt_position, "entry": args.prompt_entry, "init": args.prompt_init}
 
 
 @dataclass
