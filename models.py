@@ -27,6 +27,37 @@ ZERO_SHOT_TEMPLATES = (
     "a brain MRI, diagnosis: {}.",
 )
 
+# The template study (--templates study on E1): generic CLIP templates, including a negation that CLIP's
+# bag-of-words-like text embeddings are known to barely tell apart from the positive, then the MRI ones.
+STUDY_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of {}",
+    "This is not a photo of {}",
+    "a photo of {}, a type of brain MRI.",
+    *ZERO_SHOT_TEMPLATES,
+)
+
+
+def load_templates(source: str) -> tuple[str, ...]:
+    """'study' for STUDY_TEMPLATES, else a text file with one template per line, each holding one {} for the
+    class name; blank lines and lines starting with # are left out."""
+    if source == "study":
+        return STUDY_TEMPLATES
+    path = Path(source).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read templates file {source} ({getattr(error, 'strerror', None) or error}): pass "
+                        f"--templates a text file with one template per line, or 'study'") from None
+    templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for template in templates:
+        if not template.count("{}") == template.count("{") == template.count("}") == 1:
+            raise UserError(f"template '{template}' in {source} must hold exactly one {{}} for the class name "
+                            f"and no other braces")
+    if not templates:
+        raise UserError(f"templates file {source} holds no template: write one per line, each with {{}}")
+    return tuple(templates)
+
 
 # --------------------------------------------------------------------------- loading
 
