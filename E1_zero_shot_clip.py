@@ -40,7 +40,8 @@ def main():
     rows = []
     for template in templates:
         text = class_text_embeddings(exp.clip, exp.tokenizer, exp.data.class_names, [template])
-        rows.append({"template": template, "val_accuracy": accuracy(text, "val"), "test_accuracy": accuracy(text, "test")})
+        rows.append({"template": template, "val_accuracy": accuracy(text, "val"),
+                     "test_accuracy": accuracy(text, "test")})
     rows.append({"template": f"ensemble of {len(templates)}", "val_accuracy": accuracy(model.class_embeddings, "val"),
                  "test_accuracy": accuracy(model.class_embeddings, "test")})
     write_csv(exp.out_dir / "templates.csv", rows)
