@@ -19,13 +19,11 @@ from training import batched
 def main():
     p = common.parser(__doc__, lr=None)
     p.add_argument("--no-ensemble", action="store_true", help=f"use only the template '{ZERO_SHOT_TEMPLATES[0]}'")
-    p.add_argument("--templates", metavar="FILE", help="a file with one template per line, or 'study' for the "
-                                                       "built-in template study [default: the MRI templates]")
     args = p.parse_args()
-    templates = (load_templates(args.templates) if args.templates else   # a bad file fails before the model loads
-                 ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
 
     exp = common.start(common.script_name(__file__), args)
+    templates = (load_templates(args.templates) if args.templates else
+                 ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
     model = ZeroShot(exp.clip, exp.tokenizer, exp.data.class_names, templates).eval()
     # The tower runs once per split; every template, and their ensemble, reuses those image embeddings.
     splits = exp.data.splits()

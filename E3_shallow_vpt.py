@@ -4,13 +4,14 @@ Trainable: 2,052 + 768·N for ViT-B/16 (2,820 with N = 1).
 
 --prompt-type padding | fixed-patch | random-patch learns a prompt in pixel space instead (Bahng et al., 2022,
 "Exploring Visual Prompts for Adapting Large-Scale Models"), added to the normalised image, and classifies by
-CLIP's text classifier as that paper does (--head clip, the default there) or by a linear head. Trainable for
-a padding of p pixels on S-pixel images: 12·p·(S − p), 69,840 at the default p = 30, S = 224; for a patch
-of s pixels: 3·s².
+CLIP's text classifier as that paper does (--head clip, the default there; its templates: --templates) or by a
+linear head. Trainable for a padding of p pixels on S-pixel images: 12·p·(S − p), 69,840 at the default p = 30,
+S = 224; for a patch of s pixels: 3·s².
 """
 
 import common
-from models import PIXEL_PROMPTERS, ImageClassifier, TextHead, scaled_prompt_size
+from models import (PIXEL_PROMPTERS, ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates,
+                    scaled_prompt_size)
 from training import train
 
 LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
@@ -31,7 +32,8 @@ def main():
     exp = common.start(common.script_name(__file__), args)
     classes, image_size = exp.data.class_names, exp.clip.config.vision_config.image_size
     head = args.head or ("linear" if args.prompt_type == "token" else "clip")
-    text_head = TextHead(exp.clip, exp.tokenizer, classes) if head == "clip" else None
+    templates = load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
+    text_head = TextHead(exp.clip, exp.tokenizer, classes, templates) if head == "clip" else None
     if args.prompt_type == "token":
         model = ImageClassifier(exp.clip, len(classes), num_prompts=args.num_prompts, prompt_layers=[0],
                                 prompt_dropout=args.prompt_dropout, head=text_head, **common.prompt_options(args))

@@ -17,7 +17,7 @@ import torch
 
 from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates, load_data
 from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
-                    model_dims)
+                    load_templates, model_dims)
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
 from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict
 
@@ -59,6 +59,9 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                    help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
                         "the end); 0: after every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the class "
+                   "name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's --head clip "
+                   "(the other scripts use no class text) [default: the MRI templates]")
     return p
 
 
@@ -136,6 +139,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
+    if getattr(args, "templates", None):
+        load_templates(args.templates)   # a bad file fails here, before the model and data load
     return args
 
 
