@@ -6,7 +6,7 @@ Trainable: 2,052 + 768·N for ViT-B/16 (2,820 with N = 1).
 "Exploring Visual Prompts for Adapting Large-Scale Models"), added to the normalised image, and classifies by
 CLIP's text classifier as that paper does (--head clip, the default there; its templates: --templates) or by a
 linear head. Trainable for a padding of p pixels on S-pixel images: 12·p·(S − p), 69,840 at the default p = 30,
-S = 224; for a patch of s pixels: 3·s².
+S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for pixel prompts.
 """
 
 import common
@@ -15,10 +15,14 @@ from models import (PIXEL_PROMPTERS, ZERO_SHOT_TEMPLATES, ImageClassifier, TextH
 from training import train
 
 LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+# Pixel prompts live on the scale of normalised pixels (about 1), not of prompt tokens (0.02): at 1e-3 AdamW
+# leaves them near their random start. Bahng et al. train them with SGD at 40; with AdamW, 0.1 did best of
+# 1e-3, 0.01, 0.1 and 1 on known_answer.py's task (README, "Prompt studies").
+PIXEL_LEARNING_RATE = 0.1
 
 
 def main():
-    p = common.add_prompt_flags(common.parser(__doc__, lr=LEARNING_RATE))
+    p = common.add_prompt_flags(common.parser(__doc__, lr=None))
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     p.add_argument("--prompt-type", default="token", choices=["token", *PIXEL_PROMPTERS],
                    help="token: VPT prompt tokens (the --num-prompts and --prompt-* flags); else a pixel prompt")
@@ -28,6 +32,8 @@ def main():
     p.add_argument("--head", choices=["clip", "linear"], help="clip: CLIP's text classifier (no trained head); "
                    "linear: a linear head [default: clip for pixel prompts, linear for tokens]")
     args = p.parse_args()
+    if args.lr is None:
+        args.lr = LEARNING_RATE if args.prompt_type == "token" else PIXEL_LEARNING_RATE
 
     exp = common.start(common.script_name(__file__), args)
     classes, image_size = exp.data.class_names, exp.clip.config.vision_config.image_size
