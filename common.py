@@ -19,11 +19,14 @@ from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early
 from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
                     load_templates, model_dims)
 from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
-from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict
+from progress import set_quiet
+from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict,
+                      summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
-NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every"}
+NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
+                "report_to", "save_merged"}
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
@@ -36,7 +39,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--patience", type=int, help="stop when validation loss has not improved for this many epochs "
                                                 f"[default: 10; with --smoke: {SMOKE_PATIENCE}]")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    p.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
@@ -62,6 +66,10 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the class "
                    "name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's --head clip "
                    "(the other scripts use no class text) [default: the MRI templates]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines; results and errors only")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                   help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
+                        "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
 
 
@@ -108,7 +116,8 @@ class Experiment:
                            weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
                            device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
                            resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           checkpoint_every=a.checkpoint_every, settings=settings)
+                           checkpoint_every=a.checkpoint_every, settings=settings,
+                           tensorboard_dir=self.out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
@@ -131,6 +140,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("num_prompts", "num_text_prompts", "weight_decay"):
         if getattr(args, name, 0) < 0:
             raise UserError(f"{flag(name)} must not be negative")
+    if args.report_to == "tensorboard":
+        summary_writer_class()   # missing tensorboard: say so now, not after the data is read
     if args.checkpoint_every < 0:
         raise UserError("--checkpoint-every must not be negative")
     if args.lr is not None and args.lr <= 0:
@@ -175,6 +186,7 @@ def seed_everything(seed: int) -> None:
 
 def start(name: str, args: argparse.Namespace) -> Experiment:
     started = time.time()
+    set_quiet(args.quiet)
     args = resolve_defaults(args)
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
@@ -207,7 +219,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
-        split_logits = {name: predict(model, split.inputs, eval_batch, device, args.precision)
+        split_logits = {name: predict(model, split.inputs, eval_batch, device, args.precision,
+                                      desc=f"final evaluation ({name})")
                         for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
@@ -216,7 +229,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     for sigma in args.noise_levels:
         logits = split_logits["test"] if sigma == 0 else predict(model, add_pixel_noise(
             data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
-            eval_batch, device, args.precision)
+            eval_batch, device, args.precision, desc=f"robustness, noise sigma {sigma}")
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
 

@@ -14,6 +14,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from progress import progress_bar
+
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).parent / "sample_data" / "brain_mri"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -183,7 +185,7 @@ def describe_duplicates(report: dict) -> str:
 
 def preprocess(images: list[Image.Image], image_processor, batch_size: int = 64) -> torch.Tensor:
     batches = [image_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-               for i in range(0, len(images), batch_size)]
+               for i in progress_bar(range(0, len(images), batch_size), "preprocessing images")]
     return torch.cat(batches)
 
 
@@ -204,7 +206,8 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     class_names = source["train"].features["label"].names
     images, labels, splits, files, skipped = [], [], [], [], []
     for split in ("train", "test"):
-        for index, row in enumerate(source[split]):
+        rows = source[split]
+        for index, row in enumerate(progress_bar(rows, f"reading {split} images", total=len(rows), unit="image")):
             path = row["image"].get("path")
             name = relative_name(path) if path else f"{split}[{index}]"
             try:

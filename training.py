@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from data import Split, UserError
+from progress import progress_bar, say
 
 
 RESUME_FORMAT = 2   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
@@ -41,6 +41,7 @@ class TrainConfig:
     stop_after_epochs: int | None = None     # this invocation only; --resume continues
     precision: str = "auto"
     checkpoint_every: float = 300.0          # seconds between writes of the resume state
+    tensorboard_dir: Path | None = None      # --report-to tensorboard: per-epoch scalars go here
     settings: dict = field(default_factory=dict)   # what a resumed run must share with the one it continues
 
 
@@ -71,19 +72,22 @@ def atomic_save(path: Path, save) -> None:
 
 
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
-def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, precision: str = "auto") -> torch.Tensor:
+def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, precision: str = "auto",
+            desc: str | None = None, transient: bool = False) -> torch.Tensor:
+    """fn over inputs in batches; with `desc`, the pass shows its progress."""
     outputs = []
-    for chunk in inputs.split(batch_size):
+    chunks = inputs.split(batch_size)
+    for chunk in progress_bar(chunks, desc, transient=transient) if desc else chunks:
         with autocast(device, precision):
             outputs.append(fn(chunk.to(device, non_blocking=True)).float())
     return torch.cat(outputs).cpu()
 
 
 def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
-            precision: str = "auto") -> torch.Tensor:
+            precision: str = "auto", desc: str | None = None, transient: bool = False) -> torch.Tensor:
     """Logits for inputs. Takes no labels: a prediction cannot see its own."""
     model.eval()
-    return batched(model, inputs, batch_size, device, precision)
+    return batched(model, inputs, batch_size, device, precision, desc, transient)
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -271,7 +275,9 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         return time.monotonic()
 
     last_write, epochs_this_run = time.monotonic(), 0
-    with stop_requests() as stop:
+    # A resumed run drops the events of epochs it is about to redo (written after the resume state it continues).
+    board = tensorboard_writer(config.tensorboard_dir, purge_step=progress.epoch) if config.tensorboard_dir else None
+    with stop_requests() as stop, contextlib.closing(board) if board else contextlib.nullcontext():
         while progress.epoch <= config.epochs and progress.bad_epochs < config.patience:
             epoch = progress.epoch
             if progress.batch == 0:
@@ -285,8 +291,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             loss_sum = torch.tensor(progress.loss_sum, device=device)
             correct = torch.tensor(progress.correct, device=device)
             batches = order.split(config.batch_size)
-            bar = tqdm(batches[progress.batch:], desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                       initial=progress.batch, total=len(batches))
+            bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
+                               total=len(batches))
             for batch in bar:
                 inputs, labels = train_split.inputs[batch], train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
@@ -302,7 +308,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                     refuse_non_finite(progress.loss_sum, epoch)   # never a resume state with broken weights
                     last_write = write_resume_state()
                     if stop:
-                        bar.close()
+                        getattr(bar, "close", lambda: None)()
                         name = "SIGTERM" if stop[0] == signal.SIGTERM else "Ctrl-C"
                         raise TrainingInterrupted(
                             f"\n{name}: stopped in epoch {epoch} after batch {progress.batch}; the resume state "
@@ -313,10 +319,12 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                    "lr": optimizer.param_groups[0]["lr"]}
             for name, split in (("val", val), ("test", test)):
                 row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(
-                    predict(model, split.inputs, 2 * config.batch_size, device, config.precision), split.labels)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
-                            val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
-            bar.close()
+                    predict(model, split.inputs, 2 * config.batch_size, device, config.precision,
+                            desc=f"epoch {epoch} {name} pass", transient=True), split.labels)
+            say(f"epoch {epoch}: loss {train_loss:.4f}, accuracy {train_accuracy:.4f}; val loss {row['val_loss']:.4f}, "
+                f"val accuracy {row['val_accuracy']:.4f}; lr {row['lr']:.3g}")
+            if board is not None:
+                log_epoch(board, row)
             refuse_non_finite(train_loss if not math.isfinite(train_loss) else row["val_loss"], epoch)
             progress.history.append(row)
             if row["val_loss"] < progress.best_val_loss:
@@ -342,6 +350,31 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     return TrainResult(progress.history, progress.best_epoch, len(progress.history))
 
 
+def summary_writer_class():
+    """torch's SummaryWriter for --report-to tensorboard; tensorboard is optional, so its absence is a clear
+    error (checked before any training)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard, "
+                        "or pass --report-to none") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
+    return summary_writer_class()(str(log_dir), purge_step=purge_step)
+
+
+def log_epoch(board, row: dict) -> None:
+    """One epoch's losses, accuracies and learning rate at step = epoch; named metric/split (loss/train,
+    loss/val ...) so that TensorBoard shows each metric's splits side by side."""
+    for metric in ("loss", "accuracy"):
+        for split in ("train", "val", "test"):
+            board.add_scalar(f"{metric}/{split}", row[f"{split}_{metric}"], row["epoch"])
+    board.add_scalar("learning_rate", row["lr"], row["epoch"])
+    board.flush()
+
+
 def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str, batch_size: int,
                       device: torch.device, precision: str = "auto") -> dict[str, Split]:
     """The frozen tower gives every image the same embedding every epoch: compute each once, keep them
@@ -355,7 +388,8 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
         embeddings = load_file(path)
         print(f"reusing cached image embeddings {path}")
     else:
-        embeddings = {name: batched(embed, split.inputs, batch_size, device, precision)
+        embeddings = {name: batched(embed, split.inputs, batch_size, device, precision,
+                                    desc=f"image embeddings ({name})")
                       for name, split in splits.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(path, lambda p: save_file(embeddings, p))
