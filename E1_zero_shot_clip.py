@@ -28,8 +28,8 @@ def main():
     # The tower runs once per split; every template, and their ensemble, reuses those image embeddings.
     splits = exp.data.splits()
     embed = partial(normalized_image_embeddings, exp.clip)
-    images = {name: batched(embed, split.inputs, 2 * args.batch_size, exp.device, args.precision)
-              for name, split in splits.items()}
+    images = {name: batched(embed, split, 2 * args.batch_size, exp.device, args.precision,
+                            desc=f"image embeddings ({name})") for name, split in splits.items()}
 
     def accuracy(text, split):
         logits = similarity_logits(exp.clip, images[split].to(text.device), text).cpu()
