@@ -314,6 +314,16 @@ def run(main) -> None:
         print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`, every process leaves the group before Python exits: a gloo group still alive at
+    interpreter shutdown can abort one process ("terminate called without an active exception") after its work
+    is done, and the launcher then reports the whole run as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def script_name(path: str) -> str:
