@@ -1,4 +1,4 @@
-"""CLIP loading and the classifiers of the six experiments, built around an unmodified `transformers` CLIP.
+"""CLIP loading and the classifiers of the experiments, built around an unmodified `transformers` CLIP.
 
 Prompts are added by hooks on CLIP's own modules, never by copying its code, so the frozen backbone
 computes exactly what it computes without them.

@@ -1,4 +1,4 @@
-"""The training loop shared by E2–E6: validation-based early stopping, per-epoch checkpoints, exact resume."""
+"""The training loop shared by E2–E7: validation-based early stopping, per-epoch checkpoints, exact resume."""
 
 import contextlib
 import hashlib
