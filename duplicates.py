@@ -33,6 +33,7 @@ CANDIDATE_BITS = 12
 NEAREST_CANDIDATES = 3
 FOREGROUND = 0.15
 SPREADS = 2.0
+MAX_SHIFT = 0.05   # of the side, in the shift search
 EQUALISE = True
 
 
@@ -80,14 +81,44 @@ class Fingerprints:
         self.coarse = standardised(np.stack([np.asarray(v.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
                                              for v in views[0]])) if images else np.zeros((0, 1))
 
-    def score(self, pairs: np.ndarray, block: int = 4096) -> np.ndarray:
-        """Correlation of the 128 px images of each (i, j) pair, the better of the two views."""
+    def score(self, pairs: np.ndarray, block: int = 1024) -> np.ndarray:
+        """Correlation of the 128 px images of each (i, j) pair: the best of the two views, and of the whole
+        frames shifted against each other by up to MAX_SHIFT of their side (a crop or a shift that the head
+        box did not undo: heads that fill the frame)."""
         scores = np.zeros(len(pairs), dtype=np.float32)
         for start in range(0, len(pairs), block):
             i, j = pairs[start:start + block, 0], pairs[start:start + block, 1]
-            scores[start:start + block] = np.max([np.einsum("ij,ij->i", standardised(fine[i]), standardised(fine[j]))
-                                                  for fine in self.fine], axis=0)
+            best = np.max([np.einsum("ij,ij->i", standardised(fine[i]), standardised(fine[j]))
+                           for fine in self.fine], axis=0)
+            search = np.flatnonzero(best < NEAR_COPY_SCORE)
+            if len(search):
+                best[search] = np.maximum(best[search], self.shifted_score(i[search], j[search]))
+            scores[start:start + block] = best
         return scores
+
+    def shifted_score(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Best shift found at 64 px (every whole-pixel shift), then scored at 128 px."""
+        whole = self.fine[0]
+        size = whole.shape[1]
+        half = whole.reshape(len(whole), size // 2, 2, size // 2, 2).mean((2, 4), dtype=np.float32)
+        reach = max(1, round(MAX_SHIFT * size / 2))
+        shifts = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
+        at_half = np.stack([window_correlation(half[i], half[j], dy, dx) for dy, dx in shifts], 1)
+        chosen = at_half.argmax(1)
+        result = np.zeros(len(i), dtype=np.float32)
+        for k in np.unique(chosen):
+            rows = np.flatnonzero(chosen == k)
+            dy, dx = shifts[k]
+            result[rows] = window_correlation(whole[i[rows]], whole[j[rows]], 2 * dy, 2 * dx)
+        return result
+
+
+def window_correlation(a: np.ndarray, b: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Correlation of the overlap of image stacks a and b, b moved by (dy, dx) pixels."""
+    h, w = a.shape[1:]
+    a = a[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)]
+    b = b[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return np.einsum("ij,ij->i", standardised(a), standardised(b))
 
 
 def hash_candidates(hashes: np.ndarray, max_bits: int = CANDIDATE_BITS, block: int = 1024) -> np.ndarray:
