@@ -33,6 +33,7 @@ CANDIDATE_BITS = 12
 NEAREST_CANDIDATES = 3
 FOREGROUND = 0.15
 SPREADS = 2.0
+COARSE_FLOOR = 0.8   # 32 px correlation below which a candidate pair is not scored at 128 px
 MAX_SHIFT = 0.05   # of the side, in the shift search
 EQUALISE = True
 
@@ -78,8 +79,15 @@ class Fingerprints:
         self.hashes = [np.array([int(str(imagehash.phash(v)), 16) for v in view], dtype=np.uint64) for view in views]
         self.fine = [np.stack([np.asarray(v) for v in view]) if images else np.zeros((0, 1), np.uint8)
                      for view in views]
-        self.coarse = standardised(np.stack([np.asarray(v.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
-                                             for v in views[0]])) if images else np.zeros((0, 1))
+        self.thumbs = [standardised(np.stack([np.asarray(v.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
+                                              for v in view])) if images else np.zeros((0, 1)) for view in views]
+        self.coarse = self.thumbs[0]
+
+    def coarse_score(self, pairs: np.ndarray) -> np.ndarray:
+        """Correlation of the 32 px thumbnails, the better of the two views: a cheap first look."""
+        if len(pairs) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.max([np.einsum("ij,ij->i", t[pairs[:, 0]], t[pairs[:, 1]]) for t in self.thumbs], axis=0)
 
     def score(self, pairs: np.ndarray, block: int = 1024) -> np.ndarray:
         """Correlation of the 128 px images of each (i, j) pair: the best of the two views, and of the whole
@@ -172,6 +180,9 @@ def find_near_copies(images: list[Image.Image], splits: list[str], exact_hashes:
     nearest = nearest_candidates(fingerprints.coarse, test, train)
     candidates = np.concatenate([hash_candidates(h) for h in fingerprints.hashes] + [np.sort(nearest, axis=1)])
     candidates = np.unique(candidates, axis=0) if len(candidates) else candidates.reshape(0, 2)
+    # Only pairs whose thumbnails already look alike are scored at 128 px: most candidates stop here.
+    candidates = candidates[fingerprints.coarse_score(candidates) >= COARSE_FLOOR]
+    candidates = np.unique(np.concatenate([candidates, np.sort(nearest, axis=1)]), axis=0)
     scores = fingerprints.score(candidates)
 
     score_of = {(int(i), int(j)): float(s) for (i, j), s in zip(candidates, scores)}
