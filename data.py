@@ -313,8 +313,11 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     closest = []
     if mode == "near":
         where = {name: i for i, name in enumerate(files)}
+        nearest = duplicates["nearest_train_of_test"]
+        # The closest pairs, and the closest that are not copies: the near misses show what the threshold rejects.
+        shown = nearest[:CONTACT_PAIRS] + [p for p in nearest[CONTACT_PAIRS:] if p["score"] < NEAR_COPY_SCORE][:4]
         closest = [(p["score"], p["test"], images[where[p["test"]]].copy(), p["train"],
-                    images[where[p["train"]]].copy()) for p in duplicates["nearest_train_of_test"][:CONTACT_PAIRS]]
+                    images[where[p["train"]]].copy()) for p in shown]
     pixels = preprocess([img for img, k in zip(images, keep) if k], image_processor)
     labels = np.array(labels)[keep]
     splits_before = splits
