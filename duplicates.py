@@ -34,8 +34,24 @@ NEAREST_CANDIDATES = 3
 FOREGROUND = 0.15
 SPREADS = 2.0
 COARSE_FLOOR = 0.8   # 32 px correlation below which a candidate pair is not scored at 128 px
+WORKING_SIZE = 384   # images are reduced to about this side before the views are cut
+SEARCH_FLOOR = 0.8   # 128 px score below which no shift is tried
 MAX_SHIFT = 0.05   # of the side, in the shift search
 EQUALISE = True
+
+
+def equalising_table(histogram: list[int]) -> list[int]:
+    """The grey-level table of PIL's ImageOps.equalize for this histogram (so that it can be computed on a
+    reduced image and applied to the full one)."""
+    used = [count for count in histogram if count]
+    step = (sum(used) - used[-1]) // 255 if used else 0
+    if not step:
+        return list(range(256))
+    table, total = [], step // 2
+    for count in histogram:
+        table.append(min(255, total // step))
+        total += count
+    return table
 
 
 def grey_views(img: Image.Image, size: int = ALIGNED_SIZE) -> list[Image.Image]:
@@ -43,23 +59,27 @@ def grey_views(img: Image.Image, size: int = ALIGNED_SIZE) -> list[Image.Image]:
     moments of its mask. Grey levels are equalised over the head, so that any monotone change of brightness,
     contrast or gamma cancels out."""
     grey = img.convert("L")
-    array = np.asarray(grey)
+    # The head is found on a copy about WORKING_SIZE px across (the costly part, and just as good there); the
+    # views are cut from the full image, so that their sharpness does not depend on how large the file was.
+    scale = min(1.0, WORKING_SIZE / min(grey.size))
+    small = grey if scale == 1 else grey.resize((max(1, round(grey.width * scale)),
+                                                 max(1, round(grey.height * scale))), Image.Resampling.BOX)
+    array = np.asarray(small)
     low, high = np.percentile(array, [1, 99.5])
     head = array > low + FOREGROUND * (high - low)
-    views = [(grey, head)]
+    table = equalising_table(small.histogram(Image.fromarray(head))) if head.any() else list(range(256))
+    views = [grey]
     if head.sum() > 16:
         # The box from the moments of the head's mask, not from its outermost pixels: an average over many
         # pixels barely moves when JPEG noise or a new contrast flips a few at the edge.
         ys, xs = np.nonzero(head)
         centre, spread = np.array([xs.mean(), ys.mean()]), np.maximum([xs.std(), ys.std()], 1.0)
-        left, top = np.floor(centre - SPREADS * spread).astype(int)
-        right, bottom = np.ceil(centre + SPREADS * spread).astype(int)
-        box = (left, top, right, bottom)   # beyond the image edge PIL fills black
-        views.append((grey.crop(box), np.asarray(Image.fromarray(head).crop(box))))
+        left, top = np.floor((centre - SPREADS * spread) / scale).astype(int)
+        right, bottom = np.ceil((centre + SPREADS * spread) / scale).astype(int)
+        views.append(grey.crop((left, top, right, bottom)))   # beyond the image edge PIL fills black
     else:
-        views.append(views[0])
-    return [(ImageOps.equalize(view, mask=Image.fromarray(mask)) if mask.any() else view).resize(
-        (size, size), Image.Resampling.BILINEAR, reducing_gap=2.0) for view, mask in views]
+        views.append(grey)
+    return [view.point(table).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0) for view in views]
 
 
 def standardised(arrays: np.ndarray) -> np.ndarray:
@@ -98,7 +118,7 @@ class Fingerprints:
             i, j = pairs[start:start + block, 0], pairs[start:start + block, 1]
             best = np.max([np.einsum("ij,ij->i", standardised(fine[i]), standardised(fine[j]))
                            for fine in self.fine], axis=0)
-            search = np.flatnonzero(best < NEAR_COPY_SCORE)
+            search = np.flatnonzero((best < NEAR_COPY_SCORE) & (best >= SEARCH_FLOOR))
             if len(search):
                 best[search] = np.maximum(best[search], self.shifted_score(i[search], j[search]))
             scores[start:start + block] = best
