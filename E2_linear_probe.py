@@ -19,7 +19,7 @@ def main():
     model = ImageClassifier(exp.clip, len(exp.data.class_names))
     embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
                                    fingerprint(model.vision, model.projection), 2 * args.batch_size, exp.device,
-                                   args.precision)
+                                   args.precision, write=exp.is_main)
     result = train(model.head, embeddings["train"], embeddings["val"], embeddings["test"],
                    exp.train_config(augment=False))
     logits = {name: predict(model.head, split.inputs, 2 * args.batch_size, exp.device, args.precision)

@@ -1,7 +1,7 @@
 """Measures what each experiment costs at real scale, on this machine's device.
 
 A full-size ViT-B/16 CLIP is built from its config: random weights have exactly the compute and memory cost
-of the real ones, and need no download (or pass --model). For E1..E6 it times the training step and
+of the real ones, and need no download (or pass --model). For E1..E7 it times the training step and
 evaluation on random 224x224 batches and reports images/s, peak memory and model FLOP utilisation (MFU):
 FLOPs actually executed per second (counted by PyTorch's FlopCounterMode, forward + backward) divided by the
 device's peak. It also times E2 both ways: image embeddings computed once and cached, versus the frozen tower
@@ -23,7 +23,8 @@ from PIL import Image
 from transformers import CLIPModel
 
 import common
-from models import ImageClassifier, PromptedCLIP, ZeroShot, load_clip, tiny_clip, tiny_tokenizer, vit_b16_config
+from models import (AdapterClassifier, ImageClassifier, PromptedCLIP, ZeroShot, load_clip, tiny_clip, tiny_tokenizer,
+                    vit_b16_config)
 from reporting import write_json
 from training import batched, training_step
 
@@ -40,7 +41,8 @@ def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
             "E3_shallow_vpt": lambda: ImageClassifier(clip, 4, num_prompts=1),
             "E4_deep_vpt": lambda: ImageClassifier(clip, 4, num_prompts=1, prompt_layers=range(layers)),
             "E5_clip_vpt": lambda: PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4),
-            "E6_full_finetune": lambda: ImageClassifier(clip, 4, train_backbone=True)}[name]()
+            "E6_full_finetune": lambda: ImageClassifier(clip, 4, train_backbone=True),
+            "E7_lora": lambda: AdapterClassifier(clip, 4)}[name]()
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -223,7 +225,8 @@ def main():
     p.add_argument("--e2-images", type=int, nargs=2, default=[408, 392], metavar=("TRAIN", "EVAL"),
                    help="images per epoch in the E2 timing: trained on, and evaluated (val + test)")
     p.add_argument("--experiments", nargs="+", default=["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
-                                                        "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune"])
+                                                        "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune",
+                                                        "E7_lora"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],

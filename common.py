@@ -20,11 +20,14 @@ from data import (DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_earl
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
 from reporting import (NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, plot_closest_pairs,
                        write_report)
-from training import PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult, predict
+from progress import set_quiet
+from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
+                      predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
-NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every"}
+NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
+                "report_to", "save_merged"}
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
@@ -37,7 +40,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--patience", type=int, help="stop when validation loss has not improved for this many epochs "
                                                 f"[default: 10; with --smoke: {SMOKE_PATIENCE}]")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    p.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
@@ -59,10 +63,20 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     p.add_argument("--duplicates", default="near", choices=["exact", "near"],
                    help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
                         "cropped or shifted copies (duplicates.py)")
+    p.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
+    p.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
+    p.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
+                                                        "'validation' is used for validation when present")
+    p.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
+                                                    "without names, or to replace the dataset's")
     p.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
                    help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
                         "the end); 0: after every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines; results and errors only")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                   help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
+                        "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
 
 
@@ -77,6 +91,11 @@ class Experiment:
     tokenizer: object
     data: MRIData
     started: float
+    accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
     @property
     def cache_dir(self) -> Path:
@@ -89,7 +108,8 @@ class Experiment:
                            weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
                            device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
                            resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           checkpoint_every=a.checkpoint_every, settings=settings)
+                           checkpoint_every=a.checkpoint_every, settings=settings, accelerator=self.accelerator,
+                           tensorboard_dir=self.out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
@@ -112,6 +132,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("num_prompts", "num_text_prompts", "weight_decay"):
         if getattr(args, name, 0) < 0:
             raise UserError(f"{flag(name)} must not be negative")
+    if args.report_to == "tensorboard":
+        summary_writer_class()   # missing tensorboard: say so now, not after the data is read
     if args.checkpoint_every < 0:
         raise UserError("--checkpoint-every must not be negative")
     if args.lr is not None and args.lr <= 0:
@@ -138,7 +160,7 @@ def check_writable(folder: Path) -> None:
     """Fail before any training, not after an hour of it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"   # processes of one accelerate launch probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -152,28 +174,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_accelerator(device: torch.device):
+    """Hugging Face accelerate's view of the launch: one process when run plainly, several (one per GPU, or gloo
+    processes on a CPU) under `accelerate launch`. Without a GPU it must be told so, or it treats
+    `--multi_gpu` processes as unrelated single ones."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=device.type == "cpu")
+
+
 def start(name: str, args: argparse.Namespace) -> Experiment:
     started = time.time()
+    set_quiet(args.quiet)
     args = resolve_defaults(args)
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
     device = pick_device(args.device)
+    accelerator = make_accelerator(device)
+    if accelerator.num_processes > 1:
+        device = accelerator.device   # this process's GPU
+        set_quiet(args.quiet or not accelerator.is_main_process)   # one progress log, not one per process
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
-                     duplicates=getattr(args, "duplicates", "near"))
-    print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
-          f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
-    print(describe_near_copies(data.report) if data.report["duplicate_check"] == "near"
-          else describe_duplicates(data.report))
-    for key, what in (("skipped_images", "skipped unreadable images"),
-                      ("dropped_train_duplicates", "dropped train copies (exact or near) of test images")):
-        if data.report[key]:
-            print(f"{what}: {', '.join(data.report[key])}")
+                     image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
+                     class_names=args.class_names, duplicates=getattr(args, "duplicates", "near"))
+    if accelerator.is_main_process:   # one log, not one per process
+        print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
+              f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
+        print(describe_near_copies(data.report) if data.report["duplicate_check"] == "near"
+              else describe_duplicates(data.report))
+        for key, what in (("skipped_images", "skipped unreadable images"),
+                          ("dropped_train_duplicates", "dropped train copies (exact or near) of test images")):
+            if data.report[key]:
+                print(f"{what}: {', '.join(data.report[key])}")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
-                      started)
+                      started, accelerator)
 
 
 def zero_shot_history(scores: dict) -> list[dict]:
@@ -188,16 +225,18 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
-        split_logits = {name: predict(model, split.inputs, eval_batch, device, args.precision)
+        split_logits = {name: predict_everywhere(model, split, eval_batch, device, args.precision,
+                                                 exp.accelerator, desc=f"final evaluation ({name})")
                         for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
     generator = torch.Generator().manual_seed(args.seed)
     robustness = []
     for sigma in args.noise_levels:
-        logits = split_logits["test"] if sigma == 0 else predict(model, add_pixel_noise(
-            data.test.inputs.cpu(), sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator),
-            eval_batch, device, args.precision)
+        logits = split_logits["test"] if sigma == 0 else predict_everywhere(model, add_pixel_noise(
+            data.test.model_inputs(device=torch.device("cpu")), sigma, exp.image_processor.image_mean,
+            exp.image_processor.image_std, generator), eval_batch, device, args.precision, exp.accelerator,
+            desc=f"robustness, noise sigma {sigma}")
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
 
@@ -216,6 +255,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "data": args.data, "seed": args.seed,
+        "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,
         "num_images": report["num_images"],
@@ -227,6 +267,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
     history = result.history if result else zero_shot_history(scores)
+    if not exp.is_main:   # the other processes computed the same numbers; one writes them
+        return metrics
     if data.closest_pairs:
         plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"), exp.out_dir / "closest_pairs.png")
     write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),

@@ -1,8 +1,9 @@
-"""Runs E1 to E6 in order with the same flags, keeps going when one fails, and writes the comparison:
+"""Runs E1 to E7 in order with the same flags, keeps going when one fails, and writes the comparison:
 <output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
-summary_robustness.png (test accuracy against pixel noise). With --seeds, every experiment runs once per
-seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run gets a 95% bootstrap
-interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
+summary_robustness.png (test accuracy against pixel noise), with every figure linked from summary.md,
+and report.html (the whole run on one self-contained page, see report_html.py). With --seeds, every
+experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run
+gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
 """
 
 import argparse
@@ -18,13 +19,15 @@ import torch
 
 import common
 from data import UserError
+from report_html import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from reporting import plt, save_figure, write_csv, write_text
 
 HERE = Path(__file__).parent
 EXPERIMENTS = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
-               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune"]
+               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune", "E7_lora"]
 STUDY_REPORTED = {"E1_zero_shot_clip": 0.29, "E2_linear_probe": 0.91, "E3_shallow_vpt": 0.88,
-                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95}
+                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95,
+                  "E7_lora": None}   # not in the study
 METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
            "best_epoch", "epochs_run", "wall_time_s"]
 
@@ -33,7 +36,7 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of this script alone; every other flag goes on to the experiments."""
     p.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: mean ± std")
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS,
-                   help="a subset to run, in the order E1..E6")
+                   help="a subset to run, in the order E1..E7")
     return p
 
 
@@ -92,6 +95,11 @@ def spread(row: dict, metric: str, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
 
 
+def study_accuracy(name: str) -> str:
+    reported = STUDY_REPORTED[name]
+    return "–" if reported is None else f"{reported:.2f}"
+
+
 def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
@@ -103,7 +111,7 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
              "epochs run | trainable params | share of total | wall time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {STUDY_REPORTED[r['experiment']]:.2f} | "
+        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {study_accuracy(r['experiment'])} | "
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | {spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
@@ -114,6 +122,26 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
         lines += [f"| {r['experiment']} | " + " | ".join(f"{r[k]:.3f}" for k in noise) + " |" for r in rows]
     if failed:
         lines.append(f"\n**Failed:** {', '.join(failed)} (see the console output).")
+    return "\n".join(lines) + "\n"
+
+
+def figure_links(out_dir: Path, runs: list[Path]) -> str:
+    """summary.md's figures, linked relative to it so that it reads as a report in any Markdown viewer:
+    the summary plots and each finished experiment's curves and confusion matrix, where the file exists.
+    No finished run: no figures, not even a summary plot an earlier run left in the folder."""
+    if not runs:
+        return ""
+    def image(path: Path, caption: str) -> str:
+        return f"![{caption}]({path.relative_to(out_dir).as_posix()})"
+    lines = ["\n## Figures\n"]
+    lines += [image(out_dir / name, caption) for name, caption in SUMMARY_FIGURES if (out_dir / name).exists()]
+    in_summary = ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png")
+    for run in runs:
+        shown = [image(run / name, f"{run.name} {caption}") for name, caption in RUN_FIGURES
+                 if name in in_summary and (run / name).exists()]
+        if shown:
+            lines += [f"\n### {run.relative_to(out_dir).as_posix()}\n", " ".join(shown)]
+    lines.append("\nEvery figure, the reliability diagrams and the classification reports: `report.html`.")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +177,7 @@ def main():
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
 
-    runs, failed = {name: [] for name in args.experiments}, []
+    runs, failed, finished = {name: [] for name in args.experiments}, [], []
     for seed in seeds:
         seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
         for name in args.experiments:
@@ -159,6 +187,7 @@ def main():
             metrics_path = seed_dir / name / "metrics.json"
             if code == 0 and metrics_path.exists() and metrics_path.stat().st_mtime >= started:
                 runs[name].append(json.loads(metrics_path.read_text()))
+                finished.append(metrics_path.parent)
             else:
                 failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
 
@@ -166,8 +195,10 @@ def main():
     if rows:
         write_csv(out_dir / "summary.csv", rows)
         plot_summary(rows, out_dir)
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, " ".join(["python", *sys.argv])))
+    command = " ".join(["python", *sys.argv])
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command) + figure_links(out_dir, finished))
     print(f"\nsummary written to {out_dir / 'summary.md'}")
+    print(f"report written to {write_html_report(out_dir, finished, command)}")
     if failed:
         print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from data import Split, UserError
+from progress import progress_bar, say
 
 
 RESUME_FORMAT = 2   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
@@ -41,7 +41,9 @@ class TrainConfig:
     stop_after_epochs: int | None = None     # this invocation only; --resume continues
     precision: str = "auto"
     checkpoint_every: float = 300.0          # seconds between writes of the resume state
+    tensorboard_dir: Path | None = None      # --report-to tensorboard: per-epoch scalars go here
     settings: dict = field(default_factory=dict)   # what a resumed run must share with the one it continues
+    accelerator: object = None   # an accelerate.Accelerator: with several processes, each trains on its shard
 
 
 @dataclass
@@ -71,19 +73,42 @@ def atomic_save(path: Path, save) -> None:
 
 
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
-def batched(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, precision: str = "auto") -> torch.Tensor:
+def batched(fn, inputs: torch.Tensor | Split, batch_size: int, device: torch.device, precision: str = "auto",
+            desc: str | None = None, transient: bool = False) -> torch.Tensor:
+    """fn over inputs in batches; a Split's uint8 pixels are normalised batch by batch on the device; with
+    `desc`, the pass shows its progress."""
+    split = inputs if isinstance(inputs, Split) else Split(inputs, torch.empty(len(inputs)), [])
     outputs = []
-    for chunk in inputs.split(batch_size):
+    starts = range(0, len(split), batch_size)
+    for start in progress_bar(starts, desc, transient=transient) if desc else starts:
         with autocast(device, precision):
-            outputs.append(fn(chunk.to(device, non_blocking=True)).float())
+            outputs.append(fn(split.model_inputs(slice(start, start + batch_size), device)).float())
     return torch.cat(outputs).cpu()
 
 
-def predict(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
-            precision: str = "auto") -> torch.Tensor:
+def predict(model: torch.nn.Module, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
+            precision: str = "auto", desc: str | None = None, transient: bool = False) -> torch.Tensor:
     """Logits for inputs. Takes no labels: a prediction cannot see its own."""
     model.eval()
-    return batched(model, inputs, batch_size, device, precision)
+    return batched(model, inputs, batch_size, device, precision, desc, transient)
+
+
+def predict_everywhere(model: torch.nn.Module, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
+                       precision: str = "auto", accelerator=None, desc: str | None = None,
+                       transient: bool = False) -> torch.Tensor:
+    """Logits for all inputs, the same on every process: with several processes each predicts its contiguous
+    share and the shares are gathered, so evaluation is split as training is."""
+    processes = accelerator.num_processes if accelerator is not None else 1
+    if processes == 1 or len(inputs) < processes:
+        return predict(model, inputs, batch_size, device, precision, desc, transient)
+    shares = torch.arange(len(inputs)).tensor_split(processes)
+    mine = shares[accelerator.process_index]
+    logits = predict(model, inputs.subset(mine) if isinstance(inputs, Split) else inputs[mine.to(inputs.device)],
+                     batch_size, device, precision, desc, transient).to(device)
+    # accelerate's gather needs equal sizes: pad each share to the longest, gather, then cut the padding off.
+    gathered = accelerator.gather(accelerator.pad_across_processes(logits, dim=0)).cpu()
+    longest = len(shares[0])
+    return torch.cat([gathered[i * longest:i * longest + len(share)] for i, share in enumerate(shares)])
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -207,9 +232,22 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     on Ctrl-C and SIGTERM, and at the end, not every epoch: for full fine-tuning it is about 1 GB of weights
     and optimiser moments. It may be written mid-epoch; --resume then redraws that epoch's batch order and goes
     on from the next batch, so a resumed run equals an uninterrupted one. The best weights are kept in memory
-    and written once, to checkpoint/best.safetensors, when training ends."""
+    and written once, to checkpoint/best.safetensors, when training ends.
+
+    Under `accelerate launch` with several processes (config.accelerator), the model is wrapped by
+    accelerator.prepare (DistributedDataParallel): every process draws the same batch order, trains on its own
+    slice of each global batch of `batch_size` images, and the gradients are averaged, so a step equals one
+    process's step on the whole batch. Losses and accuracies are summed across processes once per epoch;
+    only the main process writes checkpoints, and the resume state is written at epoch ends only (a mid-epoch
+    write would need every process to stop at the same step). A last batch smaller than the number of
+    processes is left out of that epoch."""
     device = config.device
+    accelerator = config.accelerator
+    processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    is_main = rank == 0
     model.to(device)
+    stepped = accelerator.prepare(model) if processes > 1 else model   # the DDP wrapper; `model` stays bare
     train_split = train_split.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -247,6 +285,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         print(f"nothing to resume in {checkpoint_dir}: starting from epoch 1")
 
     def write_best_weights():
+        if not is_main:
+            return
         atomic_save(best_path, lambda p: save_file(progress.best_state, p,
                                                    metadata={"epoch": str(progress.best_epoch)}))
 
@@ -260,6 +300,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         raise UserError(f"loss became {loss} in epoch {epoch}: stopped; {where}; try a lower --lr")
 
     def write_resume_state():
+        if not is_main:
+            return time.monotonic()
         saved = {**progress.__dict__, "best_state": None if best_is_current else progress.best_state}
         state = {"format": RESUME_FORMAT, "progress": saved, "model": trainable_state(model),
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -271,7 +313,12 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         return time.monotonic()
 
     last_write, epochs_this_run = time.monotonic(), 0
-    with stop_requests() as stop:
+    # Several processes: Ctrl-C and SIGTERM keep their default effect, and the epoch-end state is the resume point.
+    # A resumed run drops the events of epochs it is about to redo (written after the resume state it continues).
+    board = tensorboard_writer(config.tensorboard_dir, purge_step=progress.epoch) \
+        if config.tensorboard_dir and is_main else None
+    with (stop_requests() if processes == 1 else contextlib.nullcontext([])) as stop, \
+            contextlib.closing(board) if board else contextlib.nullcontext():
         while progress.epoch <= config.epochs and progress.bad_epochs < config.patience:
             epoch = progress.epoch
             if progress.batch == 0:
@@ -282,41 +329,50 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             flips = torch.rand(len(train_split), generator=generator) < 0.5
             order, flips = order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
-            loss_sum = torch.tensor(progress.loss_sum, device=device)
-            correct = torch.tensor(progress.correct, device=device)
+            loss_sum = torch.tensor(progress.loss_sum if is_main else 0.0, device=device)   # summed across processes
+            correct = torch.tensor(progress.correct if is_main else 0.0, device=device)
             batches = order.split(config.batch_size)
-            bar = tqdm(batches[progress.batch:], desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                       initial=progress.batch, total=len(batches))
+            bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
+                               total=len(batches))
             for batch in bar:
-                inputs, labels = train_split.inputs[batch], train_split.labels[batch]
+                if processes > 1:
+                    if len(batch) < processes:   # every process needs images for the gradient all-reduce
+                        progress.batch += 1
+                        continue
+                    batch = batch.tensor_split(processes)[rank]
+                inputs, labels = train_split.model_inputs(batch, device), train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-                logits, loss = training_step(model, optimizer, inputs, labels, device, config.precision)
+                logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision)
                 schedule.after_step()
                 loss_sum += loss.detach() * len(batch)
                 correct += (logits.argmax(1) == labels).sum()
                 progress.batch += 1
                 best_is_current = False
-                if stop or time.monotonic() - last_write >= config.checkpoint_every:
+                if processes == 1 and (stop or time.monotonic() - last_write >= config.checkpoint_every):
                     progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
                     refuse_non_finite(progress.loss_sum, epoch)   # never a resume state with broken weights
                     last_write = write_resume_state()
                     if stop:
-                        bar.close()
+                        getattr(bar, "close", lambda: None)()
                         name = "SIGTERM" if stop[0] == signal.SIGTERM else "Ctrl-C"
                         raise TrainingInterrupted(
                             f"\n{name}: stopped in epoch {epoch} after batch {progress.batch}; the resume state "
                             f"is in {last_path}: rerun the same command with --resume to continue",
                             128 + stop[0])
+            if processes > 1:
+                loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
             train_loss, train_accuracy = (loss_sum / len(train_split)).item(), (correct / len(train_split)).item()
             row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                    "lr": optimizer.param_groups[0]["lr"]}
             for name, split in (("val", val), ("test", test)):
-                row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(
-                    predict(model, split.inputs, 2 * config.batch_size, device, config.precision), split.labels)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_accuracy:.3f}",
-                            val_loss=f"{row['val_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
-            bar.close()
+                row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
+                    model, split, 2 * config.batch_size, device, config.precision, accelerator,
+                    desc=f"epoch {epoch} {name} pass", transient=True), split.labels)
+            say(f"epoch {epoch}: loss {train_loss:.4f}, accuracy {train_accuracy:.4f}; val loss {row['val_loss']:.4f}, "
+                f"val accuracy {row['val_accuracy']:.4f}; lr {row['lr']:.3g}")
+            if board is not None:
+                log_epoch(board, row)
             refuse_non_finite(train_loss if not math.isfinite(train_loss) else row["val_loss"], epoch)
             progress.history.append(row)
             if row["val_loss"] < progress.best_val_loss:
@@ -342,8 +398,33 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     return TrainResult(progress.history, progress.best_epoch, len(progress.history))
 
 
+def summary_writer_class():
+    """torch's SummaryWriter for --report-to tensorboard; tensorboard is optional, so its absence is a clear
+    error (checked before any training)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard, "
+                        "or pass --report-to none") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(log_dir: Path, purge_step: int | None = None):
+    return summary_writer_class()(str(log_dir), purge_step=purge_step)
+
+
+def log_epoch(board, row: dict) -> None:
+    """One epoch's losses, accuracies and learning rate at step = epoch; named metric/split (loss/train,
+    loss/val ...) so that TensorBoard shows each metric's splits side by side."""
+    for metric in ("loss", "accuracy"):
+        for split in ("train", "val", "test"):
+            board.add_scalar(f"{metric}/{split}", row[f"{split}_{metric}"], row["epoch"])
+    board.add_scalar("learning_rate", row["lr"], row["epoch"])
+    board.flush()
+
+
 def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str, batch_size: int,
-                      device: torch.device, precision: str = "auto") -> dict[str, Split]:
+                      device: torch.device, precision: str = "auto", write: bool = True) -> dict[str, Split]:
     """The frozen tower gives every image the same embedding every epoch: compute each once, keep them
     on disk keyed by the weights, the exact preprocessed pixels and the device precision, and reuse them."""
     digest = hashlib.blake2b(digest_size=16)
@@ -355,8 +436,10 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
         embeddings = load_file(path)
         print(f"reusing cached image embeddings {path}")
     else:
-        embeddings = {name: batched(embed, split.inputs, batch_size, device, precision)
+        embeddings = {name: batched(embed, split, batch_size, device, precision,
+                                    desc=f"image embeddings ({name})")
                       for name, split in splits.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(path, lambda p: save_file(embeddings, p))
+        if write:   # only the main process of several writes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save(path, lambda p: save_file(embeddings, p))
     return {name: split.with_inputs(embeddings[name]) for name, split in splits.items()}

@@ -4,6 +4,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"        # nothing in the tests may touch the network; set before
 os.environ["HF_DATASETS_OFFLINE"] = "1"   # huggingface_hub reads it, at import
+# One torch thread per process (read at torch's import; subprocesses inherit it): the tiny models gain nothing
+# from more, and on a 2-core machine the multi-process tests' threads would contend, many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import runpy  # noqa: E402
 import subprocess  # noqa: E402

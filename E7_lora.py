@@ -1,0 +1,42 @@
+"""E7 — LoRA (Hu et al., ICLR 2022) through Hugging Face peft in the frozen CLIP vision tower, plus a linear
+head on the projected embedding; the text tower is untouched. Default rank 8, alpha 16, dropout 0.1 on q_proj
+and v_proj: 12·2·r·(768 + 768) + 2,052 = 296,964 trainable for ViT-B/16. --adapter loha|lokr|ia3 runs peft's
+other adapters on the same layers ((IA)^3: k_proj v_proj fc2 unless --target-modules says otherwise).
+The adapter is saved in peft's format to <output-dir>/E7_lora/adapter/ (with head.safetensors), and with
+--save-merged a plain CLIP with the adapter merged in goes to merged/.
+"""
+
+import common
+from models import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
+from training import train
+
+LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+
+
+def main():
+    p = common.parser(__doc__, lr=LEARNING_RATE)
+    p.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    p.add_argument("--rank", type=int, default=8, help="r, the rank of the update (not used by ia3)")
+    p.add_argument("--alpha", type=float, default=16, help="the update is scaled by alpha / r (not used by ia3)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA's input dropout; loha and lokr: "
+                                                                   "rank dropout (not used by ia3)")
+    p.add_argument("--target-modules", nargs="+", choices=list(VISION_LINEAR_LAYERS),
+                   help="the vision encoder's linear layers that get adapters "
+                        "[default: q_proj v_proj; ia3: k_proj v_proj fc2]")
+    p.add_argument("--save-merged", action="store_true", help="also save a CLIP with the adapter merged in")
+    args = p.parse_args()
+
+    config = peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)   # checks first
+    exp = common.start(common.script_name(__file__), args)
+    model = AdapterClassifier(exp.clip, len(exp.data.class_names), config)
+    data = exp.data
+    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    if exp.is_main:   # under accelerate launch, one process writes
+        model.save_adapter(exp.out_dir / "adapter")
+        if args.save_merged:
+            model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)
+    common.finish(exp, model, result, **adapter_settings(args))
+
+
+if __name__ == "__main__":
+    common.run(main)

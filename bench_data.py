@@ -1,0 +1,93 @@
+"""Measures the data pipeline at CIFAR scale: how fast images are preprocessed for CLIP and what holding them costs.
+
+Synthesises CIFAR-sized images (32x32 RGB, random pixels, so no download), runs data.preprocess, the exact
+step load_data uses (CLIP's bicubic resize and centre crop in parallel threads into one uint8 tensor), with
+OpenAI CLIP's image processor settings (224 px), and reports images/s, the tensor's size as uint8 against what
+fp32 would take, and the process's peak memory. Then it times the per-batch normalisation on the device.
+Writes <output-dir>/bench_data.json.
+"""
+
+import argparse
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+import common
+from data import Split, UserError, preprocess
+from reporting import write_json
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports kB
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--images", type=int, default=60_000, help="how many synthetic images (CIFAR-10 train: 50,000)")
+    p.add_argument("--source-size", type=int, default=32, help="side of the synthetic images, px")
+    p.add_argument("--image-size", type=int, default=224, help="CLIP's input side, px")
+    p.add_argument("--workers", type=int, help="preprocessing threads [default: min(8, CPU cores)]")
+    p.add_argument("--batch-size", type=int, default=256, help="for timing the normalisation on the device")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--smoke", action="store_true", help="300 images at 64 px: seconds")
+    p.add_argument("--output-dir", default="outputs")
+    args = p.parse_args()
+    if args.smoke:
+        args.images, args.image_size = 300, 64
+    if args.images < 1:
+        raise UserError("--images must be at least 1")
+    device = common.pick_device(args.device)
+    common.check_writable(Path(args.output_dir))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": args.image_size},
+                                      crop_size={"height": args.image_size, "width": args.image_size})
+
+    images = synthetic_images(args.images, args.source_size)
+    before = peak_rss_gb()
+    started = time.perf_counter()
+    pixels = preprocess(images, processor, args.workers)
+    seconds = time.perf_counter() - started
+    uint8_gb = pixels.numel() / 2**30
+
+    split = Split(pixels, torch.zeros(len(pixels), dtype=torch.long), [], tuple(processor.image_mean),
+                  tuple(processor.image_std))
+    batches = min(20, -(-len(split) // args.batch_size))
+    started = time.perf_counter()
+    for b in range(batches):
+        split.model_inputs(torch.arange(b * args.batch_size, min((b + 1) * args.batch_size, len(split))), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    normalise_seconds = time.perf_counter() - started
+    normalised = min(batches * args.batch_size, len(split))
+
+    result = {
+        "images": args.images, "source_size": args.source_size, "image_size": args.image_size,
+        "workers": args.workers or min(8, os.cpu_count() or 1), "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "preprocess_seconds": round(seconds, 2), "preprocess_images_per_s": round(args.images / seconds, 1),
+        "uint8_bytes": pixels.numel(), "fp32_would_be_bytes": 4 * pixels.numel(),
+        "uint8_gb": round(uint8_gb, 3), "fp32_would_be_gb": round(4 * uint8_gb, 3),
+        "peak_rss_before_gb": round(before, 3), "peak_rss_gb": round(peak_rss_gb(), 3),
+        "device": str(device), "normalise_images_per_s": round(normalised / normalise_seconds, 1),
+    }
+    write_json(Path(args.output_dir) / "bench_data.json", result)
+    print(f"bench_data: {args.images:,} images {args.source_size} px -> {args.image_size} px with "
+          f"{result['workers']} threads: {result['preprocess_images_per_s']:,} images/s "
+          f"({seconds:.1f} s); uint8 tensor {uint8_gb:.2f} GiB (fp32 would be {4 * uint8_gb:.2f} GiB); process peak "
+          f"{result['peak_rss_gb']:.2f} GiB; normalisation on {device}: {result['normalise_images_per_s']:,} images/s")
+    print(f"written to {Path(args.output_dir) / 'bench_data.json'}")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,187 @@
+"""outputs/report.html: the whole run on one self-contained static page, to look at rather than read.
+
+Figures are inlined as base64 data URIs and the style sheet sits in the page, so the file opens offline, can be
+mailed or archived on its own, and needs no server and no JavaScript. It holds the run's command, the data
+and its duplicate report, the summary tables (those of summary.md), and per experiment its headline metrics,
+curves, confusion matrix, reliability diagram, classification report and robustness.
+
+run_all_experiments.py writes it at the end; `python report_html.py [OUTPUT_DIR]` writes it again from the
+files already there (after a rerun of one experiment, say).
+"""
+
+import argparse
+import base64
+import csv
+import html
+import json
+import re
+import sys
+from pathlib import Path
+
+from data import describe_duplicates
+from reporting import write_text
+
+SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters"),
+                   ("summary_robustness.png", "Test accuracy under pixel noise")]
+RUN_FIGURES = [("loss_curves.png", "loss"), ("accuracy_curves.png", "accuracy"),
+               ("confusion_matrix.png", "confusion matrix (test)"), ("reliability_diagram.png", "reliability (test)"),
+               ("robustness.png", "accuracy under noise")]
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; padding: 0 1em; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+code, pre { background: #f4f4f4; } pre { padding: 0.6em; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; } figure img { max-width: 600px; height: auto; } figcaption { font-size: 0.85em; color: #555; }
+"""
+
+
+def run_folders(out_dir: Path) -> list[Path]:
+    """Every finished experiment under out_dir (metrics.json is written last), single-seed or per seed."""
+    out_dir = Path(out_dir)
+    return sorted(p.parent for p in [*out_dir.glob("*/metrics.json"), *out_dir.glob("seed_*/*/metrics.json")])
+
+
+def data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def figures(folder: Path, wanted: list[tuple[str, str]]) -> str:
+    items = [f'<figure><img src="{data_uri(folder / name)}" alt="{html.escape(caption)}">'
+             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+             for name, caption in wanted if (folder / name).exists()]
+    return f'<div class="figures">{"".join(items)}</div>' if items else ""
+
+
+def inline_markdown(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def markdown_table(lines: list[str]) -> str:
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    head, body = cells[0], cells[2:]   # cells[1] is the |---| rule
+    return ("<table><tr>" + "".join(f"<th>{inline_markdown(c)}</th>" for c in head) + "</tr>" +
+            "".join("<tr>" + "".join(f"<td>{inline_markdown(c)}</td>" for c in row) + "</tr>" for row in body) +
+            "</table>")
+
+
+def summary_sections(summary_md: str) -> str:
+    """The tables and notes of summary.md, without its title, command line and figure links (shown apart).
+    Only the few constructs run_all_experiments.markdown() writes are understood: headings, tables, paragraphs."""
+    parts, table = [], []
+    for line in summary_md.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            parts.append(markdown_table(table))
+            table = []
+        if line.startswith("## Figures"):
+            break
+        if line.startswith("## "):
+            parts.append(f"<h3>{inline_markdown(line[3:])}</h3>")
+        elif line.strip() and not line.startswith("# ") and not re.fullmatch(r"`[^`]*`", line.strip()):
+            parts.append(f"<p>{inline_markdown(line)}</p>")
+    return "\n".join(parts)
+
+
+def command_of(summary_md: str) -> str | None:
+    found = re.search(r"^`([^`]+)`$", summary_md, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def data_section(report: dict) -> str:
+    sizes = ", ".join(f"{n} {split}" for split, n in report.get("num_images", {}).items())
+    rows = [f"<p>Data: <code>{html.escape(str(report.get('source', '?')))}</code>; images: {sizes}.</p>",
+            f"<p>{html.escape(describe_duplicates(report))}</p>"]
+    for key, what in (("skipped_images", "Skipped unreadable images"),
+                      ("dropped_train_duplicates", "Dropped train copies of test images")):
+        if report.get(key):
+            rows.append(f"<p>{what}: {html.escape(', '.join(report[key]))}</p>")
+    rows.append("<details><summary>data_report.json</summary><pre>" +
+                html.escape(json.dumps(report, indent=2)) + "</pre></details>")
+    return "\n".join(rows)
+
+
+def csv_table(path: Path) -> str:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return ""
+
+    def cell(value: str) -> str:
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            return html.escape(value)
+    return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" +
+            "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) +
+            "</table>")
+
+
+def run_section(folder: Path, title: str) -> str:
+    m = json.loads((folder / "metrics.json").read_text())
+    low, high = m["test_accuracy_ci95"]
+    facts = [("test accuracy", f"{m['test_accuracy']:.4f} (95% CI {low:.3f}–{high:.3f})"),
+             ("macro-F1", f"{m['test_macro_f1']:.4f}"), ("balanced accuracy", f"{m['test_balanced_accuracy']:.4f}"),
+             ("ECE", f"{m['test_ece']:.4f}"),
+             ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
+             ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}"),
+             ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,}"),
+             ("wall time", f"{m['wall_time_s']:.1f} s on {m['device']}"), ("model", m["model"])]
+    parts = [f'<h2 id="{html.escape(title)}">{html.escape(title)}</h2>',
+             "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts) + "</table>",
+             figures(folder, RUN_FIGURES)]
+    if (folder / "classification_report.txt").exists():
+        parts.append("<h3>Classification report</h3><pre>" +
+                     html.escape((folder / "classification_report.txt").read_text()) + "</pre>")
+    if (folder / "robustness.csv").exists():
+        parts.append("<h3>Robustness (Gaussian pixel noise)</h3>" + csv_table(folder / "robustness.csv"))
+    return "\n".join(parts)
+
+
+def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
+    out_dir = Path(out_dir)
+    summary_md = (out_dir / "summary.md").read_text() if (out_dir / "summary.md").exists() else ""
+    command = command or command_of(summary_md)
+    titles = [str(run.relative_to(out_dir)) if run.is_relative_to(out_dir) else run.name for run in runs]
+    body = ["<h1>CLIP for brain MRI: results</h1>"]
+    if command:
+        body.append(f"<p>Command: <code>{html.escape(command)}</code></p>")
+    if runs:
+        body.append("<p>Experiments: " + ", ".join(f'<a href="#{html.escape(t)}">{html.escape(t)}</a>'
+                                                     for t in titles) + "</p>")
+    # No finished run: any summary plot in the folder is an earlier run's.
+    body.append("<h2>Summary</h2>" + summary_sections(summary_md) + (figures(out_dir, SUMMARY_FIGURES) if runs else ""))
+    data_reports = [run / "data_report.json" for run in runs if (run / "data_report.json").exists()]
+    if data_reports:
+        body.append("<h2>Data</h2>" + data_section(json.loads(data_reports[0].read_text())))
+    body += [run_section(run, title) for run, title in zip(runs, titles)]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CLIP for brain MRI: results"
+            f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_html_report(out_dir: Path, runs: list[Path] | None = None, command: str | None = None) -> Path:
+    """Writes <out_dir>/report.html for `runs` (experiment output folders; default: every finished one)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "report.html"
+    write_text(path, render(out_dir, run_folders(out_dir) if runs is None else runs, command))
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", nargs="?", default="outputs", help="the --output-dir of a run")
+    folder = Path(p.parse_args().output_dir)
+    if not folder.is_dir():
+        print(f"error: no output folder {folder}; pass the --output-dir of a run", file=sys.stderr)
+        sys.exit(2)
+    print(f"report written to {write_html_report(folder)}")
+
+
+if __name__ == "__main__":
+    main()

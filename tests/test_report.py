@@ -1,0 +1,232 @@
+"""What a user looks at: summary.md's figures, report.html (in a real browser where one is installed),
+progress on long steps, and --report-to tensorboard."""
+
+import base64
+import contextlib
+import csv
+import io
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import pytest
+from conftest import run_script
+
+import progress
+import report_html
+
+RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """run_all --smoke on three experiments (zero-shot, cached embeddings, prompts) with TensorBoard logging;
+    its stdout, which is not a terminal here, is kept."""
+    out_dir = tmp_path_factory.mktemp("report_run")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run_script("run_all_experiments.py", "--smoke", "--output-dir", out_dir, "--report-to", "tensorboard",
+                   "--experiments", *RUN, expect_exit=0)
+    return out_dir, stdout.getvalue()
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("href", "src"):
+            if tag != "img" and attrs.get(key):
+                self.links.append(attrs[key])
+
+
+def parse(html_text: str) -> Page:
+    page = Page()
+    page.feed(html_text)
+    page.close()
+    return page
+
+
+# --------------------------------------------------------------------------- summary.md
+
+def test_summary_md_links_every_figure_that_exists(smoke_run):
+    out_dir, _ = smoke_run
+    summary = (out_dir / "summary.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary)
+    assert all((out_dir / link).is_file() for link in linked), linked
+    expected = {"summary.png", "summary_robustness.png"} | {
+        f"{name}/{figure}" for name in RUN for figure in ("loss_curves.png", "accuracy_curves.png",
+                                                           "confusion_matrix.png")}
+    assert set(linked) == expected
+    assert summary.index("| experiment |") < summary.index("## Figures")   # the tables stay on top
+
+
+def test_summary_md_leaves_out_figures_of_failed_runs(tmp_path):
+    (tmp_path / "summary.png").write_bytes(b"an earlier run's plot")
+    run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path, "--data", tmp_path / "nowhere",
+               "--experiments", "E1_zero_shot_clip", expect_exit=1)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**Failed:** E1_zero_shot_clip" in summary and "![" not in summary and "## Figures" not in summary
+    assert "<img" not in (tmp_path / "report.html").read_text()
+
+
+# --------------------------------------------------------------------------- report.html
+
+def test_report_html_is_one_self_contained_page(smoke_run):
+    out_dir, _ = smoke_run
+    text = (out_dir / "report.html").read_text()
+    page = parse(text)
+    # Two summary plots, and per experiment: loss, accuracy, confusion, reliability, robustness.
+    assert len(page.images) == 2 + 5 * len(RUN)
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "script" not in page.tags and "link" not in page.tags   # no JavaScript, no external style sheet
+    assert all(link.startswith("#") for link in page.links), page.links   # nothing to fetch, nothing served
+    assert "run_all_experiments.py --smoke --output-dir" in text   # the command
+    assert "duplicates: 0 test images are pixel copies" in text and "data_report.json" in text
+    for name in RUN:
+        assert f'id="{name}"' in text
+        report = (out_dir / name / "classification_report.txt").read_text().splitlines()[2]
+        assert report.split()[0] in text   # a class row of each classification report
+    assert text.count("<table>") >= 2 + 2 * len(RUN)   # summary + noise, and per run: facts + robustness
+    assert "E3_shallow_vpt</td>" in text   # the summary table rows
+
+
+def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):
+    out_dir, _ = smoke_run
+    copy = shutil.copytree(out_dir, tmp_path / "copy")
+    (copy / "report.html").unlink()
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_script("report_html.py", copy, expect_exit=0)
+    again = (copy / "report.html").read_text()
+    assert len(parse(again).images) == 2 + 5 * len(RUN)
+    assert "run_all_experiments.py --smoke --output-dir" in again   # the command, read back from summary.md
+
+
+def test_report_html_on_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    run_script("report_html.py", tmp_path / "nowhere", expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no output folder")
+
+
+def chromium(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def colourful_pixels(png) -> int:
+    """Pixels far from grey: the plots' lines, bars and heat maps (the page's text is black on white)."""
+    import numpy as np
+    from PIL import Image
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium)")
+def test_report_html_renders_with_every_figure_in_a_headless_browser(smoke_run, tmp_path):
+    out_dir, _ = smoke_run
+    text = (out_dir / "report.html").read_text()
+    # Each figure decodes in the browser: a copy of the page with a check appended (the report itself has no
+    # script) writes how many images loaded into the DOM, which the browser dumps.
+    check = ("<script>window.addEventListener('load', () => { const images = [...document.images];"
+             "document.body.setAttribute('data-loaded', images.filter(i => i.complete && i.naturalWidth > 0).length"
+             " + '/' + images.length); });</script>")
+    (tmp_path / "checked.html").write_text(text.replace("</body>", check + "</body>"))
+    dom = chromium("--virtual-time-budget=10000", "--dump-dom", (tmp_path / "checked.html").as_uri()).stdout
+    count = 2 + 5 * len(RUN)
+    assert f'data-loaded="{count}/{count}"' in dom
+
+    # And they show: a screenshot of the page holds far more colour than one of the same page with its images
+    # broken (the links are the only other colour).
+    broken = re.sub(r'src="data:image/png;base64,[^"]+"', 'src="data:image/png;base64,"', text)
+    (tmp_path / "broken.html").write_text(broken)
+    shots = {}
+    for name in ("report", "broken"):
+        page = out_dir / "report.html" if name == "report" else tmp_path / "broken.html"
+        shots[name] = tmp_path / f"{name}.png"
+        chromium("--window-size=1300,4000", f"--screenshot={shots[name]}", page.as_uri())
+    shown, without = colourful_pixels(shots["report"]), colourful_pixels(shots["broken"])
+    assert shown > 4 * max(without, 1000), (shown, without)
+
+
+# --------------------------------------------------------------------------- progress
+
+def test_every_long_step_shows_one_line_when_output_is_not_a_terminal(smoke_run):
+    out_dir, stdout = smoke_run
+    assert "\r" not in stdout   # no bar redrawn per batch
+    lines = stdout.splitlines()
+    for step in ("reading train images: 20 images", "reading test images: 20 images", "preprocessing images: ",
+                 "image embeddings (train): ", "image embeddings (test): ",   # E2's embedding pass
+                 "epoch 1/3: ", "epoch 3: loss ", "final evaluation (test): ", "robustness, noise sigma 0.2: "):
+        assert any(line.startswith(step) for line in lines), step
+    assert sum(line.startswith("epoch 1/3: ") for line in lines) == 2   # once per trained experiment
+    assert sum(line.startswith("reading train images") for line in lines) == len(RUN)
+
+
+def test_quiet_silences_progress_but_not_the_result(tmp_path):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run_script("E3_shallow_vpt.py", "--smoke", "--quiet", "--output-dir", tmp_path, expect_exit=0)
+    text = stdout.getvalue()
+    assert "E3_shallow_vpt: test accuracy" in text
+    assert not re.search(r"^(reading|preprocessing|epoch|final evaluation|robustness)", text, re.MULTILINE), text
+
+
+def test_on_a_terminal_a_step_is_a_bar_on_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    monkeypatch.setattr(progress, "_quiet", False)   # an earlier --quiet run in this process may have set it
+    assert list(progress.progress_bar(range(5), "some step")) == list(range(5))
+    assert list(progress.progress_bar(range(2), "a pass", transient=True)) == [0, 1]
+    out, err = capsys.readouterr()
+    assert out == "" and "some step" in err and "5/5" in err
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_report_to_tensorboard_logs_every_epoch(smoke_run):
+    pytest.importorskip("tensorboard")
+    out_dir, _ = smoke_run
+    for name in ("E2_linear_probe", "E3_shallow_vpt"):
+        logged = scalars(out_dir / name / "tensorboard")
+        history = list(csv.DictReader(open(out_dir / name / "history.csv")))
+        assert set(logged) == {f"{m}/{s}" for m in ("loss", "accuracy") for s in ("train", "val", "test")} | {
+            "learning_rate"}
+        for tag, values in logged.items():
+            column = "lr" if tag == "learning_rate" else "{1}_{0}".format(*tag.split("/"))
+            assert [step for step, _ in values] == [int(row["epoch"]) for row in history]
+            assert [v for _, v in values] == pytest.approx([float(row[column]) for row in history], rel=1e-5)
+    assert not (out_dir / "E1_zero_shot_clip" / "tensorboard").exists()   # nothing trained, nothing logged
+
+
+def test_quiet_and_report_to_may_change_on_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    flags = ["--smoke", "--output-dir", tmp_path]
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_script("E3_shallow_vpt.py", *flags, "--stop-after-epochs", 1, expect_exit=0)
+        run_script("E3_shallow_vpt.py", *flags, "--resume", "--quiet", "--report-to", "tensorboard", expect_exit=0)
+    logged = scalars(tmp_path / "E3_shallow_vpt" / "tensorboard")
+    assert [step for step, _ in logged["loss/val"]] == [2, 3]   # the epochs this invocation trained
+
+
+def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
+    run_script("E3_shallow_vpt.py", "--smoke", "--report-to", "tensorboard", "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install tensorboard" in err[0], err
+    assert not (tmp_path / "E3_shallow_vpt" / "metrics.json").exists()
