@@ -106,6 +106,11 @@ class Fingerprints:
         self.hashes = [np.array([int(str(imagehash.phash(v)), 16) for v in view], dtype=np.uint64) for view in views]
         self.fine = [np.stack([np.asarray(v) for v in view]) if images else np.zeros((0, 1), np.uint8)
                      for view in views]
+        # Standardised once per image, in float16 (half the memory; a correlation needs no more precision),
+        # rather than once per pair: an image is in many pairs.
+        self.standard = [np.concatenate([standardised(fine[s:s + 1024]).astype(np.float16)
+                                         for s in range(0, len(fine), 1024)]) if images else fine
+                         for fine in self.fine]
         self.thumbs = [standardised(np.stack([np.asarray(v.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
                                               for v in view])) if images else np.zeros((0, 1)) for view in views]
         self.coarse = self.thumbs[0]
@@ -123,8 +128,9 @@ class Fingerprints:
         scores = np.zeros(len(pairs), dtype=np.float32)
         for start in range(0, len(pairs), block):
             i, j = pairs[start:start + block, 0], pairs[start:start + block, 1]
-            best = np.max([np.einsum("ij,ij->i", standardised(fine[i]), standardised(fine[j]))
-                           for fine in self.fine], axis=0)
+            best = correlation(self.standard[0], i, j)
+            other = np.flatnonzero(best < NEAR_COPY_SCORE)   # the head box only where the whole frame is no copy
+            best[other] = np.maximum(best[other], correlation(self.standard[1], i[other], j[other]))
             search = np.flatnonzero((best < NEAR_COPY_SCORE) & (best >= SEARCH_FLOOR))
             if len(search):
                 best[search] = np.maximum(best[search], self.shifted_score(i[search], j[search]))
@@ -146,6 +152,10 @@ class Fingerprints:
             dy, dx = shifts[k]
             result[rows] = window_correlation(whole[i[rows]], whole[j[rows]], 2 * dy, 2 * dx)
         return result
+
+
+def correlation(standard: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", standard[i].astype(np.float32), standard[j].astype(np.float32))
 
 
 def window_correlation(a: np.ndarray, b: np.ndarray, dy: int, dx: int) -> np.ndarray:
