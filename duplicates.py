@@ -106,6 +106,9 @@ class Fingerprints:
         self.hashes = [np.array([int(str(imagehash.phash(v)), 16) for v in view], dtype=np.uint64) for view in views]
         self.fine = [np.stack([np.asarray(v) for v in view]) if images else np.zeros((0, 1), np.uint8)
                      for view in views]
+        whole = self.fine[0]
+        self.half_size = (whole.reshape(len(whole), ALIGNED_SIZE // 2, 2, ALIGNED_SIZE // 2, 2).mean(
+            (2, 4), dtype=np.float32) if images else whole)   # 64 px whole frames, for the shift search
         # Standardised once per image, in float16 (half the memory; a correlation needs no more precision),
         # rather than once per pair: an image is in many pairs.
         self.standard = [np.concatenate([standardised(fine[s:s + 1024]).astype(np.float16)
@@ -139,9 +142,8 @@ class Fingerprints:
 
     def shifted_score(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Best shift found at 64 px (every whole-pixel shift), then scored at 128 px."""
-        whole = self.fine[0]
+        whole, half = self.fine[0], self.half_size
         size = whole.shape[1]
-        half = whole.reshape(len(whole), size // 2, 2, size // 2, 2).mean((2, 4), dtype=np.float32)
         reach = max(1, round(MAX_SHIFT * size / 2))
         shifts = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
         at_half = np.stack([window_correlation(half[i], half[j], dy, dx) for dy, dx in shifts], 1)

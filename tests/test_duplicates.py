@@ -91,8 +91,8 @@ def black_background(image: Image.Image) -> bool:
 @pytest.mark.parametrize("kind", GEOMETRY_KINDS)
 def test_small_crops_shifts_and_margins_of_scans_on_black_are_found(sample_images, kind):
     """On black, as most scans are (32 of the 40 samples); at most one of them missed. Measured limits, in the
-    README: a crop into a head
-    that fills the frame can move the head box, and a grey background changes under a black margin."""
+    README: a crop into a head that fills the frame can move the head box, and so can a black margin around a
+    scan on grey."""
     originals = [img for img in sample_images if black_background(img)]
     copies = [GEOMETRY_KINDS[kind](img) for img in originals]
     n = len(originals)
