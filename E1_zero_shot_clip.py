@@ -2,10 +2,18 @@
 
 The image is assigned to the class whose prompt embedding is most similar to its own. By default each
 class embedding averages several MRI prompt templates (prompt ensembling); --no-ensemble uses the first.
+--templates FILE (one template per line, each with {} for the class name) or --templates study (generic
+templates, a negation, and the MRI ones) sets the templates; the ensemble of them is the reported model,
+and templates.csv gives each template's own validation and test accuracy.
 """
 
+from functools import partial
+
 import common
-from models import ZERO_SHOT_TEMPLATES, ZeroShot
+from models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates, normalized_image_embeddings,
+                    similarity_logits)
+from reporting import write_csv
+from training import batched
 
 
 def main():
@@ -14,9 +22,33 @@ def main():
     args = p.parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    templates = ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES
-    model = ZeroShot(exp.clip, exp.tokenizer, exp.data.class_names, templates)
-    common.finish(exp, model, templates=list(templates))
+    templates = (load_templates(args.templates) if args.templates else
+                 ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
+    model = ZeroShot(exp.clip, exp.tokenizer, exp.data.class_names, templates).eval()
+    # The tower runs once per split; every template, and their ensemble, reuses those image embeddings.
+    splits = exp.data.splits()
+    embed = partial(normalized_image_embeddings, exp.clip)
+    images = {name: batched(embed, split, 2 * args.batch_size, exp.device, args.precision,
+                            desc=f"image embeddings ({name})") for name, split in splits.items()}
+
+    def accuracy(text, split):
+        logits = similarity_logits(exp.clip, images[split].to(text.device), text).cpu()
+        return float((logits.argmax(1) == splits[split].labels.cpu()).float().mean())
+
+    rows = []
+    for template in templates:
+        text = class_text_embeddings(exp.clip, exp.tokenizer, exp.data.class_names, [template])
+        rows.append({"template": template, "val_accuracy": accuracy(text, "val"),
+                     "test_accuracy": accuracy(text, "test")})
+    rows.append({"template": f"ensemble of {len(templates)}", "val_accuracy": accuracy(model.class_embeddings, "val"),
+                 "test_accuracy": accuracy(model.class_embeddings, "test")})
+    write_csv(exp.out_dir / "templates.csv", rows)
+    for row in rows:
+        print(f"  {row['test_accuracy']:.3f} test, {row['val_accuracy']:.3f} val: {row['template']}")
+    logits = {name: similarity_logits(exp.clip, images[name].to(exp.device), model.class_embeddings).cpu()
+              for name in splits}
+    common.finish(exp, model, split_logits=logits, templates=list(templates),
+                  template_accuracy={r["template"]: r["test_accuracy"] for r in rows[:-1]})
 
 
 if __name__ == "__main__":

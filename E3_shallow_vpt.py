@@ -1,27 +1,61 @@
 """E3 — shallow Visual Prompt Tuning (Jia et al., ECCV 2022, section 3.2): N learnable tokens enter the
-frozen CLIP vision tower at the input of its first encoder layer; a linear head reads the projected image
-embedding. Trainable: 2,052 + 768·N for ViT-B/16 (2,820 with N = 1).
+frozen CLIP vision tower at its first encoder layer; a linear head reads the projected image embedding.
+Trainable: 2,052 + 768·N for ViT-B/16 (2,820 with N = 1).
+
+--prompt-type padding | fixed-patch | random-patch learns a prompt in pixel space instead (Bahng et al., 2022,
+"Exploring Visual Prompts for Adapting Large-Scale Models"), added to the normalised image, and classifies by
+CLIP's text classifier as that paper does (--head clip, the default there; its templates: --templates) or by a
+linear head. Trainable for a padding of p pixels on S-pixel images: 12·p·(S − p), 69,840 at the default p = 30,
+S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for pixel prompts.
 """
 
 import common
-from models import ImageClassifier
+from models import (PIXEL_PROMPTERS, ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates,
+                    scaled_prompt_size)
 from training import train
 
 LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+# Pixel prompts live on the scale of normalised pixels (about 1), not of prompt tokens (0.02): at 1e-3 AdamW
+# leaves them near their random start. Bahng et al. train them with SGD at 40; with AdamW, 0.1 did best of
+# 1e-3, 0.01, 0.1 and 1 on known_answer.py's task (README, "Prompt studies").
+PIXEL_LEARNING_RATE = 0.1
 
 
 def main():
-    p = common.parser(__doc__, lr=LEARNING_RATE)
-    p.add_argument("--num-prompts", type=int, default=1, help="N, learnable prompt tokens")
+    p = common.add_prompt_flags(common.parser(__doc__, lr=None))
     p.add_argument("--prompt-dropout", type=float, default=0.0)
+    p.add_argument("--prompt-type", default="token", choices=["token", *PIXEL_PROMPTERS],
+                   help="token: VPT prompt tokens (the --num-prompts and --prompt-* flags); else a pixel prompt")
+    p.add_argument("--pad-size", type=int, help="padding width in pixels [default: 30 at 224 px, scaled with "
+                                                "the model's image size, e.g. 4 at 32 px]")
+    p.add_argument("--patch-size", type=int, help="patch side in pixels [default: as --pad-size]")
+    p.add_argument("--head", choices=["clip", "linear"], help="clip: CLIP's text classifier (no trained head); "
+                   "linear: a linear head [default: clip for pixel prompts, linear for tokens]")
     args = p.parse_args()
+    if args.lr is None:
+        args.lr = LEARNING_RATE if args.prompt_type == "token" else PIXEL_LEARNING_RATE
 
     exp = common.start(common.script_name(__file__), args)
-    model = ImageClassifier(exp.clip, len(exp.data.class_names), num_prompts=args.num_prompts,
-                            prompt_layers=[0], prompt_dropout=args.prompt_dropout)
+    classes, image_size = exp.data.class_names, exp.clip.config.vision_config.image_size
+    head = args.head or ("linear" if args.prompt_type == "token" else "clip")
+    templates = load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
+    text_head = TextHead(exp.clip, exp.tokenizer, classes, templates) if head == "clip" else None
+    if args.prompt_type == "token":
+        model = ImageClassifier(exp.clip, len(classes), num_prompts=args.num_prompts, prompt_layers=[0],
+                                prompt_dropout=args.prompt_dropout, head=text_head, **common.prompt_options(args))
+        extra = dict(num_prompts=args.num_prompts, prompt_layers=[0],
+                     prompt_entry=model.prompts.entry if model.prompts else None)
+    else:
+        size = (args.pad_size if args.prompt_type == "padding" else args.patch_size or args.pad_size)
+        size = size or scaled_prompt_size(image_size)
+        prompter = PIXEL_PROMPTERS[args.prompt_type](image_size, size)
+        model = ImageClassifier(exp.clip, len(classes), pixel_prompt=prompter, head=text_head)
+        extra = dict(num_prompts=0, prompt_size=size, prompt_params=prompter.count(image_size, size))
+        print(f"{args.prompt_type} prompt of {size} px on {image_size}-px images: {extra['prompt_params']:,} "
+              f"parameters")
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    common.finish(exp, model, result, num_prompts=args.num_prompts, prompt_layers=[0])
+    common.finish(exp, model, result, prompt_type=args.prompt_type, head=head, **extra)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
 
 
 def main():
-    p = common.parser(__doc__, lr=LEARNING_RATE)
-    p.add_argument("--num-prompts", type=int, default=1, help="N, learnable prompt tokens per layer")
+    p = common.add_prompt_flags(common.parser(__doc__, lr=LEARNING_RATE), "N, learnable prompt tokens per layer")
     p.add_argument("--prompt-layers", type=int, nargs="+", help="encoder layers (0-based) that get prompts "
                                                                 "[default: all]")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
@@ -21,10 +20,11 @@ def main():
     exp = common.start(common.script_name(__file__), args)
     layers = args.prompt_layers or list(range(exp.clip.config.vision_config.num_hidden_layers))
     model = ImageClassifier(exp.clip, len(exp.data.class_names), num_prompts=args.num_prompts,
-                            prompt_layers=layers, prompt_dropout=args.prompt_dropout)
+                            prompt_layers=layers, prompt_dropout=args.prompt_dropout, **common.prompt_options(args))
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    common.finish(exp, model, result, num_prompts=args.num_prompts, prompt_layers=layers)
+    common.finish(exp, model, result, num_prompts=args.num_prompts, prompt_layers=layers,
+                  prompt_entry=model.prompts.entry if model.prompts else None)
 
 
 if __name__ == "__main__":

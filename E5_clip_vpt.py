@@ -12,15 +12,14 @@ LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
 
 
 def main():
-    p = common.parser(__doc__, lr=LEARNING_RATE)
-    p.add_argument("--num-prompts", type=int, default=1, help="N, visual prompt tokens")
+    p = common.add_prompt_flags(common.parser(__doc__, lr=LEARNING_RATE), "N, visual prompt tokens")
     p.add_argument("--num-text-prompts", type=int, default=4, help="M, learned text context vectors")
     p.add_argument("--prompt-dropout", type=float, default=0.0)
     args = p.parse_args()
 
     exp = common.start(common.script_name(__file__), args)
     model = PromptedCLIP(exp.clip, exp.tokenizer, exp.data.class_names, args.num_prompts,
-                         args.num_text_prompts, args.prompt_dropout)
+                         args.num_text_prompts, args.prompt_dropout, **common.prompt_options(args))
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts)

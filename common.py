@@ -17,7 +17,8 @@ import torch
 
 from data import (DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates,
                   describe_near_copies, load_data)
-from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, model_dims
+from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
+                    load_templates, model_dims)
 from reporting import (NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, plot_closest_pairs,
                        write_report)
 from progress import set_quiet
@@ -73,11 +74,34 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                    help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
                         "the end); 0: after every step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the class "
+                   "name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's --head clip "
+                   "(the other scripts use no class text) [default: the MRI templates]")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines; results and errors only")
     p.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
                    help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
                         "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
+
+
+def add_prompt_flags(p: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
+                     ) -> argparse.ArgumentParser:
+    """The token-prompt flags E3, E4 and E5 share (see models.VisualPrompts for what each does)."""
+    p.add_argument("--num-prompts", type=int, default=1, help=num_prompts_help)
+    p.add_argument("--prompt-position", default="front", choices=PROMPT_POSITIONS,
+                   help="front: right after the class token (VPT); back: after the last patch token (MaPLe). "
+                        "The same function, up to float rounding")
+    p.add_argument("--prompt-entry", default="pre-ln", choices=PROMPT_ENTRIES,
+                   help="layer 0's prompts go in before CLIP's pre-layernorm (MaPLe, IVLP) or after it, at the "
+                        "encoder input; deeper layers' prompts always enter at the layer input")
+    p.add_argument("--prompt-init", default="normal", choices=PROMPT_INITS,
+                   help="normal: N(0, 0.02) as MaPLe and IVLP; xavier: VPT's uniform bound")
+    return p
+
+
+def prompt_options(args: argparse.Namespace) -> dict:
+    """The VisualPrompts keyword arguments chosen on the command line."""
+    return {"position": args.prompt_position, "entry": args.prompt_entry, "init": args.prompt_init}
 
 
 @dataclass
@@ -142,6 +166,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
+    if getattr(args, "templates", None):
+        load_templates(args.templates)   # a bad file fails here, before the model and data load
     return args
 
 
@@ -296,6 +322,16 @@ def run(main) -> None:
         print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`, every process leaves the group before Python exits: a gloo group still alive at
+    interpreter shutdown can abort one process ("terminate called without an active exception") after its work
+    is done, and the launcher then reports the whole run as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def script_name(path: str) -> str:

@@ -28,6 +28,37 @@ ZERO_SHOT_TEMPLATES = (
     "a brain MRI, diagnosis: {}.",
 )
 
+# The template study (--templates study on E1): generic CLIP templates, including a negation that CLIP's
+# bag-of-words-like text embeddings are known to barely tell apart from the positive, then the MRI ones.
+STUDY_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of {}",
+    "This is not a photo of {}",
+    "a photo of {}, a type of brain MRI.",
+    *ZERO_SHOT_TEMPLATES,
+)
+
+
+def load_templates(source: str) -> tuple[str, ...]:
+    """'study' for STUDY_TEMPLATES, else a text file with one template per line, each holding one {} for the
+    class name; blank lines and lines starting with # are left out."""
+    if source == "study":
+        return STUDY_TEMPLATES
+    path = Path(source).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read templates file {source} ({getattr(error, 'strerror', None) or error}): pass "
+                        f"--templates a text file with one template per line, or 'study'") from None
+    templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for template in templates:
+        if not template.count("{}") == template.count("{") == template.count("}") == 1:
+            raise UserError(f"template '{template}' in {source} must hold exactly one {{}} for the class name "
+                            f"and no other braces")
+    if not templates:
+        raise UserError(f"templates file {source} holds no template: write one per line, each with {{}}")
+    return tuple(templates)
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -199,39 +230,173 @@ class ZeroShot(Classifier):
         return similarity_logits(self.clip, image, self.class_embeddings)
 
 
-class VisualPrompts(nn.Module):
-    """VPT (Jia et al., ECCV 2022): N learnable tokens between the class token and the patch tokens
-    at the input of the chosen encoder layers. The first chosen layer inserts them; every later chosen
-    layer throws away the previous layer's prompt outputs and puts in its own (VPT-deep); a layer not
-    chosen carries the prompts along. Shallow VPT is the case layers=[0].
+PROMPT_POSITIONS = ("front", "back")
+PROMPT_ENTRIES = ("pre-ln", "post-ln")
+PROMPT_INITS = ("normal", "xavier")
 
-    Prompts enter at the encoder layer's input, that is after CLIP's pre-layernorm. That makes layer 0
-    no different from the deep layers (one mechanism for E3 and E4), and it leaves each prompt a free
-    vector in the space the layer reads, as in VPT; passing it through the pre-layernorm would only
-    pin its mean and norm, and an encoder layer normalises its own input anyway.
+
+class VisualPrompts(nn.Module):
+    """VPT (Jia et al., ECCV 2022): N learnable tokens among the image tokens at the input of the chosen
+    encoder layers. The first chosen layer inserts them; every later chosen layer throws away the previous
+    layer's prompt outputs and puts in its own (VPT-deep); a layer not chosen carries the prompts along.
+    Shallow VPT is the case layers=[0].
+
+    position: "front" puts the prompts right after the class token (VPT), "back" after the last patch token
+    (MaPLe's code). The pooled output stays the class token either way. The two are the same function: CLIP's
+    vision tower has no attention mask and the prompts carry no position embedding, so attention, being
+    permutation-equivariant over the other tokens, gives the class token the same output up to float rounding
+    (tested).
+
+    entry: where the first prompted layer's prompts go in when that layer is 0. "pre-ln" (the default) appends
+    them to the embeddings before CLIP's pre-layernorm, as the CLIP-based reference implementations of
+    VPT-style prompting do (MaPLe and its independent vision-language prompting baseline, IVLP,
+    Khattak et al., CVPR 2023); "post-ln" puts them at the encoder layer's input, after the pre-layernorm,
+    as a free vector in the space the layer reads (this project's earlier behaviour). Deeper layers have no
+    pre-layernorm before them: their prompts always go in at the layer's input, as MaPLe's deeper prompts do,
+    so a first prompted layer above 0 makes entry moot, and `self.entry` says "post-ln".
+
+    init: "normal" draws N(0, 0.02) as MaPLe and IVLP do (the default); "xavier" is VPT's uniform bound
+    sqrt(6 / (3·patch² + width)).
     """
 
-    def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0):
+    def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
+                 position: str = "front", entry: str = "pre-ln", init: str = "normal"):
         super().__init__()
         config = vision_model.config
         self.layers = sorted(set(layers))
         if not self.layers or not all(0 <= i < config.num_hidden_layers for i in self.layers):
             raise UserError(f"prompt layers must be between 0 and {config.num_hidden_layers - 1}, got {list(layers)}")
-        self.num_prompts = num_prompts
-        bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.hidden_size))   # VPT's Xavier-uniform bound
-        self.prompts = nn.Parameter(torch.empty(len(self.layers), num_prompts, config.hidden_size).uniform_(-bound, bound))
+        for name, value, allowed in (("position", position, PROMPT_POSITIONS), ("entry", entry, PROMPT_ENTRIES),
+                                     ("init", init, PROMPT_INITS)):
+            if value not in allowed:
+                raise UserError(f"prompt {name} must be one of {', '.join(allowed)}, got {value!r}")
+        self.num_prompts, self.position = num_prompts, position
+        self.entry = entry if self.layers[0] == 0 else "post-ln"
+        prompts = torch.empty(len(self.layers), num_prompts, config.hidden_size)
+        if init == "normal":
+            nn.init.normal_(prompts, std=0.02)
+        else:
+            bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.hidden_size))   # VPT's Xavier-uniform bound
+            nn.init.uniform_(prompts, -bound, bound)
+        self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)
-        for position, index in enumerate(self.layers):
-            vision_model.encoder.layers[index].register_forward_pre_hook(
-                partial(self._put_prompts, position), with_kwargs=True)
+        for index, layer in enumerate(self.layers):
+            if index == 0 and self.entry == "pre-ln":
+                vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
+            else:
+                vision_model.encoder.layers[layer].register_forward_pre_hook(
+                    partial(self._put_prompts, index, index == 0), with_kwargs=True)
 
-    def _put_prompts(self, position: int, layer, args, kwargs):
+    def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
         hidden = args[0]
         # Expanded before dropout, so that every image draws its own mask, as in VPT.
-        prompts = self.dropout(self.prompts[position].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)
-        first_patch = 1 if position == 0 else 1 + self.num_prompts
-        hidden = torch.cat([hidden[:, :1], prompts, hidden[:, first_patch:]], dim=1)
-        return (hidden, *args[1:]), kwargs
+        prompts = self.dropout(self.prompts[index].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)
+        kept = self.num_prompts if not inserting else 0   # the previous layer's prompt outputs, thrown away
+        if self.position == "front":
+            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1 + kept:]], dim=1)
+        else:
+            hidden = torch.cat([hidden[:, :hidden.shape[1] - kept], prompts], dim=1)
+        return (hidden, *args[1:]) if kwargs is None else ((hidden, *args[1:]), kwargs)
+
+
+# --------------------------------------------------------------------------- pixel-space prompts
+
+def scaled_prompt_size(image_size: int, size_at_224: int = 30) -> int:
+    """Bahng et al.'s 30-pixel prompt at 224 px, scaled to the model's image size (4 at 32 px), at least 1."""
+    return max(1, round(size_at_224 * image_size / 224))
+
+
+class PadPrompter(nn.Module):
+    """Bahng et al. (2022), "Exploring Visual Prompts for Adapting Large-Scale Models": a learnable frame
+    `pad_size` pixels wide, added to the normalised image; the inside is untouched.
+    Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224, p = 30."""
+
+    def __init__(self, image_size: int, pad_size: int):
+        super().__init__()
+        if not 0 < 2 * pad_size < image_size:
+            raise UserError(f"--pad-size must be between 1 and {(image_size - 1) // 2} for {image_size}-pixel "
+                            f"images, got {pad_size}")
+        self.image_size, self.pad_size = image_size, pad_size
+        inner = image_size - 2 * pad_size
+        self.pad_up = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
+        self.pad_down = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
+        self.pad_left = nn.Parameter(torch.randn(1, 3, inner, pad_size))
+        self.pad_right = nn.Parameter(torch.randn(1, 3, inner, pad_size))
+        self.register_buffer("centre", torch.zeros(1, 3, inner, inner), persistent=False)
+
+    @staticmethod
+    def count(image_size: int, pad_size: int) -> int:
+        return 12 * pad_size * (image_size - pad_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        middle = torch.cat([self.pad_left, self.centre, self.pad_right], dim=3)
+        frame = torch.cat([self.pad_up, middle, self.pad_down], dim=2)
+        return pixels + frame.to(pixels.dtype)
+
+
+class FixedPatchPrompter(nn.Module):
+    """Bahng et al. (2022): a learnable `patch_size`² square added at the top-left corner. Parameters: 3·s²."""
+
+    def __init__(self, image_size: int, patch_size: int):
+        super().__init__()
+        if not 0 < patch_size <= image_size:
+            raise UserError(f"--patch-size must be between 1 and {image_size} for {image_size}-pixel images, "
+                            f"got {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.patch = nn.Parameter(torch.randn(1, 3, patch_size, patch_size))
+
+    @staticmethod
+    def count(image_size: int, patch_size: int) -> int:
+        return 3 * patch_size ** 2
+
+    def place(self, pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        s = self.patch_size
+        prompt = F.pad(self.patch, (left, self.image_size - left - s, top, self.image_size - top - s))
+        return pixels + prompt.to(pixels.dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.place(pixels, 0, 0)
+
+
+class RandomPatchPrompter(FixedPatchPrompter):
+    """Bahng et al. (2022): the same square at a random place, drawn once per batch while training.
+    Unlike their code, which draws a place at test time too, evaluation puts it at the top-left corner, so that
+    a prediction is the same every time it is made."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.place(pixels, 0, 0)
+        top, left = torch.randint(0, self.image_size - self.patch_size + 1, (2,)).tolist()
+        return self.place(pixels, top, left)
+
+
+PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "random-patch": RandomPatchPrompter}
+
+
+def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
+    """Unit class embeddings from CLIP's text tower, averaged over templates and renormalised (as ZeroShot)."""
+    device = clip.logit_scale.device
+    with torch.no_grad():
+        per_template = []
+        for template in templates:
+            tokens = tokenizer([template.format(c) for c in class_names], padding=True, return_tensors="pt").to(device)
+            per_template.append(F.normalize(clip.get_text_features(**tokens).pooler_output.float(), dim=-1))
+        return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+class TextHead(nn.Module):
+    """CLIP's zero-shot text classifier as a fixed head on the projected image embedding (Bahng et al.
+    classify a prompted image this way): scaled cosine similarity to each class's text embedding. It holds
+    buffers only, so it trains nothing; the text tower is used once here and not kept."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
+        super().__init__()
+        self.register_buffer("class_embeddings", class_text_embeddings(clip, tokenizer, class_names, templates))
+        self.register_buffer("logit_scale", clip.logit_scale.detach().exp().float().clone())
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.class_embeddings.T
 
 
 class ImageClassifier(Classifier):
@@ -239,17 +404,23 @@ class ImageClassifier(Classifier):
     E2: frozen tower; E3/E4: frozen tower with visual prompts; E6: the whole tower trained."""
 
     def __init__(self, clip: CLIPModel, num_classes: int, train_backbone: bool = False,
-                 num_prompts: int = 0, prompt_layers=(0,), prompt_dropout: float = 0.0):
+                 num_prompts: int = 0, prompt_layers=(0,), prompt_dropout: float = 0.0,
+                 pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, **prompt_options):
+        """pixel_prompt: a pixel-space prompter applied to the normalised image first; head: in place of the
+        linear head (TextHead for CLIP's text classifier); prompt_options: VisualPrompts' position, entry, init."""
         super().__init__()
         self.vision, self.projection = clip.vision_model, clip.visual_projection
         if not train_backbone:
             self.frozen = ("vision", "projection")
             freeze(self.vision), freeze(self.projection)
-        self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout)
+        self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
                         if num_prompts else None)
-        self.head = Fp32Linear(clip.config.projection_dim, num_classes)
+        self.pixel_prompt = pixel_prompt
+        self.head = head if head is not None else Fp32Linear(clip.config.projection_dim, num_classes)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.pixel_prompt is not None:
+            pixels = self.pixel_prompt(pixels)
         return self.projection(self.vision(pixel_values=pixels).pooler_output)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -300,10 +471,10 @@ class PromptedCLIP(Classifier):
     frozen = ("clip",)
 
     def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_prompts: int = 1,
-                 num_text_prompts: int = 4, prompt_dropout: float = 0.0):
+                 num_text_prompts: int = 4, prompt_dropout: float = 0.0, **prompt_options):
         super().__init__()
         self.clip = freeze(clip)
-        self.visual_prompts = VisualPrompts(clip.vision_model, num_prompts, (0,), prompt_dropout)
+        self.visual_prompts = VisualPrompts(clip.vision_model, num_prompts, (0,), prompt_dropout, **prompt_options)
         self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_text_prompts)
 
     def class_embeddings(self) -> torch.Tensor:

@@ -179,7 +179,7 @@ def record_layer_inputs(vision_model) -> list:
 @pytest.mark.parametrize("num_prompts, layers", [(1, [0]), (3, [0]), (2, [0, 1, 2]), (2, [1, 2])])
 def test_each_encoder_layer_sees_the_expected_sequence(clip_parts, num_prompts, layers):
     clip, image_processor, _ = clip_parts
-    model = ImageClassifier(clip, 4, num_prompts=num_prompts, prompt_layers=layers)
+    model = ImageClassifier(clip, 4, num_prompts=num_prompts, prompt_layers=layers, entry="post-ln")
     seen = record_layer_inputs(model.vision)
     with torch.no_grad():
         model(tiny_batch(image_processor, 2))
