@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from PIL import Image
 from transformers import CLIPModel
 
 import common
@@ -163,6 +164,56 @@ def bench_e2_cache(clip, args, device) -> dict:
     return result
 
 
+def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
+    """Times the near-copy check against loading (decoding and CLIP's 224 px preprocessing) on num_images
+    JPEGs written from the source folder's images, each re-encoded at a random quality, resized and
+    re-contrasted, so that the set holds copies as a real release does. 80% go to train, 20% to test."""
+    import random
+    import tempfile
+
+    from PIL import ImageEnhance
+    from transformers import CLIPImageProcessor
+
+    from data import image_files, open_rgb, pixel_hash
+    from duplicates import find_near_copies
+
+    originals = [path for paths in image_files(source).values() for path in paths]
+    if not originals:
+        raise common.UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as folder:
+        files, splits = [], []
+        for i in range(num_images):
+            with Image.open(originals[i % len(originals)]) as original:
+                image = original.convert("RGB")
+            if i >= len(originals):   # the first pass is the originals themselves, the rest copies of them
+                scale = rng.uniform(0.6, 1.0)
+                image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
+                image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
+            files.append(Path(folder) / f"{i}.jpg")
+            image.save(files[-1], quality=rng.randint(50, 95))
+            splits.append("test" if rng.random() < 0.2 else "train")
+        processor = CLIPImageProcessor()   # ViT-B/16's: 224 px
+        started = time.perf_counter()
+        images = [open_rgb({"path": str(f)}) for f in files]
+        hashes = [pixel_hash(img) for img in images]
+        for start in range(0, len(images), 64):
+            processor(images[start:start + 64], return_tensors="pt")
+        load_s = time.perf_counter() - started
+        started = time.perf_counter()
+        found = find_near_copies(images, splits, hashes)
+        check_s = time.perf_counter() - started
+    result = {"images": num_images, "load_s": round(load_s, 2), "near_copy_check_s": round(check_s, 2),
+              "check_over_load": round(check_s / load_s, 3), "candidate_pairs": found["candidates"],
+              "copy_pairs": len(found["pairs"]), "clusters": len(found["clusters"]),
+              "threads": torch.get_num_threads()}
+    write_json(out_dir / "bench_duplicates.json", result)
+    print(f"near-copy check on {num_images} images: {check_s:.1f} s, loading them {load_s:.1f} s "
+          f"({check_s / load_s:.2f}x); {found['candidates']} candidate pairs, {len(found['pairs'])} copies "
+          f"in {len(found['clusters'])} clusters; written to {out_dir / 'bench_duplicates.json'}")
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="hub id or local directory [default: a random full-size ViT-B/16 CLIP]")
@@ -181,7 +232,14 @@ def main():
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                    help="attention kernel: PyTorch's fused scaled-dot-product, or transformers' plain one")
     p.add_argument("--output-dir", default="outputs")
+    p.add_argument("--duplicates", type=int, metavar="IMAGES",
+                   help="instead: time the near-copy check against loading this many images built from --data")
+    p.add_argument("--data", default=str(common.SAMPLE_DATA), help="image folder for --duplicates")
     args = p.parse_args()
+    if args.duplicates:
+        common.check_writable(Path(args.output_dir))
+        bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir))
+        return
 
     device = common.pick_device(args.device)
     common.check_writable(Path(args.output_dir))

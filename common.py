@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates, load_data
+from data import (DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates,
+                  describe_near_copies, load_data)
 from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
                     load_templates, model_dims)
-from reporting import NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, write_report
+from reporting import (NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, plot_closest_pairs,
+                       write_report)
 from progress import set_quiet
 from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                       predict_everywhere, summary_writer_class)
@@ -58,7 +60,10 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                    help="Gaussian noise sigmas (pixels in [0, 1]) for the robustness check")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     p.add_argument("--drop-test-duplicates", action="store_true",
-                   help="remove train images whose pixels equal a test image's")
+                   help="remove the train members of every cluster of copies that reaches into test")
+    p.add_argument("--duplicates", default="near", choices=["exact", "near"],
+                   help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
+                        "cropped or shifted copies (duplicates.py)")
     p.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
     p.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
     p.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
@@ -219,13 +224,14 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                      image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
-                     class_names=args.class_names)
+                     class_names=args.class_names, duplicates=getattr(args, "duplicates", "near"))
     if accelerator.is_main_process:   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
-        print(describe_duplicates(data.report))
+        print(describe_near_copies(data.report) if data.report["duplicate_check"] == "near"
+              else describe_duplicates(data.report))
         for key, what in (("skipped_images", "skipped unreadable images"),
-                          ("dropped_train_duplicates", "dropped train copies of test images")):
+                          ("dropped_train_duplicates", "dropped train copies (exact or near) of test images")):
             if data.report[key]:
                 print(f"{what}: {', '.join(data.report[key])}")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
@@ -289,6 +295,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     history = result.history if result else zero_shot_history(scores)
     if not exp.is_main:   # the other processes computed the same numbers; one writes them
         return metrics
+    if data.closest_pairs:
+        plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"), exp.out_dir / "closest_pairs.png")
     write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
                  data.test.files, history, metrics, robustness, report)
     low, high = metrics["test_accuracy_ci95"]

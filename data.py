@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from duplicates import NEAR_COPY_SCORE, find_near_copies
 from progress import progress_bar
 
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
@@ -23,6 +24,7 @@ READABLE_NAMES = {"notumor": "no tumor"}
 DEVICE_SHARE = 0.5   # of the GPU's free memory the images may take; the rest is for the model and activations
 PREPROCESS_CHUNK = 256   # images per call of the processor; chunks run in parallel threads
 VALIDATION_SPLIT = "validation"   # used as such when a dataset has one
+CONTACT_PAIRS = 8   # closest cross-split pairs kept for the contact sheet
 
 
 class UserError(Exception):
@@ -86,6 +88,7 @@ class MRIData:
     val: Split
     test: Split
     report: dict = field(default_factory=dict)   # duplicates and skipped files, written to outputs
+    closest_pairs: list = field(default_factory=list)   # (score, test name, test image, train name, train image)
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -103,7 +106,8 @@ class MRIData:
                 print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
                       f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
                 splits = [Split(s.inputs.pin_memory(), s.labels, s.files, s.mean, s.std) for s in splits]
-        return MRIData(self.class_names, *(s.to(device) for s in splits), self.report)
+        return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
+                       self.closest_pairs)
 
 
 # --------------------------------------------------------------------------- reading the source
@@ -278,6 +282,47 @@ def describe_duplicates(report: dict) -> str:
             f"{sum(len(g) - 1 for g in within['test'])} inside test")
 
 
+def near_copy_report(images: list[Image.Image], hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    """Exact and near copies (duplicates.py): clusters across and within splits, every pair with its score,
+    and every test image's nearest train image. Same cluster layout as find_duplicates."""
+    found = find_near_copies(images, splits, hashes)
+    cross, within = [], {"train": [], "test": []}   # and "val", for a dataset's own validation split
+    for members in found["clusters"]:
+        in_split = defaultdict(list)
+        for i in members:
+            in_split[splits[i]].append(files[i])
+        if len(in_split) > 1:
+            cross.append({"train": in_split["train"], "test": in_split["test"],
+                          **({"val": in_split["val"]} if "val" in in_split else {})})
+        for split, names in in_split.items():
+            if len(names) > 1:
+                within.setdefault(split, []).append(names)
+    nearest = sorted(((score, test, train) for test, (train, score) in found["nearest_train"].items()),
+                     reverse=True)
+    return {"train_test_duplicates": cross, "within_split_duplicates": within,
+            "near_copy_threshold": NEAR_COPY_SCORE,
+            "copy_pairs": [{"a": files[p["i"]], "b": files[p["j"]], "score": p["score"], "exact": p["exact"]}
+                           for p in found["pairs"]],
+            "nearest_train_of_test": [{"test": files[test], "train": files[train], "score": round(score, 4)}
+                                      for score, test, train in nearest],
+            "clusters": found["clusters"]}
+
+
+def describe_near_copies(report: dict) -> str:
+    pairs = {(p["a"], p["b"]): p for p in report["copy_pairs"]}
+    def split_of(name):
+        return "test" if name.startswith("test") else "train"
+    counts = {(where, kind): 0 for where in ("across", "train", "test") for kind in ("exact", "near")}
+    for (a, b), p in pairs.items():
+        where = "across" if split_of(a) != split_of(b) else split_of(a)
+        counts[(where, "exact" if p["exact"] else "near")] += 1
+    cross = report["train_test_duplicates"]
+    return (f"copies (correlation >= {report['near_copy_threshold']}): {sum(len(g['test']) for g in cross)} test "
+            f"images have a copy in train ({counts['across', 'exact']} exact, {counts['across', 'near']} near "
+            f"pairs); inside train {counts['train', 'exact']} exact, {counts['train', 'near']} near pairs; "
+            f"inside test {counts['test', 'exact']} exact, {counts['test', 'near']} near pairs")
+
+
 # --------------------------------------------------------------------------- the whole pipeline
 
 def preprocess(images: list[Image.Image], image_processor, workers: int | None = None) -> torch.Tensor:
@@ -317,10 +362,26 @@ def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tu
     return np.sort(train), np.sort(val)
 
 
+def grouped_val_indices(labels: np.ndarray, groups: list[list[int]], fraction: float,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified validation split in which each group (a cluster of copies) goes wholly to one side: the
+    stratified split is drawn over units, a unit being a cluster (labelled by its most common label) or a
+    single image. With no groups it is stratified_val_indices exactly."""
+    in_group = {i for g in groups for i in g}
+    units = [list(g) for g in groups] + [[i] for i in range(len(labels)) if i not in in_group]
+    if len(units) == len(labels):
+        return stratified_val_indices(labels, fraction, seed)
+    units.sort(key=min)
+    unit_labels = np.array([np.bincount(labels[u]).argmax() for u in units])
+    unit_train, unit_val = stratified_val_indices(unit_labels, fraction, seed)
+    return (np.sort(np.concatenate([units[u] for u in unit_train])),
+            np.sort(np.concatenate([units[u] for u in unit_val])))
+
+
 def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int = 0,
               skip_bad_images: bool = False, drop_test_duplicates: bool = False, image_column: str | None = None,
               label_column: str | None = None, test_split: str = "test",
-              class_names: list[str] | None = None) -> MRIData:
+              class_names: list[str] | None = None, duplicates: str = "near") -> MRIData:
     """A dataset's own `validation` split is used as the validation set; without one, a stratified share of
     train is carved out. `test_split` names the held-out split (some datasets call it 'validation' or 'val')."""
     source, class_names = load_source(data, image_column, label_column, test_split, class_names)
@@ -346,18 +407,45 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
             files.append(name)
 
     hashes = [pixel_hash(img) for img in images]
-    duplicates = find_duplicates(hashes, splits, files)
+    if duplicates not in ("exact", "near"):
+        raise UserError(f"--duplicates must be exact or near, not {duplicates}")
+    mode = duplicates
+    duplicates = near_copy_report(images, hashes, splits, files) if mode == "near" else find_duplicates(
+        hashes, splits, files)
+    clusters = duplicates.pop("clusters", None)
+    if clusters is None:   # exact mode: clusters of identical pixels
+        by_hash = defaultdict(list)
+        for i, h in enumerate(hashes):
+            by_hash[h].append(i)
+        clusters = [members for members in by_hash.values() if len(members) > 1]
     keep = np.ones(len(images), dtype=bool)
     dropped = []
-    if drop_test_duplicates:
+    if drop_test_duplicates and mode == "near":
+        # The train members of every cluster that reaches into test, however it got there.
+        for members in clusters:
+            if any(splits[i] == "test" for i in members):
+                for i in members:
+                    if splits[i] == "train":
+                        keep[i] = False
+                        dropped.append(files[i])
+    elif drop_test_duplicates:
         test_hashes = {h for h, s in zip(hashes, splits) if s == "test"}
         for i, (h, s) in enumerate(zip(hashes, splits)):
             if s == "train" and h in test_hashes:
                 keep[i] = False
                 dropped.append(files[i])
 
+    closest = []
+    if mode == "near":
+        where = {name: i for i, name in enumerate(files)}
+        nearest = duplicates["nearest_train_of_test"]
+        # The closest pairs, and the closest that are not copies: the near misses show what the threshold rejects.
+        shown = nearest[:CONTACT_PAIRS] + [p for p in nearest[CONTACT_PAIRS:] if p["score"] < NEAR_COPY_SCORE][:4]
+        closest = [(p["score"], p["test"], images[where[p["test"]]].copy(), p["train"],
+                    images[where[p["train"]]].copy()) for p in shown]
     pixels = preprocess([img for img, k in zip(images, keep) if k], image_processor)
     labels = np.array(labels)[keep]
+    splits_before = splits
     splits = np.array(splits)[keep]
     files = [f for f, k in zip(files, keep) if k]
 
@@ -366,17 +454,22 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     if own_validation:
         train, val = train_all, np.flatnonzero(splits == "val")
     else:
-        train_pos, val_pos = stratified_val_indices(labels[train_all], val_fraction, seed)
+        position = {old: new for new, old in enumerate(np.flatnonzero(keep))}
+        train_position = {i: p for p, i in enumerate(train_all)}
+        train_groups = [[train_position[position[i]] for i in members
+                         if i in position and splits_before[i] == "train"] for members in clusters]
+        train_pos, val_pos = grouped_val_indices(labels[train_all], [g for g in train_groups if len(g) > 1],
+                                                 val_fraction, seed)
         train, val = train_all[train_pos], train_all[val_pos]
 
     def subset(indices):
         return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices],
                      tuple(image_processor.image_mean), tuple(image_processor.image_std))
 
-    report = {**duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
+    report = {"duplicate_check": mode, **duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
               "source": data, "num_images": {"train": len(train), "val": len(val), "test": len(test)},
               "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
-    return MRIData([readable(c) for c in class_names], subset(train), subset(val), subset(test), report)
+    return MRIData([readable(c) for c in class_names], subset(train), subset(val), subset(test), report, closest)
 
 
 def relative_name(path: str) -> str:

@@ -127,6 +127,21 @@ def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, pa
     save_figure(fig, path)
 
 
+def plot_closest_pairs(pairs: list[tuple], threshold: float | None, path: Path) -> None:
+    """Contact sheet: each test image beside its nearest train image, closest pairs first, with the score, so
+    that a person can judge by eye whether the detector's copies (and near misses) are the same scan."""
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.2, 2.9 * len(pairs)), squeeze=False)
+    for row, (score, test_name, test_image, train_name, train_image) in zip(axes, pairs):
+        verdict = "copy" if threshold is not None and score >= threshold else "distinct"
+        for ax, name, image in ((row[0], test_name, test_image), (row[1], train_name, train_image)):
+            ax.imshow(image.convert("L"), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(name, fontsize=7)
+            ax.axis("off")
+        row[0].text(1.02, 1.2, f"correlation {score:.4f}: {verdict}", transform=row[0].transAxes, ha="center",
+                    fontsize=8, weight="bold")
+    save_figure(fig, path)
+
+
 def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: torch.Tensor,
                  test_labels: torch.Tensor, test_files: list[str], history: list[dict], metrics: dict,
                  robustness: list[dict], data_report: dict) -> None:

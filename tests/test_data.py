@@ -93,8 +93,8 @@ def test_bad_folders_get_one_clear_message(image_folder, image_processor, breaka
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data/brain_mri")
-def test_project_data_has_no_copies_across_splits(image_processor):
-    data = load_data(str(SHARED_DATA), image_processor, val_fraction=0.15, seed=0)
+def test_project_data_has_no_pixel_copies_across_splits(image_processor):
+    data = load_data(str(SHARED_DATA), image_processor, val_fraction=0.15, seed=0, duplicates="exact")
     assert (len(data.train), len(data.val), len(data.test)) == (408, 72, 320)
     assert data.report["train_test_duplicates"] == []
     assert data.report["within_split_duplicates"] == {"train": [], "test": []}

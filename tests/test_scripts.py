@@ -51,8 +51,10 @@ def assert_complete_outputs(folder, trained: bool):
 def test_each_script_writes_every_output_on_the_project_data(script, tmp_path):
     run_script(script, "--smoke", "--data", SHARED_DATA, "--epochs", 2, "--output-dir", tmp_path, expect_exit=0)
     metrics = assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
-    assert metrics["num_images"] == {"train": 408, "val": 72, "test": 320}
-    assert metrics["train_test_duplicates"] == 0
+    # Near copies (tests/test_duplicates.py): 9 test images have a re-contrasted copy in train, and train's
+    # clusters go whole to one side of the validation split.
+    assert metrics["num_images"] == {"train": 409, "val": 71, "test": 320}
+    assert metrics["train_test_duplicates"] == 9
     assert metrics["epochs_run"] == (0 if script == SCRIPTS[0] else 2)
     assert 0 < metrics["trainable_params"] <= metrics["total_params"] or script == SCRIPTS[0]
     if script in ("E3_shallow_vpt.py", "E4_deep_vpt.py", "E5_clip_vpt.py"):

@@ -1,0 +1,194 @@
+"""Near copies: every kind of re-encoded copy is found, distinct scans are not, clusters stay on one side of the
+validation split, and a run reports, shows and (on request) drops them."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_DATA, SHARED_DATA, run_script
+from PIL import Image, ImageEnhance
+
+from data import grouped_val_indices, image_files, load_data, open_rgb, pixel_hash
+from duplicates import NEAR_COPY_SCORE, find_near_copies
+from models import tiny_clip
+
+
+def jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def shifted(image: Image.Image, dx: int, dy: int) -> Image.Image:
+    canvas = Image.new(image.mode, image.size)
+    canvas.paste(image, (dx, dy))
+    return canvas
+
+
+def margin(image: Image.Image, share: float) -> Image.Image:
+    """The image on a black canvas share larger on each side: a scan with room around the head."""
+    canvas = Image.new(image.mode, (round(image.width * (1 + 2 * share)), round(image.height * (1 + 2 * share))))
+    canvas.paste(image, (round(image.width * share), round(image.height * share)))
+    return canvas
+
+
+COPY_KINDS = {
+    "jpeg quality 40": lambda im: jpeg(im, 40),
+    "half size": lambda im: im.resize((im.width // 2, im.height // 2)),
+    "other aspect": lambda im: im.resize((im.width * 3 // 4, im.height)),
+    "brighter": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
+    "more contrast": lambda im: ImageEnhance.Contrast(im).enhance(1.4),
+    "less contrast": lambda im: ImageEnhance.Contrast(im).enhance(0.7),
+    "gamma 0.8": lambda im: im.point(lambda v: round(255 * (v / 255) ** 0.8)),
+    "gamma 1.15": lambda im: im.point(lambda v: round(255 * (v / 255) ** 1.15)),
+    "greyscale": lambda im: im.convert("L"),
+    "grey as RGB": lambda im: im.convert("L").convert("RGB"),
+    "all at once": lambda im: jpeg(ImageEnhance.Contrast(im.convert("L").resize(
+        (im.width * 3 // 4, im.height * 3 // 4))).enhance(1.2), 60),
+}
+
+
+@pytest.fixture(scope="module")
+def sample_images():
+    paths = image_files(SAMPLE_DATA)["train"] + image_files(SAMPLE_DATA)["test"]
+    return [open_rgb({"path": p}) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    return tiny_clip()[1]
+
+
+@pytest.mark.parametrize("kind", COPY_KINDS)
+def test_every_kind_of_near_copy_of_every_sample_image_is_found(sample_images, kind):
+    copies = [COPY_KINDS[kind](img) for img in sample_images]
+    n = len(sample_images)
+    images = sample_images + copies
+    found = find_near_copies(images, ["train"] * n + ["test"] * n, [pixel_hash(img) for img in images])
+    pairs = {(p["i"], p["j"]) for p in found["pairs"]}
+    missed = [i for i in range(n) if (i, n + i) not in pairs]
+    assert missed == [], f"{kind}: {len(missed)} of {n} copies missed"
+    # Every test image's nearest train image is its original.
+    assert all(found["nearest_train"][n + i][0] == i for i in range(n))
+
+
+GEOMETRY_KINDS = {
+    "crop 2%": lambda im: im.crop((im.width // 50, im.height // 50, im.width, im.height)),
+    "shift 3%": lambda im: shifted(im, im.width * 3 // 100, im.height * 3 // 100),
+    "more black margin": lambda im: margin(im, 0.2),
+    "other black margin, cropped": lambda im: margin(im, 0.2).crop((im.width // 20, 0, im.width * 6 // 5,
+                                                                   im.height * 6 // 5)),
+}
+
+
+def black_background(image: Image.Image) -> bool:
+    grey = np.asarray(image.convert("L"))
+    return np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])) <= 3
+
+
+@pytest.mark.parametrize("kind", GEOMETRY_KINDS)
+def test_small_crops_shifts_and_margins_of_scans_on_black_are_found(sample_images, kind):
+    """On black, as most scans are (32 of the 40 samples); at most one of them missed. Measured limits, in the
+    README: a crop into a head that fills the frame can move the head box, and so can a black margin around a
+    scan on grey."""
+    originals = [img for img in sample_images if black_background(img)]
+    copies = [GEOMETRY_KINDS[kind](img) for img in originals]
+    n = len(originals)
+    images = originals + copies
+    found = find_near_copies(images, ["train"] * n + ["test"] * n, [pixel_hash(img) for img in images])
+    pairs = {(p["i"], p["j"]) for p in found["pairs"]}
+    missed = [i for i in range(n) if (i, n + i) not in pairs]
+    assert len(missed) <= 1, f"{kind}: {len(missed)} of {n} copies missed"
+
+
+def test_distinct_sample_images_are_not_copies(sample_images):
+    """The 40 sample scans are all different: nothing may be flagged among them."""
+    found = find_near_copies(sample_images, ["train"] * len(sample_images),
+                             [pixel_hash(img) for img in sample_images])
+    assert found["pairs"] == []
+
+
+# The copies in ../shared/data/brain_mri, each checked by eye on a contact sheet: the same slice, re-contrasted,
+# re-cropped or re-encoded (all "notumor" but one pair; PROVENANCE.md: that class of the release is full of them).
+SHARED_CROSS_SPLIT_COPIES = {"test/notumor/Te-no_0082.jpg", "test/notumor/Te-no_0146.jpg",
+                             "test/notumor/Te-no_0160.jpg", "test/notumor/Te-no_0217.jpg",
+                             "test/notumor/Te-no_0219.jpg", "test/notumor/Te-no_0221.jpg",
+                             "test/notumor/Te-no_0245.jpg", "test/notumor/Te-no_0296.jpg",
+                             "test/notumor/Te-no_0357.jpg"}
+
+
+@pytest.fixture(scope="module")
+def shared_data(image_processor):
+    if not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data/brain_mri")
+    return load_data(str(SHARED_DATA), image_processor, val_fraction=0.15, seed=0)
+
+
+def test_project_data_has_only_its_real_copies(shared_data):
+    report = shared_data.report
+    assert len(report["copy_pairs"]) == 22
+    assert {name for g in report["train_test_duplicates"] for name in g["test"]} == SHARED_CROSS_SPLIT_COPIES
+    assert len(report["train_test_duplicates"]) == 9
+    assert [len(g) for g in report["within_split_duplicates"]["train"]] == [2, 2, 3, 2, 2, 2]
+    assert len(report["within_split_duplicates"]["test"]) == 5
+    # The weakest real copy still clears the threshold; the closest test-train pair that is not one does not.
+    assert min(p["score"] for p in report["copy_pairs"]) >= NEAR_COPY_SCORE
+    not_copies = [p for p in report["nearest_train_of_test"] if p["test"] not in SHARED_CROSS_SPLIT_COPIES]
+    assert max(p["score"] for p in not_copies) < NEAR_COPY_SCORE
+
+
+def test_a_cluster_never_straddles_train_and_validation(shared_data):
+    sides = {name: "train" for name in shared_data.train.files} | {name: "val" for name in shared_data.val.files}
+    clusters = shared_data.report["within_split_duplicates"]["train"] + [
+        g["train"] for g in shared_data.report["train_test_duplicates"] if len(g["train"]) > 1]
+    assert clusters
+    for cluster in clusters:
+        assert len({sides[name] for name in cluster}) == 1, cluster
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grouped_validation_split_keeps_groups_whole_and_stays_stratified(seed):
+    labels = np.repeat(np.arange(4), 30)
+    groups = [[0, 1, 2], [30, 31], [60, 61, 62, 63], [90, 91], [5, 6]]
+    train, val = grouped_val_indices(labels, groups, 0.2, seed)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == 120
+    for group in groups:
+        assert set(group) <= set(train) or set(group) <= set(val)
+    assert all(4 <= c <= 9 for c in np.bincount(labels[val]))
+    assert np.array_equal(train, grouped_val_indices(labels, groups, 0.2, seed)[0])
+
+
+@pytest.fixture
+def folder_with_copies(tmp_path):
+    """The shipped sample, plus near copies of two test images placed in train."""
+    root = tmp_path / "data"
+    shutil.copytree(SAMPLE_DATA, root)
+    tests = sorted((root / "test" / "glioma").iterdir())[:2]
+    for kind, original in zip(("jpeg quality 40", "all at once"), tests):
+        COPY_KINDS[kind](open_rgb({"path": str(original)})).save(root / "train" / "glioma" / f"copy_{original.name}")
+    return root, [f"train/glioma/copy_{original.name}" for original in tests]
+
+
+def test_run_all_reports_shows_and_drops_near_copies_across_splits(folder_with_copies, tmp_path, capsys):
+    root, copies = folder_with_copies
+    run_script("run_all_experiments.py", "--smoke", "--data", root, "--experiments", "E1_zero_shot_clip",
+               "--output-dir", tmp_path / "kept", expect_exit=0)
+    out = capsys.readouterr().out
+    assert "2 test images have a copy in train (0 exact, 2 near pairs)" in out
+    folder = tmp_path / "kept" / "E1_zero_shot_clip"
+    report = json.loads((folder / "data_report.json").read_text())
+    assert sorted(n for g in report["train_test_duplicates"] for n in g["train"]) == sorted(copies)
+    assert all(p["score"] >= NEAR_COPY_SCORE for p in report["copy_pairs"])
+    assert len(report["nearest_train_of_test"]) == 20
+    assert (folder / "closest_pairs.png").read_bytes()[:4] == b"\x89PNG"
+
+    run_script("run_all_experiments.py", "--smoke", "--data", root, "--experiments", "E1_zero_shot_clip",
+               "--drop-test-duplicates", "--output-dir", tmp_path / "dropped", expect_exit=0)
+    assert "dropped train copies" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "dropped" / "E1_zero_shot_clip" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "dropped" / "E1_zero_shot_clip" / "data_report.json").read_text())
+    assert sorted(report["dropped_train_duplicates"]) == sorted(copies)
+    assert metrics["dropped_train_duplicates"] == 2
+    assert metrics["num_images"]["train"] + metrics["num_images"]["val"] == 20
