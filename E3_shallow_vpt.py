@@ -10,8 +10,8 @@ S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for
 """
 
 import common
-from models import (PIXEL_PROMPTERS, ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates,
-                    scaled_prompt_size)
+from models import ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates
+from prompts import PIXEL_PROMPTERS, scaled_prompt_size
 from training import train
 
 LEARNING_RATE = 1e-3   # run_all_experiments.py reads it

@@ -7,7 +7,7 @@ The adapter is saved in peft's format to <output-dir>/E7_lora/adapter/ (with hea
 """
 
 import common
-from models import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
+from adapters import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
 from training import train
 
 LEARNING_RATE = 1e-3   # run_all_experiments.py reads it

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import common
 from data import UserError
-from models import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
+from prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from reporting import plt, save_figure, write_csv, write_json, write_text
 from run_all_experiments import aggregate, run_experiment, spread
 

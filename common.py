@@ -17,8 +17,8 @@ import torch
 
 from data import (DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates,
                   describe_near_copies, load_data)
-from models import (DEFAULT_MODEL, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS, TINY_CLIP, count_params, load_clip,
-                    load_templates, model_dims)
+from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
+from prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from reporting import (NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, plot_closest_pairs,
                        write_report)
 from progress import set_quiet
@@ -86,7 +86,7 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
 
 def add_prompt_flags(p: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
                      ) -> argparse.ArgumentParser:
-    """The token-prompt flags E3, E4 and E5 share (see models.VisualPrompts for what each does)."""
+    """The token-prompt flags E3, E4 and E5 share (see prompts.VisualPrompts for what each does)."""
     p.add_argument("--num-prompts", type=int, default=1, help=num_prompts_help)
     p.add_argument("--prompt-position", default="front", choices=PROMPT_POSITIONS,
                    help="front: right after the class token (VPT); back: after the last patch token (MaPLe). "

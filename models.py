@@ -1,14 +1,9 @@
 """CLIP loading and the classifiers of the experiments, built around an unmodified `transformers` CLIP.
 
-Prompts are added by hooks on CLIP's own modules, never by copying its code, so the frozen backbone
-computes exactly what it computes without them.
+The prompts they train are in prompts.py, E7's peft adapters in adapters.py.
 """
 
-import contextlib
 import hashlib
-import math
-import warnings
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from data import UserError, looks_like_hub_id
+from prompts import TextContext, VisualPrompts
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 TINY_CLIP = "tiny-random-clip"   # what --smoke loads: random weights, seconds on a CPU, no download
@@ -230,149 +226,6 @@ class ZeroShot(Classifier):
         return similarity_logits(self.clip, image, self.class_embeddings)
 
 
-PROMPT_POSITIONS = ("front", "back")
-PROMPT_ENTRIES = ("pre-ln", "post-ln")
-PROMPT_INITS = ("normal", "xavier")
-
-
-class VisualPrompts(nn.Module):
-    """VPT (Jia et al., ECCV 2022): N learnable tokens among the image tokens at the input of the chosen
-    encoder layers. The first chosen layer inserts them; every later chosen layer throws away the previous
-    layer's prompt outputs and puts in its own (VPT-deep); a layer not chosen carries the prompts along.
-    Shallow VPT is the case layers=[0].
-
-    position: "front" puts the prompts right after the class token (VPT), "back" after the last patch token
-    (MaPLe's code). The pooled output stays the class token either way. The two are the same function: CLIP's
-    vision tower has no attention mask and the prompts carry no position embedding, so attention, being
-    permutation-equivariant over the other tokens, gives the class token the same output up to float rounding
-    (tested).
-
-    entry: where the first prompted layer's prompts go in when that layer is 0. "pre-ln" (the default) appends
-    them to the embeddings before CLIP's pre-layernorm, as the CLIP-based reference implementations of
-    VPT-style prompting do (MaPLe and its independent vision-language prompting baseline, IVLP,
-    Khattak et al., CVPR 2023); "post-ln" puts them at the encoder layer's input, after the pre-layernorm,
-    as a free vector in the space the layer reads (this project's earlier behaviour). Deeper layers have no
-    pre-layernorm before them: their prompts always go in at the layer's input, as MaPLe's deeper prompts do,
-    so a first prompted layer above 0 makes entry moot, and `self.entry` says "post-ln".
-
-    init: "normal" draws N(0, 0.02) as MaPLe and IVLP do (the default); "xavier" is VPT's uniform bound
-    sqrt(6 / (3·patch² + width)).
-    """
-
-    def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
-                 position: str = "front", entry: str = "pre-ln", init: str = "normal"):
-        super().__init__()
-        config = vision_model.config
-        self.layers = sorted(set(layers))
-        if not self.layers or not all(0 <= i < config.num_hidden_layers for i in self.layers):
-            raise UserError(f"prompt layers must be between 0 and {config.num_hidden_layers - 1}, got {list(layers)}")
-        for name, value, allowed in (("position", position, PROMPT_POSITIONS), ("entry", entry, PROMPT_ENTRIES),
-                                     ("init", init, PROMPT_INITS)):
-            if value not in allowed:
-                raise UserError(f"prompt {name} must be one of {', '.join(allowed)}, got {value!r}")
-        self.num_prompts, self.position = num_prompts, position
-        self.entry = entry if self.layers[0] == 0 else "post-ln"
-        prompts = torch.empty(len(self.layers), num_prompts, config.hidden_size)
-        if init == "normal":
-            nn.init.normal_(prompts, std=0.02)
-        else:
-            bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.hidden_size))   # VPT's Xavier-uniform bound
-            nn.init.uniform_(prompts, -bound, bound)
-        self.prompts = nn.Parameter(prompts)
-        self.dropout = nn.Dropout(dropout)
-        for index, layer in enumerate(self.layers):
-            if index == 0 and self.entry == "pre-ln":
-                vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
-            else:
-                vision_model.encoder.layers[layer].register_forward_pre_hook(
-                    partial(self._put_prompts, index, index == 0), with_kwargs=True)
-
-    def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
-        hidden = args[0]
-        # Expanded before dropout, so that every image draws its own mask, as in VPT.
-        prompts = self.dropout(self.prompts[index].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)
-        kept = self.num_prompts if not inserting else 0   # the previous layer's prompt outputs, thrown away
-        if self.position == "front":
-            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1 + kept:]], dim=1)
-        else:
-            hidden = torch.cat([hidden[:, :hidden.shape[1] - kept], prompts], dim=1)
-        return (hidden, *args[1:]) if kwargs is None else ((hidden, *args[1:]), kwargs)
-
-
-# --------------------------------------------------------------------------- pixel-space prompts
-
-def scaled_prompt_size(image_size: int, size_at_224: int = 30) -> int:
-    """Bahng et al.'s 30-pixel prompt at 224 px, scaled to the model's image size (4 at 32 px), at least 1."""
-    return max(1, round(size_at_224 * image_size / 224))
-
-
-class PadPrompter(nn.Module):
-    """Bahng et al. (2022), "Exploring Visual Prompts for Adapting Large-Scale Models": a learnable frame
-    `pad_size` pixels wide, added to the normalised image; the inside is untouched.
-    Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224, p = 30."""
-
-    def __init__(self, image_size: int, pad_size: int):
-        super().__init__()
-        if not 0 < 2 * pad_size < image_size:
-            raise UserError(f"--pad-size must be between 1 and {(image_size - 1) // 2} for {image_size}-pixel "
-                            f"images, got {pad_size}")
-        self.image_size, self.pad_size = image_size, pad_size
-        inner = image_size - 2 * pad_size
-        self.pad_up = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
-        self.pad_down = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
-        self.pad_left = nn.Parameter(torch.randn(1, 3, inner, pad_size))
-        self.pad_right = nn.Parameter(torch.randn(1, 3, inner, pad_size))
-        self.register_buffer("centre", torch.zeros(1, 3, inner, inner), persistent=False)
-
-    @staticmethod
-    def count(image_size: int, pad_size: int) -> int:
-        return 12 * pad_size * (image_size - pad_size)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        middle = torch.cat([self.pad_left, self.centre, self.pad_right], dim=3)
-        frame = torch.cat([self.pad_up, middle, self.pad_down], dim=2)
-        return pixels + frame.to(pixels.dtype)
-
-
-class FixedPatchPrompter(nn.Module):
-    """Bahng et al. (2022): a learnable `patch_size`² square added at the top-left corner. Parameters: 3·s²."""
-
-    def __init__(self, image_size: int, patch_size: int):
-        super().__init__()
-        if not 0 < patch_size <= image_size:
-            raise UserError(f"--patch-size must be between 1 and {image_size} for {image_size}-pixel images, "
-                            f"got {patch_size}")
-        self.image_size, self.patch_size = image_size, patch_size
-        self.patch = nn.Parameter(torch.randn(1, 3, patch_size, patch_size))
-
-    @staticmethod
-    def count(image_size: int, patch_size: int) -> int:
-        return 3 * patch_size ** 2
-
-    def place(self, pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
-        s = self.patch_size
-        prompt = F.pad(self.patch, (left, self.image_size - left - s, top, self.image_size - top - s))
-        return pixels + prompt.to(pixels.dtype)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.place(pixels, 0, 0)
-
-
-class RandomPatchPrompter(FixedPatchPrompter):
-    """Bahng et al. (2022): the same square at a random place, drawn once per batch while training.
-    Unlike their code, which draws a place at test time too, evaluation puts it at the top-left corner, so that
-    a prediction is the same every time it is made."""
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.place(pixels, 0, 0)
-        top, left = torch.randint(0, self.image_size - self.patch_size + 1, (2,)).tolist()
-        return self.place(pixels, top, left)
-
-
-PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "random-patch": RandomPatchPrompter}
-
-
 def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
     """Unit class embeddings from CLIP's text tower, averaged over templates and renormalised (as ZeroShot)."""
     device = clip.logit_scale.device
@@ -427,44 +280,6 @@ class ImageClassifier(Classifier):
         return self.head(self.embed(pixels))
 
 
-class TextContext(nn.Module):
-    """CoOp (Zhou et al., IJCV 2022): M learnable context vectors in place of a hand-written template.
-    Each class's sentence is [BOS] ctx_1 ... ctx_M <class name> . [EOS]; CLIP still pools it at its
-    end-of-text token, so the class name's own tokens shape the class embedding."""
-
-    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int):
-        super().__init__()
-        self.context = nn.Parameter(torch.randn(num_context, text_model.config.hidden_size) * 0.02)
-        tokens = tokenizer([f"{name}." for name in class_names], padding=True, return_tensors="pt")
-        limit = text_model.config.max_position_embeddings
-        if tokens["input_ids"].shape[1] + num_context > limit:
-            raise UserError(f"{num_context} text context vectors and the class names take "
-                            f"{tokens['input_ids'].shape[1] + num_context} tokens, more than CLIP's {limit}: "
-                            f"lower --num-text-prompts")
-        # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token.
-        placeholders = torch.full((len(class_names), num_context), tokenizer.bos_token_id)
-        ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        self.register_buffer("input_ids", torch.cat([ids[:, :1], placeholders, ids[:, 1:]], 1), persistent=False)
-        self.register_buffer("attention_mask", torch.cat([mask[:, :1], torch.ones_like(placeholders), mask[:, 1:]], 1),
-                             persistent=False)
-        self._active = False
-        text_model.embeddings.token_embedding.register_forward_hook(self._put_context)
-
-    def _put_context(self, module, args, token_embeddings):
-        if not self._active:   # any other use of this text tower sees plain token embeddings
-            return None
-        context = self.context.to(token_embeddings.dtype).expand(token_embeddings.shape[0], -1, -1)
-        return torch.cat([token_embeddings[:, :1], context, token_embeddings[:, 1 + len(self.context):]], dim=1)
-
-    @contextlib.contextmanager
-    def active(self):
-        self._active = True
-        try:
-            yield self.input_ids, self.attention_mask
-        finally:
-            self._active = False
-
-
 class PromptedCLIP(Classifier):
     """E5: visual prompts in the image tower and learned context in the text tower; the logits are
     CLIP's own scaled cosine similarities between an image and each class's text. No linear head."""
@@ -485,125 +300,3 @@ class PromptedCLIP(Classifier):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
         return similarity_logits(self.clip, image, self.class_embeddings())
-
-
-# --------------------------------------------------------------------------- E7: peft adapters
-
-ADAPTERS = ("lora", "loha", "lokr", "ia3")
-VISION_LINEAR_LAYERS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-                        "out_proj": "self_attn", "fc1": "mlp", "fc2": "mlp"}
-# (IA)^3 (Liu et al., NeurIPS 2022) rescales keys, values and the feed-forward's inner activation (fc2's input);
-# the low-rank adapters default to LoRA's q_proj and v_proj (Hu et al., ICLR 2022).
-DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "loha": ("q_proj", "v_proj"), "lokr": ("q_proj", "v_proj"),
-                   "ia3": ("k_proj", "v_proj", "fc2")}
-
-
-def vision_layers_regex(names) -> str:
-    """A regular expression peft matches against full module names of a CLIPModel: only the vision encoder's
-    linear layers with these names, so that the text tower's own q_proj, v_proj, ... stay untouched."""
-    unknown = sorted(set(names) - set(VISION_LINEAR_LAYERS))
-    if unknown or not names:
-        raise UserError(f"unknown target modules {unknown or '(none)'}: choose from {' '.join(VISION_LINEAR_LAYERS)}")
-    groups = {}
-    for name in sorted(set(names)):
-        groups.setdefault(VISION_LINEAR_LAYERS[name], []).append(name)
-    parts = "|".join(rf"{block}\.({'|'.join(layer_names)})" for block, layer_names in sorted(groups.items()))
-    return rf"vision_model\.encoder\.layers\.\d+\.({parts})"
-
-
-def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout: float = 0.1, targets=None):
-    """The peft config of one adapter kind, restricted to the vision encoder.
-    LoHa and LoKr have no input dropout like LoRA's: `dropout` becomes their rank dropout (a share of the
-    rank components dropped per step). (IA)^3 learns one scale per feature: it has no rank, alpha or dropout,
-    and those arguments are ignored for it."""
-    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
-    if adapter not in ADAPTERS:
-        raise UserError(f"unknown adapter '{adapter}': choose from {', '.join(ADAPTERS)}")
-    if rank < 1:
-        raise UserError("--rank must be at least 1")
-    if not 0 <= dropout < 1:
-        raise UserError("--lora-dropout must be in [0, 1)")
-    targets = tuple(targets or DEFAULT_TARGETS[adapter])
-    regex = vision_layers_regex(targets)
-    if adapter == "lora":
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none")
-    if adapter == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=regex)
-    if adapter == "lokr":
-        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=regex)
-    feedforward = [name for name in targets if name == "fc2"]   # scaled at its input, as in the paper
-    return IA3Config(target_modules=regex,
-                     feedforward_modules=vision_layers_regex(feedforward) if feedforward else [])
-
-
-def adapter_settings(args) -> dict:
-    """What metrics.json records about the adapter, from E7's flags."""
-    targets = list(args.target_modules or DEFAULT_TARGETS[args.adapter])
-    if args.adapter == "ia3":
-        return {"adapter": "ia3", "target_modules": targets}
-    return {"adapter": args.adapter, "rank": args.rank, "alpha": args.alpha, "adapter_dropout": args.lora_dropout,
-            "target_modules": targets}
-
-
-class AdapterClassifier(Classifier):
-    """E7: peft adapters (LoRA by default) in CLIP's vision encoder, then the projection and a linear head
-    on the projected embedding, as in ImageClassifier. The whole CLIPModel is wrapped, with target modules
-    restricted to the vision encoder, so that the saved adapter loads onto a plain CLIPModel with
-    PeftModel.from_pretrained as users expect; the classifier itself holds only the vision tower,
-    projection and head, so the text tower is neither trained nor counted, as in E6.
-
-    Base weights are frozen and, like the frozen towers of E2–E4, stay in eval mode while training; only the
-    adapter layers follow train()/eval(), so that their own dropout is on in training and off in evaluation."""
-
-    def __init__(self, clip: CLIPModel, num_classes: int, config=None, adapter_dir: Path | None = None):
-        """Fresh adapters from `config` (peft_config() by default), or, with `adapter_dir`, the adapter and head
-        that save_adapter wrote, loaded with PeftModel.from_pretrained for predictions (nothing trainable)."""
-        from peft import PeftModel, get_peft_model
-        super().__init__()
-        freeze(clip)
-        with warnings.catch_warnings():
-            # peft asks transformers a deprecated question; the user can do nothing about that warning.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
-                          else get_peft_model(clip, config or peft_config()))
-        # Not a registered submodule: it holds the text tower too, which this classifier does not use.
-        object.__setattr__(self, "peft_model", peft_model)
-        self.vision, self.projection = clip.vision_model, clip.visual_projection
-        self.head = Fp32Linear(clip.config.projection_dim, num_classes)
-        if adapter_dir is not None:
-            from safetensors.torch import load_file
-            self.head.load_state_dict(load_file(Path(adapter_dir) / "head.safetensors"))
-            self.head.requires_grad_(False)
-        self.train(adapter_dir is None)
-
-    def train(self, mode: bool = True):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        super().train(mode)
-        self.vision.eval(), self.projection.eval()
-        for module in self.vision.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.train(mode)
-                module.get_base_layer().eval()
-        return self
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.vision(pixel_values=pixels).pooler_output)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(pixels))
-
-    def save_adapter(self, directory: Path) -> None:
-        """peft's own format (adapter_config.json, adapter_model.safetensors), plus head.safetensors."""
-        from safetensors.torch import save_file
-        self.peft_model.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  Path(directory) / "head.safetensors")
-
-    def save_merged(self, directory: Path, image_processor, tokenizer) -> None:
-        """A plain CLIPModel with the adapters merged into its weights, loadable with --model; this model's
-        own weights are left as they are (the merge runs on a copy)."""
-        import copy
-        from transformers import CLIPProcessor
-        merged = copy.deepcopy(self.peft_model).merge_and_unload()
-        merged.save_pretrained(directory)
-        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)

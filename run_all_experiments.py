@@ -103,7 +103,7 @@ def study_accuracy(name: str) -> str:
 def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
-    lines = [f"# Summary\n", f"`{command}`\n",
+    lines = ["# Summary\n", f"`{command}`\n",
              f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
              f"reported (convergence speed). 'Study' is the accuracy the reproduced study reported, not measured "
              f"here.\n",

@@ -10,8 +10,9 @@ from test_scripts import assert_complete_outputs
 from transformers import CLIPModel
 
 import models
+from adapters import VISION_LINEAR_LAYERS, AdapterClassifier, peft_config
 from data import Split
-from models import AdapterClassifier, count_params, peft_config, vit_b16_config
+from models import count_params, vit_b16_config
 from training import TrainConfig, predict, train
 
 CPU = torch.device("cpu")
@@ -49,7 +50,7 @@ def trained(tmp_path_factory):
     before = {name: p.detach().clone() for name, p in clip.named_parameters()}
     pixels, labels = tiny_batch(image_processor, 12), torch.arange(12) % 4
     torch.manual_seed(0)
-    model = AdapterClassifier(clip, 4, peft_config("lora", targets=list(models.VISION_LINEAR_LAYERS)))
+    model = AdapterClassifier(clip, 4, peft_config("lora", targets=list(VISION_LINEAR_LAYERS)))
     split = Split(pixels, labels, [])
     folder = tmp_path_factory.mktemp("lora")
     train(model, split, split, split, TrainConfig(epochs=3, patience=3, batch_size=4, lr=1e-2, weight_decay=0.0,

@@ -158,7 +158,7 @@ def test_zero_prompts_give_exactly_the_frozen_embeddings(clip_parts):
         plain_text = clip.get_text_features(**tokenizer(CLASS_NAMES, padding=True, return_tensors="pt")).pooler_output
         layers = range(clip.config.vision_config.num_hidden_layers)
         prompted = ImageClassifier(copy.deepcopy(clip), 4)
-        from models import VisualPrompts
+        from prompts import VisualPrompts
         VisualPrompts(prompted.vision, 0, layers)
         assert torch.equal(prompted.embed(pixels), plain_image)
         e5 = PromptedCLIP(clip, tokenizer, CLASS_NAMES, num_prompts=0, num_text_prompts=2)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script, tiny_batch
 
-from models import (STUDY_TEMPLATES, FixedPatchPrompter, ImageClassifier, PadPrompter, RandomPatchPrompter,
-                    TextHead, VisualPrompts, ZeroShot, count_params, scaled_prompt_size)
+from models import STUDY_TEMPLATES, ImageClassifier, TextHead, ZeroShot, count_params
+from prompts import FixedPatchPrompter, PadPrompter, RandomPatchPrompter, VisualPrompts, scaled_prompt_size
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 

@@ -15,7 +15,6 @@ import pytest
 from conftest import run_script
 
 import progress
-import report_html
 
 RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)

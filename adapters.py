@@ -1,0 +1,132 @@
+"""E7's `peft` adapters (LoRA, LoHa, LoKr, IA3) on the CLIP vision tower: their configurations, restricted to
+the vision encoder by a regular expression, and the classifier that trains them with a linear head.
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import CLIPModel
+
+from data import UserError
+from models import Classifier, Fp32Linear, freeze
+
+
+ADAPTERS = ("lora", "loha", "lokr", "ia3")
+VISION_LINEAR_LAYERS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                        "out_proj": "self_attn", "fc1": "mlp", "fc2": "mlp"}
+# (IA)^3 (Liu et al., NeurIPS 2022) rescales keys, values and the feed-forward's inner activation (fc2's input);
+# the low-rank adapters default to LoRA's q_proj and v_proj (Hu et al., ICLR 2022).
+DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "loha": ("q_proj", "v_proj"), "lokr": ("q_proj", "v_proj"),
+                   "ia3": ("k_proj", "v_proj", "fc2")}
+
+
+def vision_layers_regex(names) -> str:
+    """A regular expression peft matches against full module names of a CLIPModel: only the vision encoder's
+    linear layers with these names, so that the text tower's own q_proj, v_proj, ... stay untouched."""
+    unknown = sorted(set(names) - set(VISION_LINEAR_LAYERS))
+    if unknown or not names:
+        raise UserError(f"unknown target modules {unknown or '(none)'}: choose from {' '.join(VISION_LINEAR_LAYERS)}")
+    groups = {}
+    for name in sorted(set(names)):
+        groups.setdefault(VISION_LINEAR_LAYERS[name], []).append(name)
+    parts = "|".join(rf"{block}\.({'|'.join(layer_names)})" for block, layer_names in sorted(groups.items()))
+    return rf"vision_model\.encoder\.layers\.\d+\.({parts})"
+
+
+def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout: float = 0.1, targets=None):
+    """The peft config of one adapter kind, restricted to the vision encoder.
+    LoHa and LoKr have no input dropout like LoRA's: `dropout` becomes their rank dropout (a share of the
+    rank components dropped per step). (IA)^3 learns one scale per feature: it has no rank, alpha or dropout,
+    and those arguments are ignored for it."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+    if adapter not in ADAPTERS:
+        raise UserError(f"unknown adapter '{adapter}': choose from {', '.join(ADAPTERS)}")
+    if rank < 1:
+        raise UserError("--rank must be at least 1")
+    if not 0 <= dropout < 1:
+        raise UserError("--lora-dropout must be in [0, 1)")
+    targets = tuple(targets or DEFAULT_TARGETS[adapter])
+    regex = vision_layers_regex(targets)
+    if adapter == "lora":
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none")
+    if adapter == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=regex)
+    if adapter == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=regex)
+    feedforward = [name for name in targets if name == "fc2"]   # scaled at its input, as in the paper
+    return IA3Config(target_modules=regex,
+                     feedforward_modules=vision_layers_regex(feedforward) if feedforward else [])
+
+
+def adapter_settings(args) -> dict:
+    """What metrics.json records about the adapter, from E7's flags."""
+    targets = list(args.target_modules or DEFAULT_TARGETS[args.adapter])
+    if args.adapter == "ia3":
+        return {"adapter": "ia3", "target_modules": targets}
+    return {"adapter": args.adapter, "rank": args.rank, "alpha": args.alpha, "adapter_dropout": args.lora_dropout,
+            "target_modules": targets}
+
+
+class AdapterClassifier(Classifier):
+    """E7: peft adapters (LoRA by default) in CLIP's vision encoder, then the projection and a linear head
+    on the projected embedding, as in ImageClassifier. The whole CLIPModel is wrapped, with target modules
+    restricted to the vision encoder, so that the saved adapter loads onto a plain CLIPModel with
+    PeftModel.from_pretrained as users expect; the classifier itself holds only the vision tower,
+    projection and head, so the text tower is neither trained nor counted, as in E6.
+
+    Base weights are frozen and, like the frozen towers of E2–E4, stay in eval mode while training; only the
+    adapter layers follow train()/eval(), so that their own dropout is on in training and off in evaluation."""
+
+    def __init__(self, clip: CLIPModel, num_classes: int, config=None, adapter_dir: Path | None = None):
+        """Fresh adapters from `config` (peft_config() by default), or, with `adapter_dir`, the adapter and head
+        that save_adapter wrote, loaded with PeftModel.from_pretrained for predictions (nothing trainable)."""
+        from peft import PeftModel, get_peft_model
+        super().__init__()
+        freeze(clip)
+        with warnings.catch_warnings():
+            # peft asks transformers a deprecated question; the user can do nothing about that warning.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
+                          else get_peft_model(clip, config or peft_config()))
+        # Not a registered submodule: it holds the text tower too, which this classifier does not use.
+        object.__setattr__(self, "peft_model", peft_model)
+        self.vision, self.projection = clip.vision_model, clip.visual_projection
+        self.head = Fp32Linear(clip.config.projection_dim, num_classes)
+        if adapter_dir is not None:
+            from safetensors.torch import load_file
+            self.head.load_state_dict(load_file(Path(adapter_dir) / "head.safetensors"))
+            self.head.requires_grad_(False)
+        self.train(adapter_dir is None)
+
+    def train(self, mode: bool = True):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        super().train(mode)
+        self.vision.eval(), self.projection.eval()
+        for module in self.vision.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.train(mode)
+                module.get_base_layer().eval()
+        return self
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.vision(pixel_values=pixels).pooler_output)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(pixels))
+
+    def save_adapter(self, directory: Path) -> None:
+        """peft's own format (adapter_config.json, adapter_model.safetensors), plus head.safetensors."""
+        from safetensors.torch import save_file
+        self.peft_model.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  Path(directory) / "head.safetensors")
+
+    def save_merged(self, directory: Path, image_processor, tokenizer) -> None:
+        """A plain CLIPModel with the adapters merged into its weights, loadable with --model; this model's
+        own weights are left as they are (the merge runs on a copy)."""
+        import copy
+        from transformers import CLIPProcessor
+        merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        merged.save_pretrained(directory)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)

@@ -1,0 +1,197 @@
+"""The learnable prompts: VPT's prompt tokens in the image tower, pixel-space prompts added to the image
+(Bahng et al., 2022), and CoOp's context vectors in the text tower. Each is added by hooks on `transformers`'
+own CLIP modules, never by copying its code, so the frozen backbone computes exactly what it computes without
+them. The classifiers that use them are in models.py.
+"""
+
+import contextlib
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import UserError
+
+
+PROMPT_POSITIONS = ("front", "back")
+PROMPT_ENTRIES = ("pre-ln", "post-ln")
+PROMPT_INITS = ("normal", "xavier")
+
+
+class VisualPrompts(nn.Module):
+    """VPT (Jia et al., ECCV 2022): N learnable tokens among the image tokens at the input of the chosen
+    encoder layers. The first chosen layer inserts them; every later chosen layer throws away the previous
+    layer's prompt outputs and puts in its own (VPT-deep); a layer not chosen carries the prompts along.
+    Shallow VPT is the case layers=[0].
+
+    position: "front" puts the prompts right after the class token (VPT), "back" after the last patch token
+    (MaPLe's code). The pooled output stays the class token either way. The two are the same function: CLIP's
+    vision tower has no attention mask and the prompts carry no position embedding, so attention, being
+    permutation-equivariant over the other tokens, gives the class token the same output up to float rounding
+    (tested).
+
+    entry: where the first prompted layer's prompts go in when that layer is 0. "pre-ln" (the default) appends
+    them to the embeddings before CLIP's pre-layernorm, as the CLIP-based reference implementations of
+    VPT-style prompting do (MaPLe and its independent vision-language prompting baseline, IVLP,
+    Khattak et al., CVPR 2023); "post-ln" puts them at the encoder layer's input, after the pre-layernorm,
+    as a free vector in the space the layer reads (this project's earlier behaviour). Deeper layers have no
+    pre-layernorm before them: their prompts always go in at the layer's input, as MaPLe's deeper prompts do,
+    so a first prompted layer above 0 makes entry moot, and `self.entry` says "post-ln".
+
+    init: "normal" draws N(0, 0.02) as MaPLe and IVLP do (the default); "xavier" is VPT's uniform bound
+    sqrt(6 / (3·patch² + width)).
+    """
+
+    def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
+                 position: str = "front", entry: str = "pre-ln", init: str = "normal"):
+        super().__init__()
+        config = vision_model.config
+        self.layers = sorted(set(layers))
+        if not self.layers or not all(0 <= i < config.num_hidden_layers for i in self.layers):
+            raise UserError(f"prompt layers must be between 0 and {config.num_hidden_layers - 1}, got {list(layers)}")
+        for name, value, allowed in (("position", position, PROMPT_POSITIONS), ("entry", entry, PROMPT_ENTRIES),
+                                     ("init", init, PROMPT_INITS)):
+            if value not in allowed:
+                raise UserError(f"prompt {name} must be one of {', '.join(allowed)}, got {value!r}")
+        self.num_prompts, self.position = num_prompts, position
+        self.entry = entry if self.layers[0] == 0 else "post-ln"
+        prompts = torch.empty(len(self.layers), num_prompts, config.hidden_size)
+        if init == "normal":
+            nn.init.normal_(prompts, std=0.02)
+        else:
+            bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.hidden_size))   # VPT's Xavier-uniform bound
+            nn.init.uniform_(prompts, -bound, bound)
+        self.prompts = nn.Parameter(prompts)
+        self.dropout = nn.Dropout(dropout)
+        for index, layer in enumerate(self.layers):
+            if index == 0 and self.entry == "pre-ln":
+                vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
+            else:
+                vision_model.encoder.layers[layer].register_forward_pre_hook(
+                    partial(self._put_prompts, index, index == 0), with_kwargs=True)
+
+    def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
+        hidden = args[0]
+        # Expanded before dropout, so that every image draws its own mask, as in VPT.
+        prompts = self.dropout(self.prompts[index].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)
+        kept = self.num_prompts if not inserting else 0   # the previous layer's prompt outputs, thrown away
+        if self.position == "front":
+            hidden = torch.cat([hidden[:, :1], prompts, hidden[:, 1 + kept:]], dim=1)
+        else:
+            hidden = torch.cat([hidden[:, :hidden.shape[1] - kept], prompts], dim=1)
+        return (hidden, *args[1:]) if kwargs is None else ((hidden, *args[1:]), kwargs)
+
+
+# --------------------------------------------------------------------------- pixel-space prompts
+
+def scaled_prompt_size(image_size: int, size_at_224: int = 30) -> int:
+    """Bahng et al.'s 30-pixel prompt at 224 px, scaled to the model's image size (4 at 32 px), at least 1."""
+    return max(1, round(size_at_224 * image_size / 224))
+
+
+class PadPrompter(nn.Module):
+    """Bahng et al. (2022), "Exploring Visual Prompts for Adapting Large-Scale Models": a learnable frame
+    `pad_size` pixels wide, added to the normalised image; the inside is untouched.
+    Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224, p = 30."""
+
+    def __init__(self, image_size: int, pad_size: int):
+        super().__init__()
+        if not 0 < 2 * pad_size < image_size:
+            raise UserError(f"--pad-size must be between 1 and {(image_size - 1) // 2} for {image_size}-pixel "
+                            f"images, got {pad_size}")
+        self.image_size, self.pad_size = image_size, pad_size
+        inner = image_size - 2 * pad_size
+        self.pad_up = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
+        self.pad_down = nn.Parameter(torch.randn(1, 3, pad_size, image_size))
+        self.pad_left = nn.Parameter(torch.randn(1, 3, inner, pad_size))
+        self.pad_right = nn.Parameter(torch.randn(1, 3, inner, pad_size))
+        self.register_buffer("centre", torch.zeros(1, 3, inner, inner), persistent=False)
+
+    @staticmethod
+    def count(image_size: int, pad_size: int) -> int:
+        return 12 * pad_size * (image_size - pad_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        middle = torch.cat([self.pad_left, self.centre, self.pad_right], dim=3)
+        frame = torch.cat([self.pad_up, middle, self.pad_down], dim=2)
+        return pixels + frame.to(pixels.dtype)
+
+
+class FixedPatchPrompter(nn.Module):
+    """Bahng et al. (2022): a learnable `patch_size`² square added at the top-left corner. Parameters: 3·s²."""
+
+    def __init__(self, image_size: int, patch_size: int):
+        super().__init__()
+        if not 0 < patch_size <= image_size:
+            raise UserError(f"--patch-size must be between 1 and {image_size} for {image_size}-pixel images, "
+                            f"got {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.patch = nn.Parameter(torch.randn(1, 3, patch_size, patch_size))
+
+    @staticmethod
+    def count(image_size: int, patch_size: int) -> int:
+        return 3 * patch_size ** 2
+
+    def place(self, pixels: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        s = self.patch_size
+        prompt = F.pad(self.patch, (left, self.image_size - left - s, top, self.image_size - top - s))
+        return pixels + prompt.to(pixels.dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.place(pixels, 0, 0)
+
+
+class RandomPatchPrompter(FixedPatchPrompter):
+    """Bahng et al. (2022): the same square at a random place, drawn once per batch while training.
+    Unlike their code, which draws a place at test time too, evaluation puts it at the top-left corner, so that
+    a prediction is the same every time it is made."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.place(pixels, 0, 0)
+        top, left = torch.randint(0, self.image_size - self.patch_size + 1, (2,)).tolist()
+        return self.place(pixels, top, left)
+
+
+PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "random-patch": RandomPatchPrompter}
+
+
+
+class TextContext(nn.Module):
+    """CoOp (Zhou et al., IJCV 2022): M learnable context vectors in place of a hand-written template.
+    Each class's sentence is [BOS] ctx_1 ... ctx_M <class name> . [EOS]; CLIP still pools it at its
+    end-of-text token, so the class name's own tokens shape the class embedding."""
+
+    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int):
+        super().__init__()
+        self.context = nn.Parameter(torch.randn(num_context, text_model.config.hidden_size) * 0.02)
+        tokens = tokenizer([f"{name}." for name in class_names], padding=True, return_tensors="pt")
+        limit = text_model.config.max_position_embeddings
+        if tokens["input_ids"].shape[1] + num_context > limit:
+            raise UserError(f"{num_context} text context vectors and the class names take "
+                            f"{tokens['input_ids'].shape[1] + num_context} tokens, more than CLIP's {limit}: "
+                            f"lower --num-text-prompts")
+        # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token.
+        placeholders = torch.full((len(class_names), num_context), tokenizer.bos_token_id)
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        self.register_buffer("input_ids", torch.cat([ids[:, :1], placeholders, ids[:, 1:]], 1), persistent=False)
+        self.register_buffer("attention_mask", torch.cat([mask[:, :1], torch.ones_like(placeholders), mask[:, 1:]], 1),
+                             persistent=False)
+        self._active = False
+        text_model.embeddings.token_embedding.register_forward_hook(self._put_context)
+
+    def _put_context(self, module, args, token_embeddings):
+        if not self._active:   # any other use of this text tower sees plain token embeddings
+            return None
+        context = self.context.to(token_embeddings.dtype).expand(token_embeddings.shape[0], -1, -1)
+        return torch.cat([token_embeddings[:, :1], context, token_embeddings[:, 1 + len(self.context):]], dim=1)
+
+    @contextlib.contextmanager
+    def active(self):
+        self._active = True
+        try:
+            yield self.input_ids, self.attention_mask
+        finally:
+            self._active = False
