@@ -254,14 +254,11 @@ def pixel_hash(img: Image.Image) -> str:
 
 # --------------------------------------------------------------------------- duplicates
 
-def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> dict:
-    groups = defaultdict(list)
-    for i, h in enumerate(hashes):
-        groups[h].append(i)
+def clusters_by_split(clusters, splits: list[str], files: list[str]) -> tuple[list[dict], dict]:
+    """Clusters of image indices as the report lists them: those reaching across splits (their files per
+    split) and, per split, the files of each cluster with more than one member there."""
     cross, within = [], {"train": [], "test": []}   # and "val", for a dataset's own validation split
-    for members in groups.values():
-        if len(members) < 2:
-            continue
+    for members in clusters:
         in_split = defaultdict(list)
         for i in members:
             in_split[splits[i]].append(files[i])
@@ -271,6 +268,14 @@ def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> d
         for split, names in in_split.items():
             if len(names) > 1:
                 within.setdefault(split, []).append(names)
+    return cross, within
+
+
+def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    groups = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    cross, within = clusters_by_split([m for m in groups.values() if len(m) > 1], splits, files)
     return {"train_test_duplicates": cross, "within_split_duplicates": within}
 
 
@@ -286,17 +291,7 @@ def near_copy_report(images: list[Image.Image], hashes: list[str], splits: list[
     """Exact and near copies (duplicates.py): clusters across and within splits, every pair with its score,
     and every test image's nearest train image. Same cluster layout as find_duplicates."""
     found = find_near_copies(images, splits, hashes)
-    cross, within = [], {"train": [], "test": []}   # and "val", for a dataset's own validation split
-    for members in found["clusters"]:
-        in_split = defaultdict(list)
-        for i in members:
-            in_split[splits[i]].append(files[i])
-        if len(in_split) > 1:
-            cross.append({"train": in_split["train"], "test": in_split["test"],
-                          **({"val": in_split["val"]} if "val" in in_split else {})})
-        for split, names in in_split.items():
-            if len(names) > 1:
-                within.setdefault(split, []).append(names)
+    cross, within = clusters_by_split(found["clusters"], splits, files)
     nearest = sorted(((score, test, train) for test, (train, score) in found["nearest_train"].items()),
                      reverse=True)
     return {"train_test_duplicates": cross, "within_split_duplicates": within,
