@@ -34,23 +34,29 @@ def known_answer_dir(tmp_path_factory):
     return directory, measured
 
 
-def run_every_method(directory, out_dir, precision: str) -> dict[str, dict]:
+# bf16 autocast on a CPU is about three times slower than fp32; its subset covers each path where precision
+# matters: CLIP's similarities (E1, E5), an fp32 head on a frozen tower (E2) and a whole tower trained (E6).
+RUNS = {"fp32": TRAINED, "bf16": ("E2_linear_probe", "E5_clip_vpt", "E6_full_finetune")}
+
+
+def run_methods(directory, out_dir, precision: str, trained: tuple[str, ...]) -> dict[str, dict]:
     common_flags = ("--model", directory / "clip", "--data", directory / "shapes", *RUN_FLAGS,
                     "--precision", precision, "--output-dir", out_dir)
-    at_default_rates = [name for name in TRAINED if name != "E6_full_finetune"]
+    at_default_rates = [name for name in trained if name != "E6_full_finetune"]
     run_script("run_all_experiments.py", *common_flags, "--experiments", "E1_zero_shot_clip", *at_default_rates,
                expect_exit=0)
     run_script("run_all_experiments.py", *common_flags, "--experiments", "E6_full_finetune",
                "--lr", FULL_FINETUNE_LR, expect_exit=0)
     return {name: json.loads((out_dir / name / "metrics.json").read_text())
-            for name in ("E1_zero_shot_clip", *TRAINED)}
+            for name in ("E1_zero_shot_clip", *trained)}
 
 
-@pytest.fixture(scope="session", params=["fp32", "bf16"])
+@pytest.fixture(scope="session", params=list(RUNS))
 def known_answer_runs(request, known_answer_dir, tmp_path_factory):
     directory, _ = known_answer_dir
-    out_dir = tmp_path_factory.mktemp(f"known_answer_{request.param}")
-    return request.param, out_dir, run_every_method(directory, out_dir, request.param)
+    precision = request.param
+    out_dir = tmp_path_factory.mktemp(f"known_answer_{precision}")
+    return precision, out_dir, run_methods(directory, out_dir, precision, RUNS[precision])
 
 
 def test_known_answer_clip_learned_its_captions(known_answer_dir):
@@ -63,14 +69,15 @@ def test_known_answer_and_bf16_zero_shot_is_clearly_above_chance(known_answer_ru
     assert metrics["E1_zero_shot_clip"]["test_accuracy"] >= ZERO_SHOT_AT_LEAST > 1.5 * CHANCE, precision
 
 
-@pytest.mark.parametrize("name", TRAINED)
-def test_known_answer_and_bf16_every_trained_method_learns_and_beats_zero_shot(known_answer_runs, name):
+def test_known_answer_and_bf16_every_trained_method_learns_and_beats_zero_shot(known_answer_runs):
     precision, _, metrics = known_answer_runs
+    assert set(metrics) == {"E1_zero_shot_clip", *RUNS[precision]}
     zero_shot = metrics["E1_zero_shot_clip"]["test_accuracy"]
-    accuracy = metrics[name]["test_accuracy"]
-    assert metrics[name]["train_accuracy"] > CHANCE + 0.5, (precision, name)
-    assert accuracy >= TRAINED_AT_LEAST, (precision, name, accuracy)
-    assert accuracy >= zero_shot + BEATS_ZERO_SHOT_BY, (precision, name, accuracy, zero_shot)
+    for name in RUNS[precision]:
+        accuracy = metrics[name]["test_accuracy"]
+        assert metrics[name]["train_accuracy"] > CHANCE + 0.5, (precision, name)
+        assert accuracy >= TRAINED_AT_LEAST, (precision, name, accuracy)
+        assert accuracy >= zero_shot + BEATS_ZERO_SHOT_BY, (precision, name, accuracy, zero_shot)
 
 
 def test_known_answer_and_bf16_runs_record_their_precision(known_answer_runs):
