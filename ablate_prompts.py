@@ -7,7 +7,8 @@ Writes <output-dir>/ablation.csv (one row per grid cell), ablation.md (token pro
 rows of layer × count, columns front and back; then the pixel prompts) and ablation.png (test accuracy
 against trainable parameters, and against injection layer). Each finished run leaves a cell.json in
 <output-dir>/cells/<cell>/seed_<s>/; rerunning the same command skips those and runs only what is missing.
-Every flag not listed under this script's own (e.g. --epochs, --prompt-entry, --smoke) goes to every run.
+Every other flag of its --help (e.g. --epochs, --prompt-entry, --smoke) goes to every run; a flag only one
+script has (e.g. --prompt-dropout) is refused.
 """
 
 import argparse
@@ -77,9 +78,12 @@ def run_cell(cell: dict, seed: int, forwarded: list[str], key: dict, out_dir: Pa
     if done.exists() and json.loads(done.read_text())["key"] == key:
         print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
         return json.loads(done.read_text())["metrics"]
-    print(f"\n=== {cell['cell']} (seed {seed}) ===", flush=True)
+    if common.is_main_process():
+        print(f"\n=== {cell['cell']} (seed {seed}) ===", flush=True)
     started = time.time()
     code = run_experiment(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed), "--output-dir", str(folder)])
+    if not common.is_main_process():   # under accelerate launch, only the main process writes metrics
+        return None
     metrics_path = folder / cell["script"] / "metrics.json"
     if code != 0 or not metrics_path.exists() or metrics_path.stat().st_mtime < started:
         return None
@@ -159,11 +163,13 @@ def main():
                 failed.append(f"{cell['cell']} (seed {seed})")
             else:
                 runs.append(metrics)
-        if runs:
+        if runs and common.is_main_process():
             described = {k: cell[k] for k in ("prompt_type", "layer", "num_prompts", "position")}
             summary = aggregate(cell["cell"], runs)
             rows.append({"cell": summary.pop("experiment"), **described, **summary})
 
+    if not common.is_main_process():
+        return
     if rows:
         write_csv(out_dir / "ablation.csv", rows)
         plot_ablation(rows, out_dir / "ablation.png")

@@ -5,6 +5,7 @@ data.py (images in), models.py (CLIP and the classifiers), training.py (the loop
 """
 
 import argparse
+import atexit
 import os
 import random
 import sys
@@ -15,20 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import (DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_duplicates,
-                  describe_near_copies, load_data)
+from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_copies, load_data
 from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
 from prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
-from reporting import (NOISE_LEVELS, add_pixel_noise, bootstrap_interval, classification_metrics, plot_closest_pairs,
+from reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics, plot_closest_pairs,
                        write_report)
 from progress import set_quiet
 from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                       predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
-# Flags that change where or how fast a run goes, not what it computes: a resumed run may differ in them.
+# Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
+# a resumed run may differ in them.
 NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
-                "report_to", "save_merged"}
+                "report_to", "save_merged", "noise_levels"}   # noise levels: the final evaluation only
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
@@ -205,7 +206,10 @@ def make_accelerator(device: torch.device):
     processes on a CPU) under `accelerate launch`. Without a GPU it must be told so, or it treats
     `--multi_gpu` processes as unrelated single ones."""
     from accelerate import Accelerator
-    return Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.num_processes > 1:
+        atexit.register(leave_process_group)   # once per process, however many experiments it runs
+    return accelerator
 
 
 def start(name: str, args: argparse.Namespace) -> Experiment:
@@ -228,8 +232,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     if accelerator.is_main_process:   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
-        print(describe_near_copies(data.report) if data.report["duplicate_check"] == "near"
-              else describe_duplicates(data.report))
+        print(describe_copies(data.report))
         for key, what in (("skipped_images", "skipped unreadable images"),
                           ("dropped_train_duplicates", "dropped train copies (exact or near) of test images")):
             if data.report[key]:
@@ -259,9 +262,9 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     generator = torch.Generator().manual_seed(args.seed)
     robustness = []
     for sigma in args.noise_levels:
-        logits = split_logits["test"] if sigma == 0 else predict_everywhere(model, add_pixel_noise(
-            data.test.model_inputs(device=torch.device("cpu")), sigma, exp.image_processor.image_mean,
-            exp.image_processor.image_std, generator), eval_batch, device, args.precision, exp.accelerator,
+        noisy = WithPixelNoise(model, sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator)
+        logits = split_logits["test"] if sigma == 0 else predict_everywhere(
+            noisy, data.test, eval_batch, device, args.precision, exp.accelerator,
             desc=f"robustness, noise sigma {sigma}")
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
@@ -322,16 +325,21 @@ def run(main) -> None:
         print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
               file=sys.stderr)
         sys.exit(130)
-    finally:
-        leave_process_group()
 
 
 def leave_process_group() -> None:
     """Under `accelerate launch`, every process leaves the group before Python exits: a gloo group still alive at
     interpreter shutdown can abort one process ("terminate called without an active exception") after its work
-    is done, and the launcher then reports the whole run as failed."""
+    is done, and the launcher then reports the whole run as failed. Registered with atexit, not run after each
+    script: run_all_experiments.py runs several in one process, all in the same group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """False in the second and later processes of an `accelerate launch` (torchrun sets RANK): scripts that run
+    others (run_all_experiments.py, ablate_prompts.py) check and report from the main process only."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def script_name(path: str) -> str:

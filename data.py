@@ -288,34 +288,41 @@ def describe_duplicates(report: dict) -> str:
 
 
 def near_copy_report(images: list[Image.Image], hashes: list[str], splits: list[str], files: list[str]) -> dict:
-    """Exact and near copies (duplicates.py): clusters across and within splits, every pair with its score,
-    and every test image's nearest train image. Same cluster layout as find_duplicates."""
+    """Exact and near copies (duplicates.py): clusters across and within splits, every pair with its score and
+    splits, and every test image's nearest train image. Same cluster layout as find_duplicates; indices (in
+    "clusters" and the nearest pairs) are positions in the loaded order, since names need not be unique."""
     found = find_near_copies(images, splits, hashes)
     cross, within = clusters_by_split(found["clusters"], splits, files)
     nearest = sorted(((score, test, train) for test, (train, score) in found["nearest_train"].items()),
                      reverse=True)
     return {"train_test_duplicates": cross, "within_split_duplicates": within,
             "near_copy_threshold": NEAR_COPY_SCORE,
-            "copy_pairs": [{"a": files[p["i"]], "b": files[p["j"]], "score": p["score"], "exact": p["exact"]}
+            "copy_pairs": [{"a": files[p["i"]], "b": files[p["j"]], "split_a": splits[p["i"]],
+                            "split_b": splits[p["j"]], "score": p["score"], "exact": p["exact"]}
                            for p in found["pairs"]],
-            "nearest_train_of_test": [{"test": files[test], "train": files[train], "score": round(score, 4)}
-                                      for score, test, train in nearest],
+            "nearest_train_of_test": [{"test": files[test], "train": files[train], "score": round(score, 4),
+                                       "test_index": test, "train_index": train} for score, test, train in nearest],
             "clusters": found["clusters"]}
 
 
 def describe_near_copies(report: dict) -> str:
-    pairs = {(p["a"], p["b"]): p for p in report["copy_pairs"]}
-    def split_of(name):
-        return "test" if name.startswith("test") else "train"
-    counts = {(where, kind): 0 for where in ("across", "train", "test") for kind in ("exact", "near")}
-    for (a, b), p in pairs.items():
-        where = "across" if split_of(a) != split_of(b) else split_of(a)
+    counts = defaultdict(int)
+    for p in report["copy_pairs"]:
+        where = "–".join(sorted({p["split_a"], p["split_b"]}, key=["train", "val", "test"].index))
         counts[(where, "exact" if p["exact"] else "near")] += 1
     cross = report["train_test_duplicates"]
-    return (f"copies (correlation >= {report['near_copy_threshold']}): {sum(len(g['test']) for g in cross)} test "
-            f"images have a copy in train ({counts['across', 'exact']} exact, {counts['across', 'near']} near "
-            f"pairs); inside train {counts['train', 'exact']} exact, {counts['train', 'near']} near pairs; "
+    line = (f"copies (correlation >= {report['near_copy_threshold']}): {sum(len(g['test']) for g in cross)} test "
+            f"images have a copy in train ({counts['train–test', 'exact']} exact, {counts['train–test', 'near']} "
+            f"near pairs); inside train {counts['train', 'exact']} exact, {counts['train', 'near']} near pairs; "
             f"inside test {counts['test', 'exact']} exact, {counts['test', 'near']} near pairs")
+    others = sorted({where for where, _ in counts} - {"train–test", "train", "test"})
+    return line + "".join(f"; {where} {counts[where, 'exact']} exact, {counts[where, 'near']} near pairs"
+                          for where in others)
+
+
+def describe_copies(report: dict) -> str:
+    """The one line printed before training and shown in report.html, in the words of the check that ran."""
+    return describe_near_copies(report) if report.get("duplicate_check") == "near" else describe_duplicates(report)
 
 
 # --------------------------------------------------------------------------- the whole pipeline
@@ -432,12 +439,11 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
 
     closest = []
     if mode == "near":
-        where = {name: i for i, name in enumerate(files)}
         nearest = duplicates["nearest_train_of_test"]
         # The closest pairs, and the closest that are not copies: the near misses show what the threshold rejects.
         shown = nearest[:CONTACT_PAIRS] + [p for p in nearest[CONTACT_PAIRS:] if p["score"] < NEAR_COPY_SCORE][:4]
-        closest = [(p["score"], p["test"], images[where[p["test"]]].copy(), p["train"],
-                    images[where[p["train"]]].copy()) for p in shown]
+        closest = [(p["score"], p["test"], images[p["test_index"]].copy(), p["train"],
+                    images[p["train_index"]].copy()) for p in shown]
     pixels = preprocess([img for img, k in zip(images, keep) if k], image_processor)
     labels = np.array(labels)[keep]
     splits_before = splits

@@ -18,14 +18,15 @@ import re
 import sys
 from pathlib import Path
 
-from data import describe_duplicates
+from data import describe_copies
 from reporting import write_text
 
 SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters"),
                    ("summary_robustness.png", "Test accuracy under pixel noise")]
 RUN_FIGURES = [("loss_curves.png", "loss"), ("accuracy_curves.png", "accuracy"),
                ("confusion_matrix.png", "confusion matrix (test)"), ("reliability_diagram.png", "reliability (test)"),
-               ("robustness.png", "accuracy under noise")]
+               ("robustness.png", "accuracy under noise"),
+               ("closest_pairs.png", "closest test–train pairs, by eye (near-copy check)")]
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; padding: 0 1em; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
@@ -97,7 +98,7 @@ def command_of(summary_md: str) -> str | None:
 def data_section(report: dict) -> str:
     sizes = ", ".join(f"{n} {split}" for split, n in report.get("num_images", {}).items())
     rows = [f"<p>Data: <code>{html.escape(str(report.get('source', '?')))}</code>; images: {sizes}.</p>",
-            f"<p>{html.escape(describe_duplicates(report))}</p>"]
+            f"<p>{html.escape(describe_copies(report))}</p>"]
     for key, what in (("skipped_images", "Skipped unreadable images"),
                       ("dropped_train_duplicates", "Dropped train copies of test images")):
         if report.get(key):

@@ -51,12 +51,25 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def add_pixel_noise(pixels: torch.Tensor, sigma: float, mean, std, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of std sigma on [0, 1] pixels: undo CLIP's normalisation, add, clip, redo."""
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
+    """Gaussian noise of std sigma on [0, 1] pixels: undo CLIP's normalisation, add, clip, redo. The noise is drawn
+    on the CPU generator, so it is the same on any device."""
+    mean = torch.tensor(mean, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, -1, 1, 1)
     raw = pixels * std + mean
-    noisy = (raw + sigma * torch.randn(raw.shape, generator=generator)).clamp(0, 1)
-    return (noisy - mean) / std
+    noise = torch.randn(raw.shape, generator=generator).to(pixels.device)
+    return ((raw + sigma * noise).clamp(0, 1) - mean) / std
+
+
+class WithPixelNoise(torch.nn.Module):
+    """The model, seeing its CLIP-normalised pixels with noise added batch by batch: no noisy fp32 copy of the
+    whole test split is ever made (10,000 CIFAR-sized images at 224 px would be 6 GB of it)."""
+
+    def __init__(self, model: torch.nn.Module, sigma: float, mean, std, generator: torch.Generator):
+        super().__init__()
+        self.model, self.sigma, self.mean, self.std, self.generator = model, sigma, mean, std, generator
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(add_pixel_noise(pixels, self.sigma, self.mean, self.std, self.generator))
 
 
 # --------------------------------------------------------------------------- files

@@ -181,9 +181,12 @@ def main():
     for seed in seeds:
         seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
         for name in args.experiments:
-            print(f"\n=== {name} (seed {seed}) ===", flush=True)
+            if common.is_main_process():
+                print(f"\n=== {name} (seed {seed}) ===", flush=True)
             started = time.time()
             code = run_experiment(name, [*forwarded, "--seed", str(seed), "--output-dir", str(seed_dir)])
+            if not common.is_main_process():   # under accelerate launch, only the main process writes metrics
+                continue
             metrics_path = seed_dir / name / "metrics.json"
             if code == 0 and metrics_path.exists() and metrics_path.stat().st_mtime >= started:
                 runs[name].append(json.loads(metrics_path.read_text()))
@@ -191,6 +194,8 @@ def main():
             else:
                 failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
 
+    if not common.is_main_process():
+        return
     rows = [aggregate(name, r) for name, r in runs.items() if r]
     if rows:
         write_csv(out_dir / "summary.csv", rows)

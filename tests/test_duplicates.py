@@ -10,7 +10,8 @@ import pytest
 from conftest import SAMPLE_DATA, SHARED_DATA, run_script
 from PIL import Image, ImageEnhance
 
-from data import grouped_val_indices, image_files, load_data, open_rgb, pixel_hash
+from data import (describe_near_copies, grouped_val_indices, image_files, load_data, near_copy_report, open_rgb,
+                  pixel_hash)
 from duplicates import NEAR_COPY_SCORE, find_near_copies
 from models import tiny_clip
 
@@ -192,3 +193,19 @@ def test_run_all_reports_shows_and_drops_near_copies_across_splits(folder_with_c
     assert sorted(report["dropped_train_duplicates"]) == sorted(copies)
     assert metrics["dropped_train_duplicates"] == 2
     assert metrics["num_images"]["train"] + metrics["num_images"]["val"] == 20
+
+
+def test_report_tells_splits_and_images_apart_when_names_repeat_across_splits(sample_images):
+    """A hub or save_to_disk dataset may use one name in several splits, and may bring its own validation split:
+    the report goes by position and split, never by name."""
+    a, b = sample_images[0], sample_images[1]
+    images = [a, b, a.copy(), b.copy()]
+    splits = ["train", "train", "val", "test"]
+    files = ["x.jpg", "y.jpg", "z.jpg", "x.jpg"]   # test's x.jpg is a copy of train's y.jpg, not of train's x.jpg
+    report = near_copy_report(images, [pixel_hash(img) for img in images], splits, files)
+    nearest = report["nearest_train_of_test"][0]
+    assert (nearest["test_index"], nearest["train_index"]) == (3, 1)
+    assert {(p["split_a"], p["split_b"]) for p in report["copy_pairs"]} == {("train", "val"), ("train", "test")}
+    line = describe_near_copies(report)
+    assert "1 test images have a copy in train (1 exact" in line and "inside train 0 exact" in line
+    assert line.endswith("train–val 1 exact, 0 near pairs")

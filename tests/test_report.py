@@ -12,11 +12,13 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
+import torch
 from conftest import run_script
 
 import progress
 
 RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
+FIGURES_PER_PAGE = 2 + 6 * len(RUN)
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
@@ -83,15 +85,15 @@ def test_report_html_is_one_self_contained_page(smoke_run):
     out_dir, _ = smoke_run
     text = (out_dir / "report.html").read_text()
     page = parse(text)
-    # Two summary plots, and per experiment: loss, accuracy, confusion, reliability, robustness.
-    assert len(page.images) == 2 + 5 * len(RUN)
+    # Two summary plots, and per experiment: loss, accuracy, confusion, reliability, robustness, closest pairs.
+    assert len(page.images) == FIGURES_PER_PAGE
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "script" not in page.tags and "link" not in page.tags   # no JavaScript, no external style sheet
     assert all(link.startswith("#") for link in page.links), page.links   # nothing to fetch, nothing served
     assert "run_all_experiments.py --smoke --output-dir" in text   # the command
-    assert "duplicates: 0 test images are pixel copies" in text and "data_report.json" in text
+    assert "0 test images have a copy in train" in text and "data_report.json" in text   # the near-copy check
     for name in RUN:
         assert f'id="{name}"' in text
         report = (out_dir / name / "classification_report.txt").read_text().splitlines()[2]
@@ -107,7 +109,7 @@ def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         run_script("report_html.py", copy, expect_exit=0)
     again = (copy / "report.html").read_text()
-    assert len(parse(again).images) == 2 + 5 * len(RUN)
+    assert len(parse(again).images) == FIGURES_PER_PAGE
     assert "run_all_experiments.py --smoke --output-dir" in again   # the command, read back from summary.md
 
 
@@ -141,7 +143,7 @@ def test_report_html_renders_with_every_figure_in_a_headless_browser(smoke_run, 
              " + '/' + images.length); });</script>")
     (tmp_path / "checked.html").write_text(text.replace("</body>", check + "</body>"))
     dom = chromium("--virtual-time-budget=10000", "--dump-dom", (tmp_path / "checked.html").as_uri()).stdout
-    count = 2 + 5 * len(RUN)
+    count = FIGURES_PER_PAGE
     assert f'data-loaded="{count}/{count}"' in dom
 
     # And they show: a screenshot of the page holds far more colour than one of the same page with its images
@@ -229,3 +231,22 @@ def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install tensorboard" in err[0], err
     assert not (tmp_path / "E3_shallow_vpt" / "metrics.json").exists()
+
+
+def test_pixel_noise_is_added_batch_by_batch_and_reproducibly():
+    """The robustness passes add noise to each batch as it is used (no noisy copy of the test split): without
+    noise the model sees its pixels unchanged; with noise, a seed always gives the same predictions."""
+    from reporting import WithPixelNoise
+    from training import predict
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    pixels = (torch.rand(10, 3, 4, 4) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    def noisy(sigma, seed=0):
+        wrapped = WithPixelNoise(model, sigma, mean, std, torch.Generator().manual_seed(seed))
+        return predict(wrapped, pixels, 4, torch.device("cpu"))
+
+    assert torch.allclose(noisy(0.0), predict(model, pixels, 4, torch.device("cpu")), atol=1e-6)
+    assert torch.equal(noisy(0.1), noisy(0.1)) and not torch.equal(noisy(0.1), noisy(0.1, seed=1))
+    assert not torch.allclose(noisy(0.1), noisy(0.0))
