@@ -81,7 +81,8 @@ def run_cell(cell: dict, seed: int, forwarded: list[str], key: dict, out_dir: Pa
     if common.is_main_process():
         print(f"\n=== {cell['cell']} (seed {seed}) ===", flush=True)
     started = time.time()
-    code = run_experiment(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed), "--output-dir", str(folder)])
+    code = run_experiment(cell["script"],
+                          [*forwarded, *cell["flags"], "--seed", str(seed), "--output-dir", str(folder)])
     if not common.is_main_process():   # under accelerate launch, only the main process writes metrics
         return None
     metrics_path = folder / cell["script"] / "metrics.json"
@@ -131,7 +132,8 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     for count, position in dict.fromkeys((r["num_prompts"], r["position"]) for r in token):
         line = [r for r in token if (r["num_prompts"], r["position"]) == (count, position)]
         by_layer.plot([layers.index(r["layer"]) for r in line], [r["test_accuracy_mean"] for r in line],
-                      marker="o", linestyle="-" if position == "front" else "--", label=f"{count} prompt{'s' * (count != 1)}, {position}")
+                      marker="o", linestyle="-" if position == "front" else "--",
+                      label=f"{count} prompt{'s' * (count != 1)}, {position}")
     by_layer.set_xticks(range(len(layers)), layers)
     by_layer.set(xlabel="injection layer (0-based; all = every layer)", ylabel="test accuracy", ylim=(0, 1.02),
                  title="Token prompts: accuracy against injection layer")

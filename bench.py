@@ -271,7 +271,8 @@ def main():
               "e2_cached_vs_tower": e2}
     write_json(Path(args.output_dir) / "bench.json", result)
 
-    print("\n| experiment | train img/s | eval img/s | train MFU | eval MFU | peak memory (MB) |\n|---|---|---|---|---|---|")
+    print("\n| experiment | train img/s | eval img/s | train MFU | eval MFU | peak memory (MB) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         train = f"{r['train_images_per_s']:.1f} | " if "train_images_per_s" in r else "- | "
         mfu = f"{100 * r['train_mfu']:.1f}% | " if "train_mfu" in r else "- | "

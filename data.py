@@ -219,8 +219,9 @@ def load_source(data: str, image_column: str | None = None, label_column: str | 
 
 def pick_column(features, asked: str | None, kind, what: str, data: str) -> str:
     """The column the user named, or the only column of the right type."""
-    described = ", ".join(f"{name} ({getattr(feature, 'dtype', None) if type(feature).__name__ == 'Value' else type(feature).__name__})"
-                          for name, feature in features.items())
+    def kind_of(feature) -> str:
+        return feature.dtype if type(feature).__name__ == "Value" else type(feature).__name__
+    described = ", ".join(f"{name} ({kind_of(feature)})" for name, feature in features.items())
     if asked is not None:
         if asked not in features:
             raise UserError(f"dataset '{data}' has no column '{asked}'; its columns are {described}")

@@ -94,7 +94,8 @@ def scaled_prompt_size(image_size: int, size_at_224: int = 30) -> int:
 class PadPrompter(nn.Module):
     """Bahng et al. (2022), "Exploring Visual Prompts for Adapting Large-Scale Models": a learnable frame
     `pad_size` pixels wide, added to the normalised image; the inside is untouched.
-    Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224, p = 30."""
+    Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224,
+    p = 30."""
 
     def __init__(self, image_size: int, pad_size: int):
         super().__init__()

@@ -91,7 +91,8 @@ def spread(row: dict, metric: str, digits: int = 3) -> str:
     if std != "":
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
     if metric == "test_accuracy":
-        return f"{mean:.{digits}f} [{row['test_accuracy_ci95_low']:.{digits}f}, {row['test_accuracy_ci95_high']:.{digits}f}]"
+        low, high = row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]
+        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
     return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
 
 
@@ -112,7 +113,8 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {study_accuracy(r['experiment'])} | "
-                     f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | {spread(r, 'test_ece')} | "
+                     f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
+                     f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
     if noise:

@@ -133,7 +133,8 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def training_step(model, optimizer, inputs, labels, device, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def training_step(model, optimizer, inputs, labels, device,
+                  precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step; the benchmark times exactly this."""
     with autocast(device, precision):
         logits = model(inputs)
