@@ -1,5 +1,6 @@
-"""E3 — shallow Visual Prompt Tuning (Jia et al., ECCV 2022, section 3.2): N learnable tokens enter the
-frozen CLIP vision tower at its first encoder layer; a linear head reads the projected image embedding.
+"""E3 — shallow Visual Prompt Tuning (Jia et al., ECCV 2022, section 3.2): N learnable tokens join the
+image tokens of the frozen CLIP vision tower before its first layer (before CLIP's pre-layernorm by default,
+--prompt-entry); a linear head reads the projected image embedding.
 Trainable: 2,052 + 768·N for ViT-B/16 (2,820 with N = 1).
 
 --prompt-type padding | fixed-patch | random-patch learns a prompt in pixel space instead (Bahng et al., 2022,

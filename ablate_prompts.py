@@ -7,8 +7,8 @@ Writes <output-dir>/ablation.csv (one row per grid cell), ablation.md (token pro
 rows of layer × count, columns front and back; then the pixel prompts) and ablation.png (test accuracy
 against trainable parameters, and against injection layer). Each finished run leaves a cell.json in
 <output-dir>/cells/<cell>/seed_<s>/; rerunning the same command skips those and runs only what is missing.
-Every other flag of its --help (e.g. --epochs, --prompt-entry, --smoke) goes to every run; a flag only one
-script has (e.g. --prompt-dropout) is refused.
+Every other flag of its --help (e.g. --epochs, --prompt-entry, --smoke) goes to every run; a flag missing from
+its --help (e.g. --prompt-dropout) is refused.
 """
 
 import argparse

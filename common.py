@@ -1,7 +1,8 @@
 """What every experiment script shares: the command line, starting a run, and finishing it with its outputs.
 
-The pieces live in plainly named modules, each readable on its own:
-data.py (images in), models.py (CLIP and the classifiers), training.py (the loop), reporting.py (files out).
+The pieces live in plainly named modules, each readable on its own: data.py (images in; duplicates.py finds
+near copies), models.py (CLIP and the classifiers; prompts.py the learnable prompts, adapters.py E7's peft
+adapters), training.py (the loop), reporting.py (files out; report_html.py the page, progress.py the bars).
 """
 
 import argparse
@@ -54,7 +55,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision path")
     p.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
                                                         "the whole pipeline in seconds on a CPU, no download")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from where it stopped (mid-epoch included)")
     p.add_argument("--stop-after-epochs", type=int, help="stop after this many epochs of this invocation "
                                                          "(for job time limits); --resume continues")
     p.add_argument("--noise-levels", type=float, nargs="+", default=list(NOISE_LEVELS),

@@ -1,5 +1,6 @@
-"""Loading the MRI images: from a local folder or the Hugging Face hub, checked, de-duplicated,
-preprocessed once by CLIP's own image processor and split into train / validation / test."""
+"""Loading an image-classification dataset (the MRI images by default): from an image folder, a save_to_disk
+directory or the Hugging Face hub, checked, de-duplicated, preprocessed once by CLIP's own image processor
+and split into train / validation / test."""
 
 import hashlib
 import io

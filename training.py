@@ -1,4 +1,5 @@
-"""The training loop shared by E2–E7: validation-based early stopping, per-epoch checkpoints, exact resume."""
+"""The training loop shared by E2–E7: validation-based early stopping, timed checkpoints, exact resume (mid-epoch
+included)."""
 
 import contextlib
 import hashlib
