@@ -274,11 +274,13 @@ def clusters_by_split(clusters, splits: list[str], files: list[str]) -> tuple[li
 
 
 def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    """Exact copies: clusters of identical decoded pixels, in the layout of near_copy_report."""
     groups = defaultdict(list)
     for i, h in enumerate(hashes):
         groups[h].append(i)
-    cross, within = clusters_by_split([m for m in groups.values() if len(m) > 1], splits, files)
-    return {"train_test_duplicates": cross, "within_split_duplicates": within}
+    clusters = [members for members in groups.values() if len(members) > 1]
+    cross, within = clusters_by_split(clusters, splits, files)
+    return {"train_test_duplicates": cross, "within_split_duplicates": within, "clusters": clusters}
 
 
 def describe_duplicates(report: dict) -> str:
@@ -416,28 +418,13 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     mode = duplicates
     duplicates = near_copy_report(images, hashes, splits, files) if mode == "near" else find_duplicates(
         hashes, splits, files)
-    clusters = duplicates.pop("clusters", None)
-    if clusters is None:   # exact mode: clusters of identical pixels
-        by_hash = defaultdict(list)
-        for i, h in enumerate(hashes):
-            by_hash[h].append(i)
-        clusters = [members for members in by_hash.values() if len(members) > 1]
+    clusters = duplicates.pop("clusters")
     keep = np.ones(len(images), dtype=bool)
-    dropped = []
-    if drop_test_duplicates and mode == "near":
-        # The train members of every cluster that reaches into test, however it got there.
-        for members in clusters:
-            if any(splits[i] == "test" for i in members):
-                for i in members:
-                    if splits[i] == "train":
-                        keep[i] = False
-                        dropped.append(files[i])
-    elif drop_test_duplicates:
-        test_hashes = {h for h, s in zip(hashes, splits) if s == "test"}
-        for i, (h, s) in enumerate(zip(hashes, splits)):
-            if s == "train" and h in test_hashes:
-                keep[i] = False
-                dropped.append(files[i])
+    if drop_test_duplicates:   # the train members of every cluster that reaches into test, however it got there
+        leaked = [i for members in clusters if any(splits[j] == "test" for j in members)
+                  for i in members if splits[i] == "train"]
+        keep[leaked] = False
+    dropped = [files[i] for i in np.flatnonzero(~keep)]
 
     closest = []
     if mode == "near":
