@@ -14,14 +14,13 @@ its --help (e.g. --prompt-dropout) is refused.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import common
 from data import UserError
 from prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from reporting import plt, save_figure, write_csv, write_json, write_text
-from run_all_experiments import aggregate, run_experiment, spread
+from run_all_experiments import aggregate, run_for_metrics, spread
 
 TYPES = ["token", *PIXEL_PROMPTERS]
 GRID = {"counts": [1, 4, 8], "layers": ["0", "6", "11", "all"], "positions": ["front", "back"],
@@ -78,18 +77,10 @@ def run_cell(cell: dict, seed: int, forwarded: list[str], key: dict, out_dir: Pa
     if done.exists() and json.loads(done.read_text())["key"] == key:
         print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
         return json.loads(done.read_text())["metrics"]
-    if common.is_main_process():
-        print(f"\n=== {cell['cell']} (seed {seed}) ===", flush=True)
-    started = time.time()
-    code = run_experiment(cell["script"],
-                          [*forwarded, *cell["flags"], "--seed", str(seed), "--output-dir", str(folder)])
-    if not common.is_main_process():   # under accelerate launch, only the main process writes metrics
-        return None
-    metrics_path = folder / cell["script"] / "metrics.json"
-    if code != 0 or not metrics_path.exists() or metrics_path.stat().st_mtime < started:
-        return None
-    metrics = json.loads(metrics_path.read_text())
-    write_json(done, {"key": key, "metrics": metrics})
+    metrics = run_for_metrics(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
+                              f"{cell['cell']} (seed {seed})")
+    if metrics is not None:
+        write_json(done, {"key": key, "metrics": metrics})
     return metrics
 
 

@@ -59,6 +59,20 @@ def run_experiment(name: str, argv: list[str]) -> int:
         sys.argv = saved_argv
 
 
+def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> dict | None:
+    """Runs one experiment into out_dir/<name>/ and returns the metrics.json this run wrote, or None if it failed.
+    Under `accelerate launch` only the main process writes metrics: the others get None and report nothing."""
+    if common.is_main_process():
+        print(f"\n=== {label} ===", flush=True)
+    started = time.time()
+    code = run_experiment(name, [*argv, "--output-dir", str(out_dir)])
+    metrics_path = out_dir / name / "metrics.json"
+    if not common.is_main_process() or code != 0 or not metrics_path.exists() \
+            or metrics_path.stat().st_mtime < started:   # an older run's metrics are not this run's
+        return None
+    return json.loads(metrics_path.read_text())
+
+
 def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
     """--lr gives every experiment the same rate; refuse it where their defaults differ (E6 fine-tunes 86M
     weights at 1e-5, the prompts and heads train at 1e-3), rather than run E6 at a prompt's rate."""
@@ -183,16 +197,10 @@ def main():
     for seed in seeds:
         seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
         for name in args.experiments:
-            if common.is_main_process():
-                print(f"\n=== {name} (seed {seed}) ===", flush=True)
-            started = time.time()
-            code = run_experiment(name, [*forwarded, "--seed", str(seed), "--output-dir", str(seed_dir)])
-            if not common.is_main_process():   # under accelerate launch, only the main process writes metrics
-                continue
-            metrics_path = seed_dir / name / "metrics.json"
-            if code == 0 and metrics_path.exists() and metrics_path.stat().st_mtime >= started:
-                runs[name].append(json.loads(metrics_path.read_text()))
-                finished.append(metrics_path.parent)
+            metrics = run_for_metrics(name, [*forwarded, "--seed", str(seed)], seed_dir, f"{name} (seed {seed})")
+            if metrics is not None:
+                runs[name].append(metrics)
+                finished.append(seed_dir / name)
             else:
                 failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
 
