@@ -203,31 +203,9 @@ class Fp32Linear(nn.Linear):
             return super().forward(x.float())
 
 
-class ZeroShot(Classifier):
-    """E1: CLIP as it is, each class described by text; the class embedding averages several templates."""
-    frozen = ("clip",)
-
-    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
-        super().__init__()
-        self.clip = freeze(clip)
-        with torch.no_grad():
-            per_template = [self.text_embeddings(tokenizer, [t.format(c) for c in class_names]) for t in templates]
-            # Prompt ensembling as in CLIP's paper: average unit vectors, then renormalise.
-            class_embeddings = F.normalize(torch.stack(per_template).mean(0), dim=-1)
-        self.register_buffer("class_embeddings", class_embeddings)
-
-    def text_embeddings(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        device = self.clip.logit_scale.device
-        tokens = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
-        return F.normalize(self.clip.get_text_features(**tokens).pooler_output, dim=-1)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        image = normalized_image_embeddings(self.clip, pixels)
-        return similarity_logits(self.clip, image, self.class_embeddings)
-
-
 def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
-    """Unit class embeddings from CLIP's text tower, averaged over templates and renormalised (as ZeroShot)."""
+    """Unit class embeddings from CLIP's text tower; with several templates, prompt ensembling as in CLIP's
+    paper: the unit vectors are averaged, then renormalised."""
     device = clip.logit_scale.device
     with torch.no_grad():
         per_template = []
@@ -235,6 +213,20 @@ def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], te
             tokens = tokenizer([template.format(c) for c in class_names], padding=True, return_tensors="pt").to(device)
             per_template.append(F.normalize(clip.get_text_features(**tokens).pooler_output.float(), dim=-1))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+
+class ZeroShot(Classifier):
+    """E1: CLIP as it is, each class described by text; the class embedding averages several templates."""
+    frozen = ("clip",)
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
+        super().__init__()
+        self.clip = freeze(clip)
+        self.register_buffer("class_embeddings", class_text_embeddings(clip, tokenizer, class_names, templates))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = normalized_image_embeddings(self.clip, pixels)
+        return similarity_logits(self.clip, image, self.class_embeddings)
 
 
 class TextHead(nn.Module):
