@@ -169,7 +169,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
-    if getattr(args, "templates", None):
+    if args.templates:
         load_templates(args.templates)   # a bad file fails here, before the model and data load
     return args
 
@@ -230,7 +230,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                      image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
-                     class_names=args.class_names, duplicates=getattr(args, "duplicates", "near"))
+                     class_names=args.class_names, duplicates=args.duplicates)
     if accelerator.is_main_process:   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")

@@ -14,10 +14,6 @@ def set_quiet(quiet: bool) -> None:
     _quiet = bool(quiet)
 
 
-def is_quiet() -> bool:
-    return _quiet
-
-
 def on_terminal() -> bool:
     return sys.stderr.isatty()   # where tqdm draws its bars
 
