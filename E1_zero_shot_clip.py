@@ -10,21 +10,36 @@ and templates.csv gives each template's own validation and test accuracy.
 from functools import partial
 
 import common
-from models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates, normalized_image_embeddings,
-                    similarity_logits)
-from reporting import write_csv
-from training import batched
+from clip_adapt.base import write_csv
+from clip_adapt.models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates,
+                               normalized_image_embeddings, similarity_logits)
+from clip_adapt.training import batched
+
+LEARNING_RATE = None   # nothing is trained
+STUDY_ACCURACY = 0.29  # reported by the study this project reproduces
+
+
+def add_flags(parser):
+    parser.add_argument_group("zero-shot").add_argument(
+        "--no-ensemble", action="store_true", help=f"use only the template '{ZERO_SHOT_TEMPLATES[0]}'")
+    return parser
+
+
+def templates_of(args) -> tuple[str, ...]:
+    return (load_templates(args.templates) if args.templates else
+            ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
+
+
+def build_model(clip, tokenizer, class_names, args):
+    return ZeroShot(clip, tokenizer, class_names, templates_of(args)).eval()
 
 
 def main():
-    p = common.parser(__doc__, lr=None)
-    p.add_argument("--no-ensemble", action="store_true", help=f"use only the template '{ZERO_SHOT_TEMPLATES[0]}'")
-    args = p.parse_args()
+    args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    templates = (load_templates(args.templates) if args.templates else
-                 ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
-    model = ZeroShot(exp.clip, exp.tokenizer, exp.data.class_names, templates).eval()
+    templates = templates_of(args)
+    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     # The tower runs once per split; every template, and their ensemble, reuses those image embeddings.
     splits = exp.data.splits()
     embed = partial(normalized_image_embeddings, exp.clip)

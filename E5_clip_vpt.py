@@ -5,21 +5,29 @@ no linear head. Trainable: 768·N + 512·M for ViT-B/16 (2,816 with N = 1, M = 4
 """
 
 import common
-from models import PromptedCLIP
-from training import train
+from clip_adapt.models import PromptedCLIP
+from clip_adapt.training import train
 
-LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+LEARNING_RATE = 1e-3
+STUDY_ACCURACY = 1.00
+
+
+def add_flags(parser):
+    prompts = common.add_prompt_flags(parser, "N, visual prompt tokens")
+    prompts.add_argument("--num-text-prompts", type=int, default=4, help="M, learned text context vectors")
+    return parser
+
+
+def build_model(clip, tokenizer, class_names, args):
+    return PromptedCLIP(clip, tokenizer, class_names, args.num_prompts, args.num_text_prompts, args.prompt_dropout,
+                        **common.prompt_options(args))
 
 
 def main():
-    p = common.add_prompt_flags(common.parser(__doc__, lr=LEARNING_RATE), "N, visual prompt tokens")
-    p.add_argument("--num-text-prompts", type=int, default=4, help="M, learned text context vectors")
-    p.add_argument("--prompt-dropout", type=float, default=0.0)
-    args = p.parse_args()
+    args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    model = PromptedCLIP(exp.clip, exp.tokenizer, exp.data.class_names, args.num_prompts,
-                         args.num_text_prompts, args.prompt_dropout, **common.prompt_options(args))
+    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts)

@@ -4,17 +4,27 @@ AdamW at a small learning rate with a warm-up epoch, as suits full fine-tuning.
 """
 
 import common
-from models import ImageClassifier
-from training import train
+from clip_adapt.models import ImageClassifier
+from clip_adapt.training import train
 
-LEARNING_RATE = 1e-5   # run_all_experiments.py reads it
+LEARNING_RATE = 1e-5
+STUDY_ACCURACY = 0.95
+
+
+def add_flags(parser):
+    parser.set_defaults(warmup_epochs=1.0)
+    return parser
+
+
+def build_model(clip, tokenizer, class_names, args):
+    return ImageClassifier(clip, len(class_names), train_backbone=True)
 
 
 def main():
-    args = common.parser(__doc__, lr=LEARNING_RATE, warmup_epochs=1.0).parse_args()
+    args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    model = ImageClassifier(exp.clip, len(exp.data.class_names), train_backbone=True)
+    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result)

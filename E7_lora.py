@@ -7,31 +7,45 @@ The adapter is saved in peft's format to <output-dir>/E7_lora/adapter/ (with hea
 """
 
 import common
-from adapters import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
-from training import train
+from clip_adapt.adapters import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
+from clip_adapt.base import is_main_process
+from clip_adapt.training import train
 
-LEARNING_RATE = 1e-3   # run_all_experiments.py reads it
+LEARNING_RATE = 1e-3
+STUDY_ACCURACY = None   # not in the study
+
+
+def add_flags(parser):
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    adapter.add_argument("--rank", type=int, default=8, help="r, the rank of the update (not used by ia3)")
+    adapter.add_argument("--alpha", type=float, default=16, help="the update is scaled by alpha / r (not used by ia3)")
+    adapter.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA's input dropout; loha and lokr: "
+                                                                         "rank dropout (not used by ia3)")
+    adapter.add_argument("--target-modules", nargs="+", choices=list(VISION_LINEAR_LAYERS),
+                         help="the vision encoder's linear layers that get adapters "
+                              "[default: q_proj v_proj; ia3: k_proj v_proj fc2]")
+    adapter.add_argument("--save-merged", action="store_true", help="also save a CLIP with the adapter merged in")
+    return parser
+
+
+def config_of(args):
+    return peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)
+
+
+def build_model(clip, tokenizer, class_names, args):
+    return AdapterClassifier(clip, len(class_names), config_of(args))
 
 
 def main():
-    p = common.parser(__doc__, lr=LEARNING_RATE)
-    p.add_argument("--adapter", default="lora", choices=ADAPTERS)
-    p.add_argument("--rank", type=int, default=8, help="r, the rank of the update (not used by ia3)")
-    p.add_argument("--alpha", type=float, default=16, help="the update is scaled by alpha / r (not used by ia3)")
-    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA's input dropout; loha and lokr: "
-                                                                   "rank dropout (not used by ia3)")
-    p.add_argument("--target-modules", nargs="+", choices=list(VISION_LINEAR_LAYERS),
-                   help="the vision encoder's linear layers that get adapters "
-                        "[default: q_proj v_proj; ia3: k_proj v_proj fc2]")
-    p.add_argument("--save-merged", action="store_true", help="also save a CLIP with the adapter merged in")
-    args = p.parse_args()
+    args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
-    config = peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)   # checks first
+    config_of(args)   # bad adapter flags fail here, before the model and data load
     exp = common.start(common.script_name(__file__), args)
-    model = AdapterClassifier(exp.clip, len(exp.data.class_names), config)
+    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    if exp.is_main:   # under accelerate launch, one process writes
+    if is_main_process():   # under accelerate launch, one process writes
         model.save_adapter(exp.out_dir / "adapter")
         if args.save_merged:
             model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)

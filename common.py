@@ -1,8 +1,13 @@
 """What every experiment script shares: the command line, starting a run, and finishing it with its outputs.
 
-The pieces live in plainly named modules, each readable on its own: data.py (images in; duplicates.py finds
-near copies), models.py (CLIP and the classifiers; prompts.py the learnable prompts, adapters.py E7's peft
-adapters), training.py (the loop), reporting.py (files out; report_html.py the page, progress.py the bars).
+The library lives in the package clip_adapt/, one module per subject: base (errors, atomic writes), data (images
+in), copies (exact and near copies), models (CLIP and the classifiers), prompts, adapters (E7's peft adapters),
+training (the loop), reporting (files out), report_page (report.html), progress (bars), runner (finding and
+running the experiment scripts).
+
+An experiment script (E<number>_<name>.py at the root) declares LEARNING_RATE, STUDY_ACCURACY, add_flags(parser)
+and build_model(clip, tokenizer, class_names, args); its main() parses with
+add_flags(common.parser(__doc__, LEARNING_RATE)), then start(), build_model, train and finish().
 """
 
 import argparse
@@ -17,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DEFAULT_DATA, SAMPLE_DATA, MRIData, UserError, check_data_early, describe_copies, load_data
-from models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
-from prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
-from reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics, plot_closest_pairs,
-                       write_report)
-from progress import set_quiet
-from training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                      predict_everywhere, summary_writer_class)
+from clip_adapt.base import UserError, is_main_process
+from clip_adapt.copies import describe_copies
+from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, load_data
+from clip_adapt.models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
+from clip_adapt.progress import set_quiet
+from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
+from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
+                                  plot_closest_pairs, write_report)
+from clip_adapt.training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
+                                 predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
@@ -34,62 +41,79 @@ NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
+    """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and test/<class>/* "
-                                  f"[default: {DEFAULT_DATA}; with --smoke: the sample shipped in {SAMPLE_DATA.name}]")
-    p.add_argument("--model", help=f"hub id or local directory saved with save_pretrained "
-                                   f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
-    p.add_argument("--epochs", type=int, help=f"most epochs to train [default: 500; with --smoke: {SMOKE_EPOCHS}]")
-    p.add_argument("--patience", type=int, help="stop when validation loss has not improved for this many epochs "
-                                                f"[default: 10; with --smoke: {SMOKE_PATIENCE}]")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=lr,
-                   help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="outputs", help="each experiment writes to <output-dir>/<script name>/")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision path")
-    p.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
-                                                        "the whole pipeline in seconds on a CPU, no download")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from where it stopped (mid-epoch included)")
-    p.add_argument("--stop-after-epochs", type=int, help="stop after this many epochs of this invocation "
-                                                         "(for job time limits); --resume continues")
-    p.add_argument("--noise-levels", type=float, nargs="+", default=list(NOISE_LEVELS),
-                   help="Gaussian noise sigmas (pixels in [0, 1]) for the robustness check")
-    p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
-    p.add_argument("--drop-test-duplicates", action="store_true",
-                   help="remove the train members of every cluster of copies that reaches into test")
-    p.add_argument("--duplicates", default="near", choices=["exact", "near"],
-                   help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
-                        "cropped or shifted copies (duplicates.py)")
-    p.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
-    p.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
-    p.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
-                                                        "'validation' is used for validation when present")
-    p.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
-                                                    "without names, or to replace the dataset's")
-    p.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
-                   help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and at "
-                        "the end); 0: after every step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the class "
-                   "name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's --head clip "
-                   "(the other scripts use no class text) [default: the MRI templates]")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines; results and errors only")
-    p.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
-                   help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
-                        "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and "
+                                     f"test/<class>/* [default: {DEFAULT_DATA}; with --smoke: the sample shipped in "
+                                     f"{SAMPLE_DATA.name}]")
+    data.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
+    data.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
+    data.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
+                                                           "'validation' is used for validation when present")
+    data.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
+                                                       "without names, or to replace the dataset's")
+    data.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
+    data.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
+    data.add_argument("--duplicates", default="near", choices=["exact", "near"],
+                      help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
+                           "cropped or shifted copies (clip_adapt/copies.py)")
+    data.add_argument("--drop-test-duplicates", action="store_true",
+                      help="remove the train members of every cluster of copies that reaches into test")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained "
+                                       f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
+    model.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the "
+                       "class name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's "
+                       "--head clip (the other scripts use no class text) [default: the MRI templates]")
+
+    optimisation = p.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=int, help=f"most epochs to train [default: 500; with --smoke: "
+                                                         f"{SMOKE_EPOCHS}]")
+    optimisation.add_argument("--patience", type=int, help="stop when validation loss has not improved for this "
+                                                           f"many epochs [default: 10; with --smoke: {SMOKE_PATIENCE}]")
+    optimisation.add_argument("--batch-size", type=int, default=32)
+    optimisation.add_argument("--lr", type=float, default=lr,
+                              help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
+    optimisation.add_argument("--weight-decay", type=float, default=0.01)
+    optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--precision", default="auto", choices=PRECISIONS,
+                              help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision "
+                                   "path")
+
+    control = p.add_argument_group("run control")
+    control.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    control.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
+                                                              "the whole pipeline in seconds on a CPU, no download")
+    control.add_argument("--resume", action="store_true",
+                         help="continue an interrupted run from where it stopped (mid-epoch included)")
+    control.add_argument("--stop-after-epochs", type=int, help="stop after this many epochs of this invocation "
+                                                               "(for job time limits); --resume continues")
+    control.add_argument("--checkpoint-every", type=float, default=300, metavar="SECONDS",
+                         help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and "
+                              "at the end); 0: after every step")
+    control.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+
+    outputs = p.add_argument_group("outputs")
+    outputs.add_argument("--output-dir", default="outputs", help="each experiment writes to "
+                                                                 "<output-dir>/<script name>/")
+    outputs.add_argument("--noise-levels", type=float, nargs="+", default=list(NOISE_LEVELS),
+                         help="Gaussian noise sigmas (pixels in [0, 1]) for the robustness check")
+    outputs.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines; results and "
+                                                              "errors only")
+    outputs.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                         help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
+                              "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
 
 
-def add_prompt_flags(p: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
-                     ) -> argparse.ArgumentParser:
-    """The token-prompt flags E3, E4 and E5 share (see prompts.VisualPrompts for what each does)."""
+def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
+                     ) -> argparse._ArgumentGroup:
+    """The token-prompt flags E3, E4 and E5 share (see clip_adapt.prompts.VisualPrompts for what each does), in a
+    "prompts" group that the script may add its own prompt flags to."""
+    p = parser.add_argument_group("prompts")
     p.add_argument("--num-prompts", type=int, default=1, help=num_prompts_help)
     p.add_argument("--prompt-position", default="front", choices=PROMPT_POSITIONS,
                    help="front: right after the class token (VPT); back: after the last patch token (MaPLe). "
@@ -99,6 +123,7 @@ def add_prompt_flags(p: argparse.ArgumentParser, num_prompts_help: str = "N, lea
                         "encoder input; deeper layers' prompts always enter at the layer input")
     p.add_argument("--prompt-init", default="normal", choices=PROMPT_INITS,
                    help="normal: N(0, 0.02) as MaPLe and IVLP; xavier: VPT's uniform bound")
+    p.add_argument("--prompt-dropout", type=float, default=0.0)
     return p
 
 
@@ -119,10 +144,6 @@ class Experiment:
     data: MRIData
     started: float
     accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
 
     @property
     def cache_dir(self) -> Path:
@@ -224,14 +245,14 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     accelerator = make_accelerator(device)
     if accelerator.num_processes > 1:
         device = accelerator.device   # this process's GPU
-        set_quiet(args.quiet or not accelerator.is_main_process)   # one progress log, not one per process
+        set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                      image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
                      class_names=args.class_names, duplicates=args.duplicates)
-    if accelerator.is_main_process:   # one log, not one per process
+    if is_main_process():   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
         print(describe_copies(data.report))
@@ -298,7 +319,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
     history = result.history if result else zero_shot_history(scores)
-    if not exp.is_main:   # the other processes computed the same numbers; one writes them
+    if not is_main_process():   # the other processes computed the same numbers; one writes them
         return metrics
     if data.closest_pairs:
         plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"), exp.out_dir / "closest_pairs.png")
@@ -336,12 +357,6 @@ def leave_process_group() -> None:
     script: run_all_experiments.py runs several in one process, all in the same group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """False in the second and later processes of an `accelerate launch` (torchrun sets RANK): scripts that run
-    others (run_all_experiments.py, ablate_prompts.py) check and report from the main process only."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def script_name(path: str) -> str:

@@ -1,76 +1,33 @@
-"""Runs E1 to E7 in order with the same flags, keeps going when one fails, and writes the comparison:
-<output-dir>/summary.md, summary.csv, summary.png (test accuracy against trainable parameters) and
-summary_robustness.png (test accuracy against pixel noise), with every figure linked from summary.md,
-and report.html (the whole run on one self-contained page, see report_html.py). With --seeds, every
-experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports mean ± std; a single run
-gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them, if any experiment failed.
+"""Runs every experiment script (E<number>_<name>.py, in number order) with the same flags, keeps going when one
+fails, and writes the comparison: <output-dir>/summary.md, summary.csv, summary.png (test accuracy against
+trainable parameters) and summary_robustness.png (test accuracy against pixel noise), with every figure linked
+from summary.md, and report.html (the whole run on one self-contained page, see clip_adapt/report_page.py).
+With --seeds, every experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports
+mean ± std; a single run gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them,
+if any experiment failed.
 """
 
 import argparse
-import json
-import runpy
 import sys
-import time
-import traceback
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import common
-from data import UserError
-from report_html import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
-from reporting import plt, save_figure, write_csv, write_text
+from clip_adapt.base import UserError, is_main_process, write_csv, write_text
+from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
+from clip_adapt.reporting import plt, save_figure
+from clip_adapt.runner import aggregate, experiment_scripts, run_for_metrics, spread
 
-HERE = Path(__file__).parent
-EXPERIMENTS = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
-               "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune", "E7_lora"]
-STUDY_REPORTED = {"E1_zero_shot_clip": 0.29, "E2_linear_probe": 0.91, "E3_shallow_vpt": 0.88,
-                  "E4_deep_vpt": 0.92, "E5_clip_vpt": 1.00, "E6_full_finetune": 0.95,
-                  "E7_lora": None}   # not in the study
-METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
-           "best_epoch", "epochs_run", "wall_time_s"]
+SCRIPTS = {script.name: script for script in experiment_scripts()}
 
 
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of this script alone; every other flag goes on to the experiments."""
-    p.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: mean ± std")
-    p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS,
-                   help="a subset to run, in the order E1..E7")
+    group = p.add_argument_group("this run")
+    group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: "
+                                                            "mean ± std")
+    group.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS),
+                       help="a subset to run, in number order")
     return p
-
-
-def run_experiment(name: str, argv: list[str]) -> int:
-    """Runs one script in this process (its imports are already paid for); a crash is reported, not fatal."""
-    saved_argv, sys.argv = sys.argv, [f"{name}.py", *argv]
-    # torch.compile's caches and recompile limit are per process: the experiments before must not use them up.
-    torch._dynamo.reset()
-    try:
-        runpy.run_path(str(HERE / f"{name}.py"), run_name="__main__")
-        return 0
-    except SystemExit as exit_:
-        if exit_.code in (130, 143):   # Ctrl-C or SIGTERM stops the whole run, not just this experiment
-            sys.exit(exit_.code)
-        return exit_.code or 0
-    except Exception:
-        traceback.print_exc()
-        return 1
-    finally:
-        sys.argv = saved_argv
-
-
-def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> dict | None:
-    """Runs one experiment into out_dir/<name>/ and returns the metrics.json this run wrote, or None if it failed.
-    Under `accelerate launch` only the main process writes metrics: the others get None and report nothing."""
-    if common.is_main_process():
-        print(f"\n=== {label} ===", flush=True)
-    started = time.time()
-    code = run_experiment(name, [*argv, "--output-dir", str(out_dir)])
-    metrics_path = out_dir / name / "metrics.json"
-    if not common.is_main_process() or code != 0 or not metrics_path.exists() \
-            or metrics_path.stat().st_mtime < started:   # an older run's metrics are not this run's
-        return None
-    return json.loads(metrics_path.read_text())
 
 
 def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
@@ -78,40 +35,15 @@ def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
     weights at 1e-5, the prompts and heads train at 1e-3), rather than run E6 at a prompt's rate."""
     if lr is None:
         return
-    defaults = {name: runpy.run_path(str(HERE / f"{name}.py")).get("LEARNING_RATE") for name in experiments}
-    defaults = {name: rate for name, rate in defaults.items() if rate is not None}   # E1 trains nothing
+    defaults = {name: SCRIPTS[name].learning_rate for name in experiments if SCRIPTS[name].trains}
     if len(set(defaults.values())) > 1:
         listed = ", ".join(f"{name.split('_')[0]} {rate:g}" for name, rate in defaults.items())
         raise UserError(f"--lr would give every experiment the same rate, but their defaults differ ({listed}): "
                         f"pass --lr with --experiments that share a default, or run a script on its own")
 
 
-def aggregate(name: str, runs: list[dict]) -> dict:
-    row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
-           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"]}
-    for metric in METRICS:
-        values = np.array([r[metric] for r in runs], dtype=float)
-        row[f"{metric}_mean"] = float(values.mean())
-        row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""
-    row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] = (runs[0]["test_accuracy_ci95"]
-                                                                     if len(runs) == 1 else ("", ""))
-    for sigma in runs[0]["robustness"]:
-        row[f"test_accuracy_noise_{sigma}"] = float(np.mean([r["robustness"][sigma] for r in runs]))
-    return row
-
-
-def spread(row: dict, metric: str, digits: int = 3) -> str:
-    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-    if std != "":
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
-    if metric == "test_accuracy":
-        low, high = row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]
-        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-    return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
-
-
 def study_accuracy(name: str) -> str:
-    reported = STUDY_REPORTED[name]
+    reported = SCRIPTS[name].study_accuracy
     return "–" if reported is None else f"{reported:.2f}"
 
 
@@ -204,7 +136,7 @@ def main():
             else:
                 failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
 
-    if not common.is_main_process():
+    if not is_main_process():
         return
     rows = [aggregate(name, r) for name, r in runs.items() if r]
     if rows:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import CLIPProcessor  # noqa: E402
 
-import models  # noqa: E402
+from clip_adapt import models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "brain_mri"

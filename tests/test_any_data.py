@@ -10,9 +10,10 @@ from conftest import noise_image, run_process, run_script
 from test_scripts import SCRIPTS, TRAINED, assert_complete_outputs, metrics_of
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-import models
-from data import PREPROCESS_CHUNK, Split, UserError, check_data_early, load_data, preprocess
-from models import ImageClassifier, PromptedCLIP, clip_config, count_params, tiny_tokenizer
+from clip_adapt import models
+from clip_adapt.base import UserError
+from clip_adapt.data import PREPROCESS_CHUNK, Split, check_data_early, load_data, preprocess
+from clip_adapt.models import ImageClassifier, PromptedCLIP, clip_config, count_params, tiny_tokenizer
 
 FINE = ["apple", "aquarium_fish", "baby", "bear"]
 COARSE = ["fruit", "animal"]
@@ -141,7 +142,7 @@ def test_uint8_pixels_normalised_per_batch_equal_the_processors_floats(image_pro
 
 def test_bench_data_smoke_writes_its_figures(tmp_path):
     import json
-    run_script("bench_data.py", "--smoke", "--output-dir", tmp_path, expect_exit=0)
+    run_script("tools/bench_data.py", "--smoke", "--output-dir", tmp_path, expect_exit=0)
     result = json.loads((tmp_path / "bench_data.json").read_text())
     assert result["images"] == 300 and result["preprocess_images_per_s"] > 0
     assert result["uint8_bytes"] == 300 * 3 * 64 * 64 and result["fp32_would_be_bytes"] == 4 * 300 * 3 * 64 * 64

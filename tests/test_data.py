@@ -5,8 +5,9 @@ import pytest
 from conftest import SHARED_DATA, noise_image
 from PIL import Image
 
-from data import UserError, load_data, open_rgb, stratified_val_indices
-from models import tiny_clip
+from clip_adapt.base import UserError
+from clip_adapt.data import load_data, open_rgb, stratified_val_indices
+from clip_adapt.models import tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ import pytest
 from conftest import SAMPLE_DATA, SHARED_DATA, run_script
 from PIL import Image, ImageEnhance
 
-from data import (describe_near_copies, grouped_val_indices, image_files, load_data, near_copy_report, open_rgb,
-                  pixel_hash)
-from duplicates import NEAR_COPY_SCORE, find_near_copies
-from models import tiny_clip
+from clip_adapt.copies import NEAR_COPY_SCORE, describe_near_copies, find_near_copies, near_copy_report, pixel_hash
+from clip_adapt.data import grouped_val_indices, image_files, load_data, open_rgb
+from clip_adapt.models import tiny_clip
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:

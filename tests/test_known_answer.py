@@ -1,4 +1,4 @@
-"""A known answer, offline: on a tiny CLIP the project pretrains itself (known_answer.py), every method must
+"""A known answer, offline: on a tiny CLIP the project pretrains itself (tools/known_answer.py), every method must
 learn a task CLIP was never trained to classify. Random CLIPs carry no signal, so only here does a test show
 that the zero-shot path, the prompts, the text context and the heads work as methods, not merely run.
 
@@ -13,10 +13,13 @@ import json
 
 import pytest
 
-import known_answer
 from conftest import run_script
 
-TRAINED = ("E2_linear_probe", "E3_shallow_vpt", "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune", "E7_lora")
+from clip_adapt.runner import experiment_scripts
+from tools import known_answer
+
+TRAINED = tuple(script.name for script in experiment_scripts() if script.trains)
+ZERO_SHOT = next(script.name for script in experiment_scripts() if not script.trains)   # E1
 CHANCE = 1 / len(known_answer.SHAPES)
 ZERO_SHOT_AT_LEAST = 0.5        # measured 0.76 (the same for every seed: nothing is trained)
 TRAINED_AT_LEAST = 0.8          # measured 0.91–0.99 over five seeds, fp32 and bf16
@@ -43,12 +46,12 @@ def run_methods(directory, out_dir, precision: str, trained: tuple[str, ...]) ->
     common_flags = ("--model", directory / "clip", "--data", directory / "shapes", *RUN_FLAGS,
                     "--precision", precision, "--output-dir", out_dir)
     at_default_rates = [name for name in trained if name != "E6_full_finetune"]
-    run_script("run_all_experiments.py", *common_flags, "--experiments", "E1_zero_shot_clip", *at_default_rates,
+    run_script("run_all_experiments.py", *common_flags, "--experiments", ZERO_SHOT, *at_default_rates,
                expect_exit=0)
     run_script("run_all_experiments.py", *common_flags, "--experiments", "E6_full_finetune",
                "--lr", FULL_FINETUNE_LR, expect_exit=0)
     return {name: json.loads((out_dir / name / "metrics.json").read_text())
-            for name in ("E1_zero_shot_clip", *trained)}
+            for name in (ZERO_SHOT, *trained)}
 
 
 @pytest.fixture(scope="session", params=list(RUNS))
@@ -66,13 +69,13 @@ def test_known_answer_clip_learned_its_captions(known_answer_dir):
 
 def test_known_answer_and_bf16_zero_shot_is_clearly_above_chance(known_answer_runs):
     precision, _, metrics = known_answer_runs
-    assert metrics["E1_zero_shot_clip"]["test_accuracy"] >= ZERO_SHOT_AT_LEAST > 1.5 * CHANCE, precision
+    assert metrics[ZERO_SHOT]["test_accuracy"] >= ZERO_SHOT_AT_LEAST > 1.5 * CHANCE, precision
 
 
 def test_known_answer_and_bf16_every_trained_method_learns_and_beats_zero_shot(known_answer_runs):
     precision, _, metrics = known_answer_runs
-    assert set(metrics) == {"E1_zero_shot_clip", *RUNS[precision]}
-    zero_shot = metrics["E1_zero_shot_clip"]["test_accuracy"]
+    assert set(metrics) == {ZERO_SHOT, *RUNS[precision]}
+    zero_shot = metrics[ZERO_SHOT]["test_accuracy"]
     for name in RUNS[precision]:
         accuracy = metrics[name]["test_accuracy"]
         assert metrics[name]["train_accuracy"] > CHANCE + 0.5, (precision, name)

@@ -9,11 +9,11 @@ from peft import PeftModel
 from test_scripts import assert_complete_outputs
 from transformers import CLIPModel
 
-import models
-from adapters import VISION_LINEAR_LAYERS, AdapterClassifier, peft_config
-from data import Split
-from models import count_params, vit_b16_config
-from training import TrainConfig, predict, train
+from clip_adapt import models
+from clip_adapt.adapters import VISION_LINEAR_LAYERS, AdapterClassifier, peft_config
+from clip_adapt.data import Split
+from clip_adapt.models import count_params, vit_b16_config
+from clip_adapt.training import TrainConfig, predict, train
 
 CPU = torch.device("cpu")
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from conftest import noise_image, tiny_batch
 from transformers import CLIPModel
 
-from data import Split
-from models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, normalized_image_embeddings, tiny_tokenizer,
+from clip_adapt.data import Split
+from clip_adapt.models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, normalized_image_embeddings, tiny_tokenizer,
                     vit_b16_config)
-from training import TrainConfig, predict, train
+from clip_adapt.training import TrainConfig, predict, train
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 
@@ -158,7 +158,7 @@ def test_zero_prompts_give_exactly_the_frozen_embeddings(clip_parts):
         plain_text = clip.get_text_features(**tokenizer(CLASS_NAMES, padding=True, return_tensors="pt")).pooler_output
         layers = range(clip.config.vision_config.num_hidden_layers)
         prompted = ImageClassifier(copy.deepcopy(clip), 4)
-        from prompts import VisualPrompts
+        from clip_adapt.prompts import VisualPrompts
         VisualPrompts(prompted.vision, 0, layers)
         assert torch.equal(prompted.embed(pixels), plain_image)
         e5 = PromptedCLIP(clip, tokenizer, CLASS_NAMES, num_prompts=0, num_text_prompts=2)
@@ -251,7 +251,7 @@ def test_e5_predictions_never_see_labels(clip_parts, tmp_path):
 # --------------------------------------------------------------------------- E2 cache
 
 def test_cached_embeddings_train_the_same_head_as_running_the_tower(clip_parts, tmp_path):
-    from training import cached_embeddings
+    from clip_adapt.training import cached_embeddings
     clip, image_processor, _ = clip_parts
     pixels = torch.cat([tiny_batch(image_processor, 8), image_processor(
         [noise_image(200 + i, mode="L").convert("RGB") for i in range(8)], return_tensors="pt")["pixel_values"]])

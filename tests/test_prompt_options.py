@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script, tiny_batch
 
-from models import STUDY_TEMPLATES, ImageClassifier, TextHead, ZeroShot, count_params
-from prompts import FixedPatchPrompter, PadPrompter, RandomPatchPrompter, VisualPrompts, scaled_prompt_size
+from clip_adapt.models import STUDY_TEMPLATES, ImageClassifier, TextHead, ZeroShot, count_params
+from clip_adapt.prompts import FixedPatchPrompter, PadPrompter, RandomPatchPrompter, VisualPrompts, scaled_prompt_size
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 
@@ -177,7 +177,7 @@ def test_e1_reports_each_template_and_the_ensemble(tmp_path, capsys):
 
 def test_ablate_smoke_writes_one_row_per_cell_and_resumes(tmp_path, capsys):
     args = ["--smoke", "--epochs", 1, "--counts", 1, "--output-dir", tmp_path]
-    run_script("ablate_prompts.py", *args, expect_exit=0)
+    run_script("tools/ablate_prompts.py", *args, expect_exit=0)
     rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
     # 1 count × layers 0, all × front, back + padding + fixed patch
     assert [r["cell"] for r in rows] == ["token_layer0_n1_front", "token_layer0_n1_back", "token_layerall_n1_front",
@@ -190,7 +190,7 @@ def test_ablate_smoke_writes_one_row_per_cell_and_resumes(tmp_path, capsys):
     assert len(finished) == len(rows)
 
     capsys.readouterr()
-    run_script("ablate_prompts.py", *args, expect_exit=0)
+    run_script("tools/ablate_prompts.py", *args, expect_exit=0)
     assert capsys.readouterr().out.count("finished before, not rerun") == len(rows)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert list(csv.DictReader(open(tmp_path / "ablation.csv"))) == rows

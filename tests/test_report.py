@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import run_script
 
-import progress
+from clip_adapt import progress
 
 RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
 FIGURES_PER_PAGE = 2 + 6 * len(RUN)
@@ -107,14 +107,14 @@ def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):
     copy = shutil.copytree(out_dir, tmp_path / "copy")
     (copy / "report.html").unlink()
     with contextlib.redirect_stdout(io.StringIO()):
-        run_script("report_html.py", copy, expect_exit=0)
+        run_script("clip_adapt/report_page.py", copy, expect_exit=0)
     again = (copy / "report.html").read_text()
     assert len(parse(again).images) == FIGURES_PER_PAGE
     assert "run_all_experiments.py --smoke --output-dir" in again   # the command, read back from summary.md
 
 
 def test_report_html_on_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
-    run_script("report_html.py", tmp_path / "nowhere", expect_exit=2)
+    run_script("clip_adapt/report_page.py", tmp_path / "nowhere", expect_exit=2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no output folder")
 
@@ -236,8 +236,8 @@ def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(tmp_path,
 def test_pixel_noise_is_added_batch_by_batch_and_reproducibly():
     """The robustness passes add noise to each batch as it is used (no noisy copy of the test split): without
     noise the model sees its pixels unchanged; with noise, a seed always gives the same predictions."""
-    from reporting import WithPixelNoise
-    from training import predict
+    from clip_adapt.reporting import WithPixelNoise
+    from clip_adapt.training import predict
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)

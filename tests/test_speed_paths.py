@@ -6,9 +6,10 @@ import json
 import torch
 from conftest import run_script, tiny_batch
 
-from data import Split
-from models import ImageClassifier, PromptedCLIP
-from training import TrainConfig, predict, train
+from clip_adapt.data import Split
+from clip_adapt.models import ImageClassifier, PromptedCLIP
+from clip_adapt.runner import experiment_scripts
+from clip_adapt.training import TrainConfig, predict, train
 
 
 def test_sdpa_attention_matches_plain_attention_in_logits_and_training(clip_parts, tmp_path):
@@ -33,11 +34,11 @@ def test_sdpa_attention_matches_plain_attention_in_logits_and_training(clip_part
 
 
 def test_bench_smoke_writes_valid_json(tmp_path):
-    run_script("bench.py", "--smoke", "--steps", 1, "--warmup", 1, "--e2-epochs", 2, "--e2-images", 16, 16,
+    run_script("tools/bench.py", "--smoke", "--steps", 1, "--warmup", 1, "--e2-epochs", 2, "--e2-images", 16, 16,
                "--output-dir", tmp_path, expect_exit=0)
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["experiment"]: r for r in result["experiments"]}
-    assert len(rows) == 7 and "train_images_per_s" not in rows["E1_zero_shot_clip"]
+    assert len(rows) == len(experiment_scripts()) and "train_images_per_s" not in rows["E1_zero_shot_clip"]
     for name, row in rows.items():
         assert row["eval_images_per_s"] > 0 and 0 < row["eval_mfu"] < 1, name
     # Frozen backbone: backward computes input gradients only, so a step costs less than a full fine-tuning one.

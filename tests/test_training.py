@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training
-from data import Split
-from training import TrainConfig, TrainingInterrupted, train
+from clip_adapt import training
+from clip_adapt.base import UserError
+from clip_adapt.data import Split
+from clip_adapt.training import TrainConfig, TrainingInterrupted, train
 
 
 def noisy_task(n: int = 48, seed: int = 0) -> tuple[Split, Split]:
@@ -107,5 +108,5 @@ def test_sigterm_mid_epoch_writes_a_resume_state_that_continues_exactly(tmp_path
 def test_an_old_resume_state_is_refused_with_a_message(tmp_path):
     torch.save({"epoch": 3, "model": {}}, tmp_path / "last.pt")
     train_split, val = noisy_task()
-    with pytest.raises(training.UserError, match="older version.*without --resume"):
+    with pytest.raises(UserError, match="older version.*without --resume"):
         train(Head(), train_split, val, val, config(tmp_path, resume=True))

@@ -24,6 +24,7 @@ Threshold, measured on ../shared/data/brain_mri (README, "Near copies"): the wea
 0.960, the closest distinct pair 0.956. Measured limits are in the README and tests/test_duplicates.py.
 """
 
+import hashlib
 from collections import defaultdict
 
 import imagehash
@@ -240,3 +241,83 @@ def find_near_copies(images: list[Image.Image], splits: list[str], exact_hashes:
             nearest_train[int(i)] = (int(j), s)
     return {"pairs": pairs, "clusters": clusters_of(len(images), copies), "nearest_train": nearest_train,
             "candidates": len(candidates)}
+
+
+def pixel_hash(img: Image.Image) -> str:
+    """Same decoded pixels, same hash, whatever the file's name, format or original mode."""
+    return hashlib.blake2b(np.asarray(img).tobytes() + str(img.size).encode(), digest_size=16).hexdigest()
+
+
+# --------------------------------------------------------------------------- reporting the copies
+
+def clusters_by_split(clusters, splits: list[str], files: list[str]) -> tuple[list[dict], dict]:
+    """Clusters of image indices as the report lists them: those reaching across splits (their files per
+    split) and, per split, the files of each cluster with more than one member there."""
+    cross, within = [], {"train": [], "test": []}   # and "val", for a dataset's own validation split
+    for members in clusters:
+        in_split = defaultdict(list)
+        for i in members:
+            in_split[splits[i]].append(files[i])
+        if len(in_split) > 1:
+            cross.append({"train": in_split["train"], "test": in_split["test"],
+                          **({"val": in_split["val"]} if "val" in in_split else {})})
+        for split, names in in_split.items():
+            if len(names) > 1:
+                within.setdefault(split, []).append(names)
+    return cross, within
+
+
+def find_duplicates(hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    """Exact copies: clusters of identical decoded pixels, in the layout of near_copy_report."""
+    groups = defaultdict(list)
+    for i, h in enumerate(hashes):
+        groups[h].append(i)
+    clusters = [members for members in groups.values() if len(members) > 1]
+    cross, within = clusters_by_split(clusters, splits, files)
+    return {"train_test_duplicates": cross, "within_split_duplicates": within, "clusters": clusters}
+
+
+def describe_duplicates(report: dict) -> str:
+    cross = report["train_test_duplicates"]
+    within = report["within_split_duplicates"]
+    return (f"duplicates: {sum(len(g['test']) for g in cross)} test images are pixel copies of a train image, "
+            f"{sum(len(g) - 1 for g in within['train'])} extra copies inside train, "
+            f"{sum(len(g) - 1 for g in within['test'])} inside test")
+
+
+def near_copy_report(images: list[Image.Image], hashes: list[str], splits: list[str], files: list[str]) -> dict:
+    """Exact and near copies (find_near_copies): clusters across and within splits, every pair with its score and
+    splits, and every test image's nearest train image. Same cluster layout as find_duplicates; indices (in
+    "clusters" and the nearest pairs) are positions in the loaded order, since names need not be unique."""
+    found = find_near_copies(images, splits, hashes)
+    cross, within = clusters_by_split(found["clusters"], splits, files)
+    nearest = sorted(((score, test, train) for test, (train, score) in found["nearest_train"].items()),
+                     reverse=True)
+    return {"train_test_duplicates": cross, "within_split_duplicates": within,
+            "near_copy_threshold": NEAR_COPY_SCORE,
+            "copy_pairs": [{"a": files[p["i"]], "b": files[p["j"]], "split_a": splits[p["i"]],
+                            "split_b": splits[p["j"]], "score": p["score"], "exact": p["exact"]}
+                           for p in found["pairs"]],
+            "nearest_train_of_test": [{"test": files[test], "train": files[train], "score": round(score, 4),
+                                       "test_index": test, "train_index": train} for score, test, train in nearest],
+            "clusters": found["clusters"]}
+
+
+def describe_near_copies(report: dict) -> str:
+    counts = defaultdict(int)
+    for p in report["copy_pairs"]:
+        where = "–".join(sorted({p["split_a"], p["split_b"]}, key=["train", "val", "test"].index))
+        counts[(where, "exact" if p["exact"] else "near")] += 1
+    cross = report["train_test_duplicates"]
+    line = (f"copies (correlation >= {report['near_copy_threshold']}): {sum(len(g['test']) for g in cross)} test "
+            f"images have a copy in train ({counts['train–test', 'exact']} exact, {counts['train–test', 'near']} "
+            f"near pairs); inside train {counts['train', 'exact']} exact, {counts['train', 'near']} near pairs; "
+            f"inside test {counts['test', 'exact']} exact, {counts['test', 'near']} near pairs")
+    others = sorted({where for where, _ in counts} - {"train–test", "train", "test"})
+    return line + "".join(f"; {where} {counts[where, 'exact']} exact, {counts[where, 'near']} near pairs"
+                          for where in others)
+
+
+def describe_copies(report: dict) -> str:
+    """The one line printed before training and shown in report.html, in the words of the check that ran."""
+    return describe_near_copies(report) if report.get("duplicate_check") == "near" else describe_duplicates(report)

@@ -1,7 +1,7 @@
 """The learnable prompts: VPT's prompt tokens in the image tower, pixel-space prompts added to the image
 (Bahng et al., 2022), and CoOp's context vectors in the text tower. Each is added by hooks on `transformers`'
 own CLIP modules, never by copying its code, so the frozen backbone computes exactly what it computes without
-them. The classifiers that use them are in models.py.
+them. The classifiers that use them are in clip_adapt/models.py.
 """
 
 import contextlib
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import UserError
+from clip_adapt.base import UserError
 
 
 PROMPT_POSITIONS = ("front", "back")

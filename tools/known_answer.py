@@ -8,12 +8,11 @@ with save_pretrained (model, tokenizer, image processor) so that it goes through
 `openai/clip-vit-base-patch16` does. The downstream task is an ImageFolder of shapes (4 classes, colour and
 position random): CLIP saw shapes only inside whole captions and was never trained to classify them.
 
-    python known_answer.py --output-dir known_answer
+    python tools/known_answer.py --output-dir known_answer
     python run_all_experiments.py --model known_answer/clip --data known_answer/shapes --epochs 60 \\
-        --noise-levels 0 --experiments E1_zero_shot_clip E2_linear_probe E3_shallow_vpt E4_deep_vpt \\
-        E5_clip_vpt E7_lora
-    python run_all_experiments.py --model known_answer/clip --data known_answer/shapes --epochs 60 \\
-        --noise-levels 0 --experiments E6_full_finetune --lr 3e-4 --output-dir outputs/e6_known_answer
+        --noise-levels 0
+    python E6_full_finetune.py --model known_answer/clip --data known_answer/shapes --epochs 60 \\
+        --noise-levels 0 --lr 3e-4 --output-dir outputs/e6_known_answer
 
 (E6's default rate is meant for ViT-B/16; this tower needs a higher one to converge in 60 epochs.
 `--templates known_answer/templates.txt` gives E1 the task's own templates.)

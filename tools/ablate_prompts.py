@@ -16,11 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-import common
-from data import UserError
-from prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
-from reporting import plt, save_figure, write_csv, write_json, write_text
-from run_all_experiments import aggregate, run_for_metrics, spread
+if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text  # noqa: E402
+from clip_adapt.prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS  # noqa: E402
+from clip_adapt.reporting import plt, save_figure  # noqa: E402
+from clip_adapt.runner import aggregate, run_for_metrics, spread  # noqa: E402
 
 TYPES = ["token", *PIXEL_PROMPTERS]
 GRID = {"counts": [1, 4, 8], "layers": ["0", "6", "11", "all"], "positions": ["front", "back"],
@@ -156,12 +159,12 @@ def main():
                 failed.append(f"{cell['cell']} (seed {seed})")
             else:
                 runs.append(metrics)
-        if runs and common.is_main_process():
+        if runs and is_main_process():
             described = {k: cell[k] for k in ("prompt_type", "layer", "num_prompts", "position")}
             summary = aggregate(cell["cell"], runs)
             rows.append({"cell": summary.pop("experiment"), **described, **summary})
 
-    if not common.is_main_process():
+    if not is_main_process():
         return
     if rows:
         write_csv(out_dir / "ablation.csv", rows)

@@ -4,7 +4,8 @@ A full-size ViT-B/16 CLIP is built from its config: random weights have exactly 
 of the real ones, and need no download (or pass --model). For E1..E7 it times the training step and
 evaluation on random 224x224 batches and reports images/s, peak memory and model FLOP utilisation (MFU):
 FLOPs actually executed per second (counted by PyTorch's FlopCounterMode, forward + backward) divided by the
-device's peak. It also times E2 both ways: image embeddings computed once and cached, versus the frozen tower
+device's peak. Every model is built by its own script's build_model with the script's default flags. It
+also times E2 both ways: image embeddings computed once and cached, versus the frozen tower
 run every epoch. Writes <output-dir>/bench.json and prints a table.
 """
 
@@ -13,6 +14,7 @@ import copy
 import platform
 import re
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -22,27 +24,27 @@ from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 from transformers import CLIPModel
 
-import common
-from adapters import AdapterClassifier
-from models import ImageClassifier, PromptedCLIP, ZeroShot, load_clip, tiny_clip, tiny_tokenizer, vit_b16_config
-from reporting import write_json
-from training import batched, training_step
+if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+from clip_adapt.base import UserError, write_json  # noqa: E402
+from clip_adapt.models import load_clip, tiny_clip, tiny_tokenizer, vit_b16_config  # noqa: E402
+from clip_adapt.runner import experiment_scripts  # noqa: E402
+from clip_adapt.training import batched, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (sparsity not counted), first match wins.
 GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
+SCRIPTS = {script.name: script for script in experiment_scripts()}
+
+
 def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
+    """The experiment's model as its script builds it with its default flags."""
     clip = copy.deepcopy(clip)   # prompt hooks attach to the CLIP they are given: one fresh copy each
-    layers = clip.config.vision_config.num_hidden_layers
-    return {"E1_zero_shot_clip": lambda: ZeroShot(clip, tokenizer, CLASS_NAMES),
-            "E2_linear_probe": lambda: ImageClassifier(clip, 4),
-            "E3_shallow_vpt": lambda: ImageClassifier(clip, 4, num_prompts=1),
-            "E4_deep_vpt": lambda: ImageClassifier(clip, 4, num_prompts=1, prompt_layers=range(layers)),
-            "E5_clip_vpt": lambda: PromptedCLIP(clip, tokenizer, CLASS_NAMES, 1, 4),
-            "E6_full_finetune": lambda: ImageClassifier(clip, 4, train_backbone=True),
-            "E7_lora": lambda: AdapterClassifier(clip, 4)}[name]()
+    return SCRIPTS[name].build_model(clip, tokenizer, CLASS_NAMES)
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -174,12 +176,12 @@ def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
     from PIL import ImageEnhance
     from transformers import CLIPImageProcessor
 
-    from data import image_files, open_rgb, pixel_hash
-    from duplicates import find_near_copies
+    from clip_adapt.copies import find_near_copies, pixel_hash
+    from clip_adapt.data import image_files, open_rgb
 
     originals = [path for paths in image_files(source).values() for path in paths]
     if not originals:
-        raise common.UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
+        raise UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as folder:
         files, splits = [], []
@@ -224,9 +226,7 @@ def main():
     p.add_argument("--e2-epochs", type=int, default=10, help="epochs for the E2 cached-versus-tower timing")
     p.add_argument("--e2-images", type=int, nargs=2, default=[408, 392], metavar=("TRAIN", "EVAL"),
                    help="images per epoch in the E2 timing: trained on, and evaluated (val + test)")
-    p.add_argument("--experiments", nargs="+", default=["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt",
-                                                        "E4_deep_vpt", "E5_clip_vpt", "E6_full_finetune",
-                                                        "E7_lora"])
+    p.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPModel
 
-from data import UserError
-from models import Classifier, Fp32Linear, freeze
+from clip_adapt.base import UserError
+from clip_adapt.models import Classifier, Fp32Linear, freeze
 
 
 ADAPTERS = ("lora", "loha", "lokr", "ia3")

@@ -1,8 +1,5 @@
 """Metrics, plots and the files in outputs/: everything written atomically, so a kill never leaves half a report."""
 
-import csv
-import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +13,7 @@ import torch  # noqa: E402
 from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,  # noqa: E402
                              f1_score)
 
-from training import atomic_save  # noqa: E402
+from clip_adapt.base import atomic_save, write_csv, write_json, write_text  # noqa: E402
 
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 ECE_BINS = 15
@@ -73,22 +70,6 @@ class WithPixelNoise(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------- files
-
-def write_text(path: Path, text: str) -> None:
-    atomic_save(path, lambda p: Path(p).write_text(text))
-
-
-def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
 
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Measures the data pipeline at CIFAR scale: how fast images are preprocessed for CLIP and what holding them costs.
 
-Synthesises CIFAR-sized images (32x32 RGB, random pixels, so no download), runs data.preprocess, the exact
+Synthesises CIFAR-sized images (32x32 RGB, random pixels, so no download), runs clip_adapt.data.preprocess, the exact
 step load_data uses (CLIP's bicubic resize and centre crop in parallel threads into one uint8 tensor), with
 OpenAI CLIP's image processor settings (224 px), and reports images/s, the tensor's size as uint8 against what
 fp32 would take, and the process's peak memory. Then it times the per-batch normalisation on the device.
@@ -11,6 +11,7 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-import common
-from data import Split, UserError, preprocess
-from reporting import write_json
+if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+from clip_adapt.base import UserError, write_json  # noqa: E402
+from clip_adapt.data import Split, preprocess  # noqa: E402
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:

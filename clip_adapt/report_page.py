@@ -5,7 +5,7 @@ mailed or archived on its own, and needs no server and no JavaScript. It holds t
 and its duplicate report, the summary tables (those of summary.md), and per experiment its headline metrics,
 curves, confusion matrix, reliability diagram, classification report and robustness.
 
-run_all_experiments.py writes it at the end; `python report_html.py [OUTPUT_DIR]` writes it again from the
+run_all_experiments.py writes it at the end; `python -m clip_adapt.report_page [OUTPUT_DIR]` writes it again from the
 files already there (after a rerun of one experiment, say).
 """
 
@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from data import describe_copies
-from reporting import write_text
+from clip_adapt.base import write_text
+from clip_adapt.copies import describe_copies
 
 SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters"),
                    ("summary_robustness.png", "Test accuracy under pixel noise")]

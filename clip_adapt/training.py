@@ -4,7 +4,6 @@ included)."""
 import contextlib
 import hashlib
 import math
-import os
 import signal
 import threading
 import time
@@ -15,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import Split, UserError
-from progress import progress_bar, say
+from clip_adapt.base import UserError, atomic_save, is_main_process
+from clip_adapt.data import Split
+from clip_adapt.progress import progress_bar, say
 
 
 RESUME_FORMAT = 2   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
@@ -63,14 +63,6 @@ def autocast(device: torch.device, precision: str = "auto"):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def atomic_save(path: Path, save) -> None:
-    """save(temporary_path), then rename: a reader never finds a half-written file, even after a kill."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save(temporary)
-    os.replace(temporary, path)
 
 
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
@@ -225,16 +217,116 @@ class Progress:
     bad_epochs: int = 0
 
 
+class ResumeState:
+    """What a run keeps so that it can stop anywhere and continue exactly: checkpoint/last.pt (trainable
+    weights, optimiser, schedule, random states and the Progress) and, once at the end, the best weights in
+    checkpoint/best.safetensors.
+
+    last.pt is written when `due()` says so (every `checkpoint_every` seconds), on a stop request and at the
+    end, not every epoch: for full fine-tuning it is about 1 GB of weights and optimiser moments. When the
+    model's weights are the best ones, last.pt does not hold them twice. Only the main process writes."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer, schedule: Schedule,
+                 generator: torch.Generator):
+        self.config, self.model, self.optimizer, self.schedule, self.generator = (config, model, optimizer,
+                                                                                  schedule, generator)
+        self.folder = Path(config.checkpoint_dir)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.last_path, self.best_path = self.folder / "last.pt", self.folder / "best.safetensors"
+        self.progress = Progress()
+        self.best_is_current = False   # the model's weights are the best ones
+        self.is_main = is_main_process()
+        self.last_write = time.monotonic()
+
+    def restore(self) -> Progress:
+        """With --resume, everything as it was when last.pt was written; else a fresh Progress."""
+        if not self.config.resume:
+            return self.progress
+        if not self.last_path.exists():
+            print(f"nothing to resume in {self.folder}: starting from epoch 1")
+            return self.progress
+        state = torch.load(self.last_path, weights_only=True, map_location="cpu")   # a GPU run may resume on a CPU
+        if state.get("format") != RESUME_FORMAT:
+            raise UserError(f"cannot resume from {self.last_path}: it was written by an older version of this "
+                            f"project; rerun without --resume to start over")
+        if state["settings"] != self.config.settings:
+            changed = sorted(k for k in set(state["settings"]) | set(self.config.settings)
+                             if state["settings"].get(k) != self.config.settings.get(k))
+            raise UserError(f"cannot resume: the checkpoint in {self.folder} was made with different "
+                            f"{', '.join(changed)}; rerun with the same flags, or without --resume to start over")
+        load_trainable(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.config.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.progress = Progress(**state["progress"])
+        if self.progress.best_state is None and self.progress.best_epoch:
+            self.progress.best_state, self.best_is_current = state["model"], True
+        print(f"resuming at epoch {self.progress.epoch}, batch {self.progress.batch} from {self.last_path}")
+        return self.progress
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_write >= self.config.checkpoint_every
+
+    def stepped(self) -> None:
+        self.best_is_current = False
+
+    def write(self) -> None:
+        self.last_write = time.monotonic()
+        if not self.is_main:
+            return
+        progress = self.progress
+        saved = {**progress.__dict__, "best_state": None if self.best_is_current else progress.best_state}
+        state = {"format": RESUME_FORMAT, "progress": saved, "model": trainable_state(self.model),
+                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "settings": self.config.settings}
+        if self.config.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        atomic_save(self.last_path, lambda p: torch.save(state, p))
+        self.last_write = time.monotonic()
+
+    def end_epoch(self, row: dict) -> None:
+        """The epoch's row joins the history; the best validation loss so far keeps its weights."""
+        progress = self.progress
+        progress.history.append(row)
+        if row["val_loss"] < progress.best_val_loss:
+            progress.best_state, progress.best_val_loss, progress.best_epoch = (trainable_state(self.model),
+                                                                                row["val_loss"], row["epoch"])
+            progress.bad_epochs, self.best_is_current = 0, True
+        else:
+            progress.bad_epochs += 1
+        progress.epoch, progress.batch, progress.loss_sum, progress.correct = row["epoch"] + 1, 0, 0.0, 0.0
+
+    def write_best(self) -> None:
+        if self.is_main:
+            atomic_save(self.best_path, lambda p: save_file(self.progress.best_state, p,
+                                                            metadata={"epoch": str(self.progress.best_epoch)}))
+
+    def refuse_non_finite(self, loss: float, epoch: int) -> None:
+        """Never a resume state with broken weights: stop, keeping the best weights so far."""
+        if math.isfinite(loss):
+            return
+        where = "no epoch finished before it"
+        if self.progress.best_state is not None:
+            self.write_best()
+            where = f"the best weights so far (epoch {self.progress.best_epoch}) are in {self.best_path}"
+        raise UserError(f"loss became {loss} in epoch {epoch}: stopped; {where}; try a lower --lr")
+
+    def load_best(self) -> None:
+        load_trainable(self.model, self.progress.best_state)
+        self.write_best()
+
+
 def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, config: TrainConfig) -> TrainResult:
     """Trains the parameters with requires_grad until validation loss stops improving for `patience`
     epochs (at most `epochs`), then loads the weights of the best validation epoch into the model.
     Test loss and accuracy are recorded every epoch for the curves; they never steer anything.
 
-    The resume state (checkpoint/last.pt) is written every `checkpoint_every` seconds, on --stop-after-epochs,
-    on Ctrl-C and SIGTERM, and at the end, not every epoch: for full fine-tuning it is about 1 GB of weights
-    and optimiser moments. It may be written mid-epoch; --resume then redraws that epoch's batch order and goes
-    on from the next batch, so a resumed run equals an uninterrupted one. The best weights are kept in memory
-    and written once, to checkpoint/best.safetensors, when training ends.
+    The resume state (ResumeState) may be written mid-epoch; --resume then redraws that epoch's batch order
+    and goes on from the next batch, so a resumed run equals an uninterrupted one.
 
     Under `accelerate launch` with several processes (config.accelerator), the model is wrapped by
     accelerator.prepare (DistributedDataParallel): every process draws the same batch order, trains on its own
@@ -243,82 +335,25 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     only the main process writes checkpoints, and the resume state is written at epoch ends only (a mid-epoch
     write would need every process to stop at the same step). A last batch smaller than the number of
     processes is left out of that epoch."""
-    device = config.device
-    accelerator = config.accelerator
+    device, accelerator = config.device, config.accelerator
     processes = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    is_main = rank == 0
     model.to(device)
     stepped = accelerator.prepare(model) if processes > 1 else model   # the DDP wrapper; `model` stays bare
     train_split = train_split.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch), config.patience)
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
-    progress = Progress()
-    best_is_current = False   # the model's weights are the best ones: last.pt need not hold them twice
+    checkpoint = ResumeState(config, model, optimizer, schedule, generator)
+    progress = checkpoint.restore()
 
-    checkpoint_dir = Path(config.checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.safetensors"
-    if config.resume and last_path.exists():
-        state = torch.load(last_path, weights_only=True, map_location="cpu")   # a GPU run may resume on a CPU
-        if state.get("format") != RESUME_FORMAT:
-            raise UserError(f"cannot resume from {last_path}: it was written by an older version of this "
-                            f"project; rerun without --resume to start over")
-        if state["settings"] != config.settings:
-            changed = sorted(k for k in set(state["settings"]) | set(config.settings)
-                             if state["settings"].get(k) != config.settings.get(k))
-            raise UserError(f"cannot resume: the checkpoint in {checkpoint_dir} was made with different "
-                            f"{', '.join(changed)}; rerun with the same flags, or without --resume to start over")
-        load_trainable(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        progress = Progress(**state["progress"])
-        if progress.best_state is None and progress.best_epoch:
-            progress.best_state, best_is_current = state["model"], True
-        print(f"resuming at epoch {progress.epoch}, batch {progress.batch} from {last_path}")
-    elif config.resume:
-        print(f"nothing to resume in {checkpoint_dir}: starting from epoch 1")
-
-    def write_best_weights():
-        if not is_main:
-            return
-        atomic_save(best_path, lambda p: save_file(progress.best_state, p,
-                                                   metadata={"epoch": str(progress.best_epoch)}))
-
-    def refuse_non_finite(loss: float, epoch: int):
-        if math.isfinite(loss):
-            return
-        where = "no epoch finished before it"
-        if progress.best_state is not None:
-            write_best_weights()
-            where = f"the best weights so far (epoch {progress.best_epoch}) are in {best_path}"
-        raise UserError(f"loss became {loss} in epoch {epoch}: stopped; {where}; try a lower --lr")
-
-    def write_resume_state():
-        if not is_main:
-            return time.monotonic()
-        saved = {**progress.__dict__, "best_state": None if best_is_current else progress.best_state}
-        state = {"format": RESUME_FORMAT, "progress": saved, "model": trainable_state(model),
-                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "settings": config.settings}
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        atomic_save(last_path, lambda p: torch.save(state, p))
-        return time.monotonic()
-
-    last_write, epochs_this_run = time.monotonic(), 0
+    epochs_this_run = 0
     # Several processes: Ctrl-C and SIGTERM keep their default effect, and the epoch-end state is the resume point.
     # A resumed run drops the events of epochs it is about to redo (written after the resume state it continues).
     board = tensorboard_writer(config.tensorboard_dir, purge_step=progress.epoch) \
-        if config.tensorboard_dir and is_main else None
+        if config.tensorboard_dir and checkpoint.is_main else None
     with (stop_requests() if processes == 1 else contextlib.nullcontext([])) as stop, \
             contextlib.closing(board) if board else contextlib.nullcontext():
         while progress.epoch <= config.epochs and progress.bad_epochs < config.patience:
@@ -331,8 +366,8 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             flips = torch.rand(len(train_split), generator=generator) < 0.5
             order, flips = order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
-            loss_sum = torch.tensor(progress.loss_sum if is_main else 0.0, device=device)   # summed across processes
-            correct = torch.tensor(progress.correct if is_main else 0.0, device=device)
+            loss_sum = torch.tensor(progress.loss_sum if checkpoint.is_main else 0.0, device=device)
+            correct = torch.tensor(progress.correct if checkpoint.is_main else 0.0, device=device)
             batches = order.split(config.batch_size)
             bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
                                total=len(batches))
@@ -350,53 +385,45 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 loss_sum += loss.detach() * len(batch)
                 correct += (logits.argmax(1) == labels).sum()
                 progress.batch += 1
-                best_is_current = False
-                if processes == 1 and (stop or time.monotonic() - last_write >= config.checkpoint_every):
+                checkpoint.stepped()
+                if processes == 1 and (stop or checkpoint.due()):
                     progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
-                    refuse_non_finite(progress.loss_sum, epoch)   # never a resume state with broken weights
-                    last_write = write_resume_state()
+                    checkpoint.refuse_non_finite(progress.loss_sum, epoch)
+                    checkpoint.write()
                     if stop:
                         getattr(bar, "close", lambda: None)()
                         name = "SIGTERM" if stop[0] == signal.SIGTERM else "Ctrl-C"
                         raise TrainingInterrupted(
                             f"\n{name}: stopped in epoch {epoch} after batch {progress.batch}; the resume state "
-                            f"is in {last_path}: rerun the same command with --resume to continue",
+                            f"is in {checkpoint.last_path}: rerun the same command with --resume to continue",
                             128 + stop[0])
             if processes > 1:
                 loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
-            train_loss, train_accuracy = (loss_sum / len(train_split)).item(), (correct / len(train_split)).item()
-            row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                   "lr": optimizer.param_groups[0]["lr"]}
+            row = {"epoch": epoch, "train_loss": (loss_sum / len(train_split)).item(),
+                   "train_accuracy": (correct / len(train_split)).item(), "lr": optimizer.param_groups[0]["lr"]}
             for name, split in (("val", val), ("test", test)):
                 row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
                     model, split, 2 * config.batch_size, device, config.precision, accelerator,
                     desc=f"epoch {epoch} {name} pass", transient=True), split.labels)
-            say(f"epoch {epoch}: loss {train_loss:.4f}, accuracy {train_accuracy:.4f}; val loss {row['val_loss']:.4f}, "
-                f"val accuracy {row['val_accuracy']:.4f}; lr {row['lr']:.3g}")
+            say(f"epoch {epoch}: loss {row['train_loss']:.4f}, accuracy {row['train_accuracy']:.4f}; val loss "
+                f"{row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}; lr {row['lr']:.3g}")
             if board is not None:
                 log_epoch(board, row)
-            refuse_non_finite(train_loss if not math.isfinite(train_loss) else row["val_loss"], epoch)
-            progress.history.append(row)
-            if row["val_loss"] < progress.best_val_loss:
-                progress.best_state, progress.best_val_loss, progress.best_epoch = trainable_state(model), \
-                    row["val_loss"], epoch
-                progress.bad_epochs, best_is_current = 0, True
-            else:
-                progress.bad_epochs += 1
+            checkpoint.refuse_non_finite(row["train_loss"] if not math.isfinite(row["train_loss"])
+                                         else row["val_loss"], epoch)
+            checkpoint.end_epoch(row)
             schedule.after_epoch(row["val_loss"])
-            progress.epoch, progress.batch, progress.loss_sum, progress.correct = epoch + 1, 0, 0.0, 0.0
             epochs_this_run += 1
 
             finished = progress.epoch > config.epochs or progress.bad_epochs >= config.patience
             stop_asked = config.stop_after_epochs and epochs_this_run >= config.stop_after_epochs
-            if finished or stop_asked or time.monotonic() - last_write >= config.checkpoint_every:
-                last_write = write_resume_state()
+            if finished or stop_asked or checkpoint.due():
+                checkpoint.write()
             if stop_asked and not finished:
                 raise TrainingStopped(f"stopped after {epochs_this_run} epochs as asked (epoch {epoch}); "
                                       f"rerun with --resume to continue")
 
-    load_trainable(model, progress.best_state)
-    write_best_weights()
+    checkpoint.load_best()
     return TrainResult(progress.history, progress.best_epoch, len(progress.history))
 
 

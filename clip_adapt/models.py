@@ -1,6 +1,6 @@
 """CLIP loading and the classifiers of the experiments, built around an unmodified `transformers` CLIP.
 
-The prompts they train are in prompts.py, E7's peft adapters in adapters.py.
+The prompts they train are in prompts.py, E7's peft adapters in adapters.py (both in this package).
 """
 
 import hashlib
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
-from data import UserError, looks_like_hub_id
-from prompts import TextContext, VisualPrompts
+from clip_adapt.base import UserError
+from clip_adapt.data import looks_like_hub_id
+from clip_adapt.prompts import TextContext, VisualPrompts
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 TINY_CLIP = "tiny-random-clip"   # what --smoke loads: random weights, seconds on a CPU, no download

@@ -1,0 +1,141 @@
+"""Finding the experiment scripts and running them, for the tools that run several (run_all_experiments.py,
+tools/ablate_prompts.py, tools/bench.py) and for the tests.
+
+An experiment is a script at the repository's root named E<number>_<name>.py that declares LEARNING_RATE (None
+when it trains nothing), STUDY_ACCURACY (the study's reported accuracy, or None), add_flags(parser) and
+build_model(clip, tokenizer, class_names, args). Nothing lists them: a new script is found by its name.
+"""
+
+import argparse
+import importlib.util
+import json
+import re
+import runpy
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clip_adapt.base import is_main_process
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT_NAME = re.compile(r"E(\d+)_\w+")
+METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
+           "best_epoch", "epochs_run", "wall_time_s"]
+
+
+@dataclass(frozen=True)
+class ExperimentScript:
+    name: str   # the script's file name without .py, e.g. E4_deep_vpt; also its output folder's name
+    path: Path
+
+    @cached_property
+    def module(self):
+        """The script imported as a module (its main() does not run)."""
+        spec = importlib.util.spec_from_file_location(f"experiment_{self.name}", self.path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    @property
+    def short_name(self) -> str:
+        return self.name.split("_")[0]
+
+    @property
+    def learning_rate(self) -> float | None:
+        return self.module.LEARNING_RATE
+
+    @property
+    def trains(self) -> bool:
+        return self.module.LEARNING_RATE is not None
+
+    @property
+    def study_accuracy(self) -> float | None:
+        return self.module.STUDY_ACCURACY
+
+    def parser(self) -> argparse.ArgumentParser:
+        """The script's own command line, as its main() builds it."""
+        import common
+        return self.module.add_flags(common.parser(self.module.__doc__, self.module.LEARNING_RATE))
+
+    def default_args(self, *argv: str) -> argparse.Namespace:
+        import common
+        return common.resolve_defaults(self.parser().parse_args(list(argv)))
+
+    def build_model(self, clip, tokenizer, class_names: list[str], args: argparse.Namespace | None = None):
+        return self.module.build_model(clip, tokenizer, class_names, args or self.default_args())
+
+
+def experiment_scripts(root: Path = REPO) -> list[ExperimentScript]:
+    """Every E<number>_<name>.py in root, in the order of their numbers."""
+    found = [path for path in Path(root).glob("E*.py") if SCRIPT_NAME.fullmatch(path.stem)]
+    found.sort(key=lambda path: (int(SCRIPT_NAME.fullmatch(path.stem).group(1)), path.stem))
+    return [ExperimentScript(path.stem, path) for path in found]
+
+
+def experiment_names(root: Path = REPO) -> list[str]:
+    return [script.name for script in experiment_scripts(root)]
+
+
+def run_experiment(name: str, argv: list[str], root: Path = REPO) -> int:
+    """Runs one script in this process (its imports are already paid for); a crash is reported, not fatal."""
+    saved_argv, sys.argv = sys.argv, [f"{name}.py", *argv]
+    # torch.compile's caches and recompile limit are per process: the experiments before must not use them up.
+    torch._dynamo.reset()
+    try:
+        runpy.run_path(str(Path(root) / f"{name}.py"), run_name="__main__")
+        return 0
+    except SystemExit as exit_:
+        if exit_.code in (130, 143):   # Ctrl-C or SIGTERM stops the whole run, not just this experiment
+            sys.exit(exit_.code)
+        return exit_.code or 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved_argv
+
+
+def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> dict | None:
+    """Runs one experiment into out_dir/<name>/ and returns the metrics.json this run wrote, or None if it failed.
+    Under `accelerate launch` only the main process writes metrics: the others get None and report nothing."""
+    if is_main_process():
+        print(f"\n=== {label} ===", flush=True)
+    started = time.time()
+    code = run_experiment(name, [*argv, "--output-dir", str(out_dir)])
+    metrics_path = out_dir / name / "metrics.json"
+    if not is_main_process() or code != 0 or not metrics_path.exists() \
+            or metrics_path.stat().st_mtime < started:   # an older run's metrics are not this run's
+        return None
+    return json.loads(metrics_path.read_text())
+
+
+def aggregate(name: str, runs: list[dict]) -> dict:
+    """One summary row from the metrics of one experiment's runs (one per seed): mean and std of each metric."""
+    row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
+           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"]}
+    for metric in METRICS:
+        values = np.array([r[metric] for r in runs], dtype=float)
+        row[f"{metric}_mean"] = float(values.mean())
+        row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""
+    row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] = (runs[0]["test_accuracy_ci95"]
+                                                                     if len(runs) == 1 else ("", ""))
+    for sigma in runs[0]["robustness"]:
+        row[f"test_accuracy_noise_{sigma}"] = float(np.mean([r["robustness"][sigma] for r in runs]))
+    return row
+
+
+def spread(row: dict, metric: str, digits: int = 3) -> str:
+    """mean ± std over seeds; for a single run's test accuracy, the value and its bootstrap interval."""
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if std != "":
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if metric == "test_accuracy":
+        low, high = row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]
+        return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
