@@ -106,7 +106,8 @@ def test_saved_adapter_reloads_with_peft_to_the_same_predictions(trained):
     head = AdapterClassifier(models.tiny_clip()[0], 4, adapter_dir=folder / "adapter").head
     with torch.no_grad():
         features = peft_model.get_image_features(pixel_values=pixels).pooler_output
-        assert torch.equal(head(features), expected)
+        # One batch here, batches of 5 in predict: float sums in another order, equal to rounding only.
+        torch.testing.assert_close(head(features), expected, rtol=1e-6, atol=1e-6)
     reloaded = AdapterClassifier(models.tiny_clip()[0], 4, adapter_dir=folder / "adapter")
     assert torch.equal(predict(reloaded, pixels, 5, CPU), expected)
     assert count_params(reloaded)[0] == 0
