@@ -13,9 +13,10 @@ from pathlib import Path
 
 import common
 from clip_adapt.base import UserError, is_main_process, write_csv, write_text
+from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plt, save_figure
-from clip_adapt.runner import aggregate, experiment_scripts, run_for_metrics, spread
+from clip_adapt.runner import aggregate, experiment_scripts, spread
 
 SCRIPTS = {script.name: script for script in experiment_scripts()}
 
@@ -27,7 +28,7 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                             "mean ± std")
     group.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS),
                        help="a subset to run, in number order")
-    return p
+    return add_launcher_flags(p)
 
 
 def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
@@ -122,19 +123,19 @@ def main():
     _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
     check_one_learning_rate(args.lr, args.experiments)
+    check_launcher_flags(args)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
 
+    planned = [Run(name, [*forwarded, "--seed", str(seed)], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
+                   f"{name} (seed {seed})") for seed in seeds for name in args.experiments]
     runs, failed, finished = {name: [] for name in args.experiments}, [], []
-    for seed in seeds:
-        seed_dir = out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}"
-        for name in args.experiments:
-            metrics = run_for_metrics(name, [*forwarded, "--seed", str(seed)], seed_dir, f"{name} (seed {seed})")
-            if metrics is not None:
-                runs[name].append(metrics)
-                finished.append(seed_dir / name)
-            else:
-                failed.append(f"{name} (seed {seed})" if len(seeds) > 1 else name)
+    for run, metrics in zip(planned, launch(planned, args)):
+        if metrics is not None:
+            runs[run.script].append(metrics)
+            finished.append(run.out_dir / run.script)
+        else:
+            failed.append(run.label if len(seeds) > 1 else run.script)
 
     if not is_main_process():
         return

@@ -108,11 +108,17 @@ def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> di
         print(f"\n=== {label} ===", flush=True)
     started = time.time()
     code = run_experiment(name, [*argv, "--output-dir", str(out_dir)])
-    metrics_path = out_dir / name / "metrics.json"
-    if not is_main_process() or code != 0 or not metrics_path.exists() \
-            or metrics_path.stat().st_mtime < started:   # an older run's metrics are not this run's
+    if not is_main_process() or code != 0:
         return None
-    return json.loads(metrics_path.read_text())
+    return read_metrics(out_dir / name / "metrics.json", started)
+
+
+def read_metrics(path: Path, started: float) -> dict | None:
+    """The metrics.json a run started at `started` wrote; None if it wrote none (an older run's are not its)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_mtime < started:
+        return None
+    return json.loads(path.read_text())
 
 
 def aggregate(name: str, runs: list[dict]) -> dict:

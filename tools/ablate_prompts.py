@@ -21,9 +21,10 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 
 import common  # noqa: E402
 from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text  # noqa: E402
+from clip_adapt.launch import LAUNCHER_FLAGS, Run, add_launcher_flags, check_launcher_flags, launch  # noqa: E402
 from clip_adapt.prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS  # noqa: E402
 from clip_adapt.reporting import plt, save_figure  # noqa: E402
-from clip_adapt.runner import aggregate, run_for_metrics, spread  # noqa: E402
+from clip_adapt.runner import aggregate, spread  # noqa: E402
 
 TYPES = ["token", *PIXEL_PROMPTERS]
 GRID = {"counts": [1, 4, 8], "layers": ["0", "6", "11", "all"], "positions": ["front", "back"],
@@ -31,7 +32,7 @@ GRID = {"counts": [1, 4, 8], "layers": ["0", "6", "11", "all"], "positions": ["f
 # --smoke: the tiny CLIP has 3 encoder layers; 2 counts × 2 layers × 2 positions + 2 pixel prompts = 10 cells.
 SMOKE_GRID = {"counts": [1, 2], "layers": ["0", "all"], "positions": ["front", "back"],
               "types": ["token", "padding", "fixed-patch"]}
-OWN = ("counts", "layers", "positions", "types", "seeds", "pad_size", "patch_size", "head")
+OWN = ("counts", "layers", "positions", "types", "seeds", "pad_size", "patch_size", "head", *LAUNCHER_FLAGS)
 
 
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--pad-size", type=int, help="padding prompt width, as E3's")
     p.add_argument("--patch-size", type=int, help="patch prompt side, as E3's")
     p.add_argument("--head", choices=["clip", "linear"], help="pixel prompts' head, as E3's")
-    return p
+    return add_launcher_flags(p)
 
 
 def grid_cells(args: argparse.Namespace) -> list[dict]:
@@ -73,18 +74,12 @@ def grid_cells(args: argparse.Namespace) -> list[dict]:
     return cells
 
 
-def run_cell(cell: dict, seed: int, forwarded: list[str], key: dict, out_dir: Path) -> dict | None:
-    """One seed of one cell: its metrics, from its cell.json when an earlier run with the same key finished it."""
-    folder = out_dir / "cells" / cell["cell"] / f"seed_{seed}"
+def finished_before(folder: Path, key: dict) -> dict | None:
+    """A cell's seed is finished when its cell.json holds the same key: its metrics, else None."""
     done = folder / "cell.json"
     if done.exists() and json.loads(done.read_text())["key"] == key:
-        print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
         return json.loads(done.read_text())["metrics"]
-    metrics = run_for_metrics(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
-                              f"{cell['cell']} (seed {seed})")
-    if metrics is not None:
-        write_json(done, {"key": key, "metrics": metrics})
-    return metrics
+    return None
 
 
 def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
@@ -145,16 +140,35 @@ def main():
     _, forwarded = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False)).parse_known_args()
     seeds = args.seeds or [args.seed]
     cells = grid_cells(args)
+    check_launcher_flags(args)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
     # What makes two runs of a cell the same: every setting but where and how fast it runs.
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in common.NOT_SETTINGS | set(OWN) | {"seed"}}
 
+    # Finished seeds of a cell (cell.json with the same key) are not rerun: a resubmitted sweep runs only what is
+    # missing or failed.
+    results, planned, keys = {}, [], {}
+    for cell in cells:
+        for seed in seeds:
+            folder = out_dir / "cells" / cell["cell"] / f"seed_{seed}"
+            keys[folder] = {"flags": cell["flags"], "seed": seed, **settings}
+            results[folder] = finished_before(folder, keys[folder])
+            if results[folder] is not None:
+                print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
+            else:
+                planned.append(Run(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
+                                   f"{cell['cell']} (seed {seed})"))
+    for run, metrics in zip(planned, launch(planned, args)):
+        results[run.out_dir] = metrics
+        if metrics is not None:
+            write_json(run.out_dir / "cell.json", {"key": keys[run.out_dir], "metrics": metrics})
+
     rows, failed = [], []
     for cell in cells:
         runs = []
         for seed in seeds:
-            metrics = run_cell(cell, seed, forwarded, {"flags": cell["flags"], "seed": seed, **settings}, out_dir)
+            metrics = results[out_dir / "cells" / cell["cell"] / f"seed_{seed}"]
             if metrics is None:
                 failed.append(f"{cell['cell']} (seed {seed})")
             else:
