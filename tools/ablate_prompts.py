@@ -78,7 +78,8 @@ def run_cell(cell: dict, seed: int, forwarded: list[str], key: dict, out_dir: Pa
     folder = out_dir / "cells" / cell["cell"] / f"seed_{seed}"
     done = folder / "cell.json"
     if done.exists() and json.loads(done.read_text())["key"] == key:
-        print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
+        if is_main_process():
+            print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
         return json.loads(done.read_text())["metrics"]
     metrics = run_for_metrics(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
                               f"{cell['cell']} (seed {seed})")
