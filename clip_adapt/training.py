@@ -526,7 +526,8 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
     path = Path(cache_dir) / f"embeddings-{digest.hexdigest()}.safetensors"
     if path.exists():
         embeddings = load_file(path)
-        print(f"reusing cached image embeddings {path}")
+        if is_main_process():
+            print(f"reusing cached image embeddings {path}")
     else:
         embeddings = {name: batched(embed, split, batch_size, device, precision,
                                     desc=f"image embeddings ({name})")
