@@ -10,7 +10,7 @@ and templates.csv gives each template's own validation and test accuracy.
 from functools import partial
 
 import common
-from clip_adapt.base import write_csv
+from clip_adapt.base import is_main_process, write_csv
 from clip_adapt.models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates,
                                normalized_image_embeddings, similarity_logits)
 from clip_adapt.training import batched
@@ -57,9 +57,10 @@ def main():
                      "test_accuracy": accuracy(text, "test")})
     rows.append({"template": f"ensemble of {len(templates)}", "val_accuracy": accuracy(model.class_embeddings, "val"),
                  "test_accuracy": accuracy(model.class_embeddings, "test")})
-    write_csv(exp.out_dir / "templates.csv", rows)
-    for row in rows:
-        print(f"  {row['test_accuracy']:.3f} test, {row['val_accuracy']:.3f} val: {row['template']}")
+    if is_main_process():   # every process computed the same rows; one writes and prints them
+        write_csv(exp.out_dir / "templates.csv", rows)
+        for row in rows:
+            print(f"  {row['test_accuracy']:.3f} test, {row['val_accuracy']:.3f} val: {row['template']}")
     logits = {name: similarity_logits(exp.clip, images[name].to(exp.device), model.class_embeddings).cpu()
               for name in splits}
     common.finish(exp, model, split_logits=logits, templates=list(templates),

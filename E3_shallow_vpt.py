@@ -11,6 +11,7 @@ S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for
 """
 
 import common
+from clip_adapt.base import is_main_process
 from clip_adapt.models import ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates
 from clip_adapt.prompts import PIXEL_PROMPTERS, scaled_prompt_size
 from clip_adapt.training import train
@@ -72,8 +73,9 @@ def main():
         image_size = exp.clip.config.vision_config.image_size
         size = pixel_prompt_size(args, image_size)
         extra = dict(num_prompts=0, prompt_size=size, prompt_params=model.pixel_prompt.count(image_size, size))
-        print(f"{args.prompt_type} prompt of {size} px on {image_size}-px images: {extra['prompt_params']:,} "
-              f"parameters")
+        if is_main_process():
+            print(f"{args.prompt_type} prompt of {size} px on {image_size}-px images: {extra['prompt_params']:,} "
+                  f"parameters")
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result, prompt_type=args.prompt_type, head=head_of(args), **extra)

@@ -31,7 +31,7 @@ from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
                                   plot_closest_pairs, write_report)
 from clip_adapt.training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                                 predict_everywhere, summary_writer_class)
+                                 precision_used, predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
@@ -227,9 +227,10 @@ def seed_everything(seed: int) -> None:
 def make_accelerator(device: torch.device):
     """Hugging Face accelerate's view of the launch: one process when run plainly, several (one per GPU, or gloo
     processes on a CPU) under `accelerate launch`. Without a GPU it must be told so, or it treats
-    `--multi_gpu` processes as unrelated single ones."""
+    `--multi_gpu` processes as unrelated single ones. mixed_precision="no": --precision is a run's only
+    autocast, whatever `accelerate config` or ACCELERATE_MIXED_PRECISION says."""
     from accelerate import Accelerator
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
     if accelerator.num_processes > 1:
         atexit.register(leave_process_group)   # once per process, however many experiments it runs
     return accelerator
@@ -282,13 +283,12 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
                         for name, split in data.splits().items()}
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
-    generator = torch.Generator().manual_seed(args.seed)
     robustness = []
     for sigma in args.noise_levels:
-        noisy = WithPixelNoise(model, sigma, exp.image_processor.image_mean, exp.image_processor.image_std, generator)
+        noisy = WithPixelNoise(model, sigma, exp.image_processor.image_mean, exp.image_processor.image_std, args.seed)
         logits = split_logits["test"] if sigma == 0 else predict_everywhere(
             noisy, data.test, eval_batch, device, args.precision, exp.accelerator,
-            desc=f"robustness, noise sigma {sigma}")
+            desc=f"robustness, noise sigma {sigma}", by_index=True)
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
 
@@ -307,6 +307,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "data": args.data, "seed": args.seed,
+        "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,
@@ -340,7 +341,8 @@ def run(main) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as stop:
-        print(stop)
+        if is_main_process():   # every process stopped alike; one says so
+            print(stop)
     except TrainingInterrupted as interruption:
         print(interruption, file=sys.stderr)
         sys.exit(interruption.exit_code)

@@ -4,7 +4,8 @@ trainable parameters) and summary_robustness.png (test accuracy against pixel no
 from summary.md, and report.html (the whole run on one self-contained page, see clip_adapt/report_page.py).
 With --seeds, every experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports
 mean ± std; a single run gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them,
-if any experiment failed.
+if any experiment failed. Under `accelerate launch` with several processes, a failure on any process ends the
+whole launch at once, naming the experiment and the process (docs/several-gpus.md).
 """
 
 import argparse

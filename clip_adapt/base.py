@@ -41,4 +41,14 @@ def is_main_process() -> bool:
     The one question every module asks before printing or writing a file: under accelerate the state's
     process index equals RANK, so the scripts, the training loop and the runners agree without an accelerator
     in hand."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_index() == 0
+
+
+def process_index() -> int:
+    """This process's rank in an `accelerate launch` (0 when run plainly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count() -> int:
+    """How many processes an `accelerate launch` started (1 when run plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

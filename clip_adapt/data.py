@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from clip_adapt.base import UserError
+from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import NEAR_COPY_SCORE, find_duplicates, near_copy_report, pixel_hash
 from clip_adapt.progress import progress_bar
 
@@ -99,8 +99,9 @@ class MRIData:
             size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
             free, _ = torch.cuda.mem_get_info(device)
             if size > DEVICE_SHARE * free:
-                print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
-                      f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
+                if is_main_process():
+                    print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
+                          f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
                 splits = [Split(s.inputs.pin_memory(), s.labels, s.files, s.mean, s.std) for s in splits]
         return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
                        self.closest_pairs)

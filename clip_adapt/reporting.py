@@ -1,5 +1,6 @@
 """Metrics, plots and the files in outputs/: everything written atomically, so a kill never leaves half a report."""
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -47,26 +48,43 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "ece": expected_calibration_error(probs, labels)}
 
 
-def add_pixel_noise(pixels: torch.Tensor, sigma: float, mean, std, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise of std sigma on [0, 1] pixels: undo CLIP's normalisation, add, clip, redo. The noise is drawn
-    on the CPU generator, so it is the same on any device."""
-    mean = torch.tensor(mean, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=pixels.device).view(1, -1, 1, 1)
+def noise_seed(seed: int, image_index: int) -> int:
+    """The seed of one image's noise: a function of the run's seed and the image's place in the test set."""
+    return seed * 1_000_003 + image_index
+
+
+@functools.lru_cache(maxsize=None)
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """CLIP's normalisation constants as (1, C, 1, 1) tensors, made once per device, not copied there per batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
+def add_pixel_noise(pixels: torch.Tensor, sigma: float, mean, std, seeds) -> torch.Tensor:
+    """Gaussian noise of std sigma on [0, 1] pixels: undo CLIP's normalisation, add, clip, redo. Image k's noise
+    is drawn on the pixels' device from a generator seeded with seeds[k]: it depends on the image alone, not on
+    the batch or the process it lands in. (CPU and CUDA generators draw different numbers for one seed, so the
+    noise, and the robustness figures, differ slightly between a CPU and a GPU run.)"""
+    mean, std = normalisation(tuple(mean), tuple(std), pixels.device)
     raw = pixels * std + mean
-    noise = torch.randn(raw.shape, generator=generator).to(pixels.device)
+    noise, generator = torch.empty_like(raw), torch.Generator(pixels.device)
+    for image_noise, seed in zip(noise, seeds):
+        image_noise.normal_(generator=generator.manual_seed(int(seed)))
     return ((raw + sigma * noise).clamp(0, 1) - mean) / std
 
 
 class WithPixelNoise(torch.nn.Module):
     """The model, seeing its CLIP-normalised pixels with noise added batch by batch: no noisy fp32 copy of the
-    whole test split is ever made (10,000 CIFAR-sized images at 224 px would be 6 GB of it)."""
+    whole test split is ever made (10,000 CIFAR-sized images at 224 px would be 6 GB of it). Called with each
+    image's index in the test set (predict_everywhere(..., by_index=True)), which seeds that image's noise: the
+    same noise however the set is batched or shared among processes, and at every sigma."""
 
-    def __init__(self, model: torch.nn.Module, sigma: float, mean, std, generator: torch.Generator):
+    def __init__(self, model: torch.nn.Module, sigma: float, mean, std, seed: int):
         super().__init__()
-        self.model, self.sigma, self.mean, self.std, self.generator = model, sigma, mean, std, generator
+        self.model, self.sigma, self.mean, self.std, self.seed = model, sigma, tuple(mean), tuple(std), seed
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(add_pixel_noise(pixels, self.sigma, self.mean, self.std, self.generator))
+    def forward(self, pixels: torch.Tensor, image_indices: torch.Tensor) -> torch.Tensor:
+        seeds = [noise_seed(self.seed, i) for i in image_indices.tolist()]
+        return self.model(add_pixel_noise(pixels, self.sigma, self.mean, self.std, seeds))
 
 
 # --------------------------------------------------------------------------- files

@@ -9,6 +9,7 @@ build_model(clip, tokenizer, class_names, args). Nothing lists them: a new scrip
 import argparse
 import importlib.util
 import json
+import os
 import re
 import runpy
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_adapt.base import is_main_process
+from clip_adapt.base import is_main_process, process_count, process_index
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = re.compile(r"E(\d+)_\w+")
@@ -83,22 +84,39 @@ def experiment_names(root: Path = REPO) -> list[str]:
 
 
 def run_experiment(name: str, argv: list[str], root: Path = REPO) -> int:
-    """Runs one script in this process (its imports are already paid for); a crash is reported, not fatal."""
+    """Runs one script in this process (its imports are already paid for). With one process a crash is
+    reported, not fatal: the next experiment runs. Under `accelerate launch` with several processes, a crash on
+    any of them ends the whole launch (fail_together)."""
     saved_argv, sys.argv = sys.argv, [f"{name}.py", *argv]
     # torch.compile's caches and recompile limit are per process: the experiments before must not use them up.
     torch._dynamo.reset()
     try:
         runpy.run_path(str(Path(root) / f"{name}.py"), run_name="__main__")
-        return 0
+        code = 0
     except SystemExit as exit_:
         if exit_.code in (130, 143):   # Ctrl-C or SIGTERM stops the whole run, not just this experiment
             sys.exit(exit_.code)
-        return exit_.code or 0
+        code = exit_.code or 0
     except Exception:
         traceback.print_exc()
-        return 1
+        code = 1
     finally:
         sys.argv = saved_argv
+    if code and process_count() > 1:
+        fail_together(name, code)
+    return code
+
+
+def fail_together(name: str, code: int) -> None:
+    """Ends this process at once, so that `accelerate launch` (torch's elastic agent, which watches every
+    process) stops the others within a second and exits non-zero. Going on to the next experiment instead
+    would leave the other processes waiting in this one's collectives, or pair them with the next
+    experiment's (a hang until the collective timeout, or the wrong tensors averaged). os._exit, not
+    sys.exit: nothing at interpreter exit (leaving the process group) may wait on the other processes."""
+    print(f"error: {name} failed on process {process_index()} of {process_count()}: stopping every process of "
+          f"this launch (exit code {code})", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> dict | None:

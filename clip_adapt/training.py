@@ -57,47 +57,68 @@ class TrainResult:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def precision_used(device: torch.device, precision: str = "auto") -> str:
+    """What --precision means on this device: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast: by default on CUDA only. precision="bf16" asks for it on a CPU too, which is how the
-    tests exercise the GPU's precision path on machines without one."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    tests exercise the GPU's precision path on machines without one. The only autocast of a run: the
+    Accelerator is made with mixed_precision="no" (common.make_accelerator)."""
+    if precision_used(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+class PassStopped(Exception):
+    """A stop request (Ctrl-C, SIGTERM) arrived during an evaluation pass; the pass ended at a batch boundary."""
+
+
 @torch.no_grad()   # not inference_mode: its tensors could not be used later where autograd is on (E2's head)
 def batched(fn, inputs: torch.Tensor | Split, batch_size: int, device: torch.device, precision: str = "auto",
-            desc: str | None = None, transient: bool = False) -> torch.Tensor:
+            desc: str | None = None, transient: bool = False, indices: torch.Tensor | None = None,
+            stop: list | None = None) -> torch.Tensor:
     """fn over inputs in batches; a Split's uint8 pixels are normalised batch by batch on the device; with
-    `desc`, the pass shows its progress."""
+    `desc`, the pass shows its progress. With `indices` (each input's position in the whole set), fn is called
+    as fn(batch, the batch's indices). A `stop` list that fills (stop_requests) ends the pass between batches
+    with PassStopped."""
     split = inputs if isinstance(inputs, Split) else Split(inputs, torch.empty(len(inputs)), [])
     outputs = []
     starts = range(0, len(split), batch_size)
     for start in progress_bar(starts, desc, transient=transient) if desc else starts:
+        if stop:
+            raise PassStopped
+        batch = split.model_inputs(slice(start, start + batch_size), device)
         with autocast(device, precision):
-            outputs.append(fn(split.model_inputs(slice(start, start + batch_size), device)).float())
+            output = fn(batch) if indices is None else fn(batch, indices[start:start + batch_size])
+        outputs.append(output.float())
     return torch.cat(outputs).cpu()
 
 
 def predict(model: torch.nn.Module, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
-            precision: str = "auto", desc: str | None = None, transient: bool = False) -> torch.Tensor:
+            precision: str = "auto", desc: str | None = None, transient: bool = False,
+            indices: torch.Tensor | None = None, stop: list | None = None) -> torch.Tensor:
     """Logits for inputs. Takes no labels: a prediction cannot see its own."""
     model.eval()
-    return batched(model, inputs, batch_size, device, precision, desc, transient)
+    return batched(model, inputs, batch_size, device, precision, desc, transient, indices, stop)
 
 
 def predict_everywhere(model: torch.nn.Module, inputs: torch.Tensor | Split, batch_size: int, device: torch.device,
                        precision: str = "auto", accelerator=None, desc: str | None = None,
-                       transient: bool = False) -> torch.Tensor:
+                       transient: bool = False, by_index: bool = False, stop: list | None = None) -> torch.Tensor:
     """Logits for all inputs, the same on every process: with several processes each predicts its contiguous
-    share and the shares are gathered, so evaluation is split as training is."""
+    share and the shares are gathered, so evaluation is split as training is. by_index: the model is called as
+    model(batch, each image's index in `inputs`), the same indices however many processes share the work
+    (WithPixelNoise seeds each image's noise by it)."""
     processes = accelerator.num_processes if accelerator is not None else 1
     if processes == 1 or len(inputs) < processes:
-        return predict(model, inputs, batch_size, device, precision, desc, transient)
+        return predict(model, inputs, batch_size, device, precision, desc, transient,
+                       torch.arange(len(inputs)) if by_index else None, stop)
     shares = torch.arange(len(inputs)).tensor_split(processes)
     mine = shares[accelerator.process_index]
     logits = predict(model, inputs.subset(mine) if isinstance(inputs, Split) else inputs[mine.to(inputs.device)],
-                     batch_size, device, precision, desc, transient).to(device)
+                     batch_size, device, precision, desc, transient, mine if by_index else None, stop).to(device)
     # accelerate's gather needs equal sizes: pad each share to the longest, gather, then cut the padding off.
     gathered = accelerator.gather(accelerator.pad_across_processes(logits, dim=0)).cpu()
     longest = len(shares[0])
@@ -126,14 +147,15 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
-def training_step(model, optimizer, inputs, labels, device,
-                  precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step; the benchmark times exactly this."""
+def training_step(model, optimizer, inputs, labels, device, precision: str = "auto",
+                  weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on `weight` × the mean loss (train() weighs each process's slice); returns the logits
+    and the mean loss. The benchmark times exactly this."""
     with autocast(device, precision):
         logits = model(inputs)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight).backward()
     optimizer.step()
     return logits, loss
 
@@ -224,7 +246,9 @@ class ResumeState:
 
     last.pt is written when `due()` says so (every `checkpoint_every` seconds), on a stop request and at the
     end, not every epoch: for full fine-tuning it is about 1 GB of weights and optimiser moments. When the
-    model's weights are the best ones, last.pt does not hold them twice. Only the main process writes."""
+    model's weights are the best ones, last.pt does not hold them twice. Only the main process writes; with
+    several processes, last.pt also holds every process's own random states (their dropout differs), and
+    every process takes part in each write."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module, optimizer, schedule: Schedule,
                  generator: torch.Generator):
@@ -236,6 +260,9 @@ class ResumeState:
         self.progress = Progress()
         self.best_is_current = False   # the model's weights are the best ones
         self.is_main = is_main_process()
+        accelerator = config.accelerator
+        self.processes = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
         self.last_write = time.monotonic()
 
     def restore(self) -> Progress:
@@ -243,7 +270,8 @@ class ResumeState:
         if not self.config.resume:
             return self.progress
         if not self.last_path.exists():
-            print(f"nothing to resume in {self.folder}: starting from epoch 1")
+            if self.is_main:
+                print(f"nothing to resume in {self.folder}: starting from epoch 1")
             return self.progress
         state = torch.load(self.last_path, weights_only=True, map_location="cpu")   # a GPU run may resume on a CPU
         if state.get("format") != RESUME_FORMAT:
@@ -258,33 +286,50 @@ class ResumeState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.config.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
+        # This process's own random states; one that the run resumed did not have keeps its fresh seed.
+        saved = state.get("rank_rng") or [state]
+        if self.rank < len(saved):
+            torch.set_rng_state(saved[self.rank]["torch_rng"])
+            if self.config.device.type == "cuda" and "cuda_rng" in saved[self.rank]:
+                torch.cuda.set_rng_state(saved[self.rank]["cuda_rng"])
         self.progress = Progress(**state["progress"])
         if self.progress.best_state is None and self.progress.best_epoch:
             self.progress.best_state, self.best_is_current = state["model"], True
-        print(f"resuming at epoch {self.progress.epoch}, batch {self.progress.batch} from {self.last_path}")
+        if self.is_main:
+            print(f"resuming at epoch {self.progress.epoch}, batch {self.progress.batch} from {self.last_path}")
         return self.progress
 
     def due(self) -> bool:
-        return time.monotonic() - self.last_write >= self.config.checkpoint_every
+        due = time.monotonic() - self.last_write >= self.config.checkpoint_every
+        if self.processes > 1:   # every process takes part in a write: the main process's clock decides for all
+            from accelerate.utils import broadcast_object_list
+            due = broadcast_object_list([due])[0]
+        return due
 
     def stepped(self) -> None:
         self.best_is_current = False
 
+    def random_states(self) -> dict:
+        states = {"torch_rng": torch.get_rng_state()}
+        if self.config.device.type == "cuda":
+            states["cuda_rng"] = torch.cuda.get_rng_state()
+        return states
+
     def write(self) -> None:
         self.last_write = time.monotonic()
+        own = self.random_states()
+        if self.processes > 1:
+            from accelerate.utils import gather_object
+            every_rank = gather_object([own])   # a collective: every process is here
         if not self.is_main:
             return
         progress = self.progress
         saved = {**progress.__dict__, "best_state": None if self.best_is_current else progress.best_state}
         state = {"format": RESUME_FORMAT, "progress": saved, "model": trainable_state(self.model),
                  "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "settings": self.config.settings}
-        if self.config.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
+                 "generator": self.generator.get_state(), **own, "settings": self.config.settings}
+        if self.processes > 1:
+            state["rank_rng"] = every_rank
         atomic_save(self.last_path, lambda p: torch.save(state, p))
         self.last_write = time.monotonic()
 
@@ -330,16 +375,21 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
 
     Under `accelerate launch` with several processes (config.accelerator), the model is wrapped by
     accelerator.prepare (DistributedDataParallel): every process draws the same batch order, trains on its own
-    slice of each global batch of `batch_size` images, and the gradients are averaged, so a step equals one
-    process's step on the whole batch. Losses and accuracies are summed across processes once per epoch;
-    only the main process writes checkpoints, and the resume state is written at epoch ends only (a mid-epoch
-    write would need every process to stop at the same step). A last batch smaller than the number of
-    processes is left out of that epoch."""
+    slice of each global batch of `batch_size` images, and weighs its mean loss by its slice's share of the
+    batch times the number of processes, so that the averaged gradient is one process's on the whole batch
+    whatever the slice sizes (11/11/10 of 32 on 3). A process whose slice is empty (a last batch smaller than
+    the number of processes) joins the gradient average with a zero-weight image. Dropout draws differ between
+    processes (seeded per process); the batch order is shared. Losses and accuracies are summed across
+    processes once per epoch; only the main process writes checkpoints, and the resume state is written at
+    epoch ends only (a mid-epoch write would need every process to stop at the same step)."""
     device, accelerator = config.device, config.accelerator
     processes = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
     model.to(device)
     stepped = accelerator.prepare(model) if processes > 1 else model   # the DDP wrapper; `model` stays bare
+    if processes > 1:   # dropout masks differ per process (seed + process index); resume restores each one's
+        from accelerate.utils import set_seed
+        set_seed(config.seed, device_specific=True)
     train_split = train_split.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
@@ -348,6 +398,18 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
     checkpoint = ResumeState(config, model, optimizer, schedule, generator)
     progress = checkpoint.restore()
+
+    def save_mid_epoch():
+        progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
+        checkpoint.refuse_non_finite(progress.loss_sum, epoch)
+        checkpoint.write()
+
+    def stop_now(where: str):
+        getattr(bar, "close", lambda: None)()
+        name = "SIGTERM" if stop[0] == signal.SIGTERM else "Ctrl-C"
+        raise TrainingInterrupted(f"\n{name}: stopped in epoch {epoch} {where}; the resume state is in "
+                                  f"{checkpoint.last_path}: rerun the same command with --resume to continue",
+                                  128 + stop[0])
 
     epochs_this_run = 0
     # Several processes: Ctrl-C and SIGTERM keep their default effect, and the epoch-end state is the resume point.
@@ -372,39 +434,40 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
                                total=len(batches))
             for batch in bar:
+                weight = 1.0
                 if processes > 1:
-                    if len(batch) < processes:   # every process needs images for the gradient all-reduce
-                        progress.batch += 1
-                        continue
-                    batch = batch.tensor_split(processes)[rank]
+                    # Each slice's mean loss × its share of the batch × processes: summed over the slices and
+                    # averaged by DDP, the gradient is the whole batch's mean, whatever the slice sizes.
+                    mine = batch.tensor_split(processes)[rank]
+                    weight = len(mine) * processes / len(batch)
+                    # An empty slice: every process must join the gradient all-reduce; a zero-weight image does.
+                    batch = mine if len(mine) else batch[:1]
                 inputs, labels = train_split.model_inputs(batch, device), train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-                logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision)
+                logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision, weight)
                 schedule.after_step()
-                loss_sum += loss.detach() * len(batch)
-                correct += (logits.argmax(1) == labels).sum()
+                if weight:   # a zero-weight stand-in image counts nowhere
+                    loss_sum += loss.detach() * len(batch)
+                    correct += (logits.argmax(1) == labels).sum()
                 progress.batch += 1
                 checkpoint.stepped()
                 if processes == 1 and (stop or checkpoint.due()):
-                    progress.loss_sum, progress.correct = loss_sum.item(), correct.item()
-                    checkpoint.refuse_non_finite(progress.loss_sum, epoch)
-                    checkpoint.write()
+                    save_mid_epoch()
                     if stop:
-                        getattr(bar, "close", lambda: None)()
-                        name = "SIGTERM" if stop[0] == signal.SIGTERM else "Ctrl-C"
-                        raise TrainingInterrupted(
-                            f"\n{name}: stopped in epoch {epoch} after batch {progress.batch}; the resume state "
-                            f"is in {checkpoint.last_path}: rerun the same command with --resume to continue",
-                            128 + stop[0])
+                        stop_now(f"after batch {progress.batch}")
             if processes > 1:
                 loss_sum, correct = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(correct, "sum")
             row = {"epoch": epoch, "train_loss": (loss_sum / len(train_split)).item(),
                    "train_accuracy": (correct / len(train_split)).item(), "lr": optimizer.param_groups[0]["lr"]}
-            for name, split in (("val", val), ("test", test)):
-                row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
-                    model, split, 2 * config.batch_size, device, config.precision, accelerator,
-                    desc=f"epoch {epoch} {name} pass", transient=True), split.labels)
+            try:   # a stop request is honoured between evaluation batches too: a large test set takes long
+                for name, split in (("val", val), ("test", test)):
+                    row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
+                        model, split, 2 * config.batch_size, device, config.precision, accelerator,
+                        desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
+            except PassStopped:
+                save_mid_epoch()
+                stop_now("during its evaluation, its training done")
             say(f"epoch {epoch}: loss {row['train_loss']:.4f}, accuracy {row['train_accuracy']:.4f}; val loss "
                 f"{row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.4f}; lr {row['lr']:.3g}")
             if board is not None:
@@ -463,7 +526,8 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
     path = Path(cache_dir) / f"embeddings-{digest.hexdigest()}.safetensors"
     if path.exists():
         embeddings = load_file(path)
-        print(f"reusing cached image embeddings {path}")
+        if is_main_process():
+            print(f"reusing cached image embeddings {path}")
     else:
         embeddings = {name: batched(embed, split, batch_size, device, precision,
                                     desc=f"image embeddings ({name})")

@@ -2,11 +2,18 @@
 CLIPs of other shapes through every script, and parameter counts of the published CLIPs."""
 
 import copy
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import datasets
 import pytest
 import torch
 from conftest import noise_image, run_process, run_script
+from safetensors.torch import load_file
 from test_scripts import SCRIPTS, TRAINED, assert_complete_outputs, metrics_of
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
@@ -248,28 +255,95 @@ def launch_failure(result) -> str:
     return "\n".join(lines[:60] + ["..."] + lines[-20:])
 
 
+def launch(*args, processes: int = 2) -> list:
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU starts two gloo processes."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", processes, "--num_machines", 1,
+            "--dynamo_backend", "no", "--main_process_port", free_port(), *args]
+
+
+def repeated_lines(result) -> list[str]:
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return sorted({line for line in lines if lines.count(line) > 1})
+
+
 def test_two_process_accelerate_launch_resumes_and_matches_one_process(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on a CPU starts two gloo processes. Stopped after an
-    epoch and resumed, the run ends with one complete set of outputs, and its numbers are those of one process
-    with the same global batch (6 images: 3 per process), up to float summation order."""
-    flags = ["--smoke", "--lr", 1e-2, "--batch-size", 6]
-    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
-              "E6_full_finetune.py", *flags, "--output-dir", tmp_path / "two"]
-    first = run_process(*launch, "--stop-after-epochs", 1)
+    """Two gloo processes on a global batch of 7 (slices of 4 and 3; 15 train images, so the last batch of 1
+    leaves one process an empty slice), launched with accelerate's bf16 mixed precision but --precision fp32,
+    stopped after an epoch and resumed: one complete set of outputs, no line printed twice, and the numbers
+    of one process on the same global batch, to 1e-5: the trained weights, every loss and accuracy, and the
+    robustness table (its noise follows the image, not the process)."""
+    flags = ["--smoke", "--lr", 1e-3, "--batch-size", 7, "--val-fraction", 0.25, "--precision", "fp32"]
+    two_processes = launch("--mixed_precision", "bf16", "E6_full_finetune.py", *flags,
+                           "--output-dir", tmp_path / "two")
+    first = run_process(*two_processes, "--stop-after-epochs", 1)
     assert first.returncode == 0, launch_failure(first)
     folder = tmp_path / "two" / "E6_full_finetune"
     assert not (folder / "metrics.json").exists() and (folder / "checkpoint" / "last.pt").exists()
-    resumed = run_process(*launch, "--resume")
+    own_states = [state["torch_rng"] for state in
+                  torch.load(folder / "checkpoint" / "last.pt", weights_only=True)["rank_rng"]]
+    assert len(own_states) == 2 and not torch.equal(*own_states)   # dropout is seeded per process
+    resumed = run_process(*two_processes, "--resume")
     assert resumed.returncode == 0, launch_failure(resumed)
     assert "resuming at epoch 2" in resumed.stdout
+    assert repeated_lines(first) == [] and repeated_lines(resumed) == []   # only the main process prints
     two = assert_complete_outputs(folder, trained=True)
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []   # no leftover temporaries
-    assert two["num_processes"] == 2
+    assert two["num_processes"] == 2 and two["precision"] == "fp32"
 
+    one_folder = tmp_path / "one" / "E6_full_finetune"
     run_script("E6_full_finetune.py", *flags, "--output-dir", tmp_path / "one", expect_exit=0)
     one = metrics_of(tmp_path / "one", "E6_full_finetune.py")
     assert one["num_processes"] == 1
     assert two["epochs_run"] == one["epochs_run"] and two["best_epoch"] == one["best_epoch"]
+    two_weights, one_weights = (load_file(f / "checkpoint" / "best.safetensors") for f in (folder, one_folder))
+    for name, weights in one_weights.items():
+        if name.endswith("k_proj.bias"):   # its gradient is 0 up to rounding (softmax ignores a shift shared by all
+            continue                       # keys), and Adam turns rounding noise into steps of the learning rate
+        torch.testing.assert_close(two_weights[name], weights, rtol=0, atol=1e-5, msg=name)
     for key in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"):
-        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    two_robustness, one_robustness = (list(csv.DictReader(open(f / "robustness.csv"))) for f in (folder, one_folder))
+    assert [row.keys() for row in two_robustness] == [row.keys() for row in one_robustness]
+    for two_row, one_row in zip(two_robustness, one_robustness):
+        assert {k: float(v) for k, v in two_row.items()} == pytest.approx(
+            {k: float(v) for k, v in one_row.items()}, abs=1e-5)
+
+
+PLANTED_FAILURE = """# A test's wrapper around run_all_experiments.py: the first training step on process 1 fails.
+import os, pathlib, runpy, sys, time
+sys.path.insert(0, {repo!r})
+import clip_adapt.training
+if os.environ["RANK"] == "1":
+    def planted_failure(*args, **kwargs):
+        pathlib.Path({failed_at!r}).write_text(str(time.time()))
+        raise RuntimeError("planted failure on process 1")
+    clip_adapt.training.training_step = planted_failure
+sys.argv = ["run_all_experiments.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_failure_on_one_process_ends_the_whole_launch_at_once(tmp_path):
+    """run_all_experiments.py under two processes, the first experiment failing on process 1 only (process 0 is
+    then waiting in the gradient all-reduce): the launch ends non-zero within 60 s of the failure (measured:
+    about 1 s), naming the experiment and the process, and the second experiment never starts on either."""
+    from conftest import REPO
+    wrapper = tmp_path / "planted_failure.py"
+    failed_at = tmp_path / "failed_at"
+    wrapper.write_text(PLANTED_FAILURE.format(repo=str(REPO), script=str(REPO / "run_all_experiments.py"),
+                                              failed_at=str(failed_at)))
+    command = [sys.executable, *map(str, launch(wrapper, "--smoke", "--experiments", "E3_shallow_vpt",
+                                                "E6_full_finetune", "--output-dir", tmp_path / "out"))]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)   # the launcher and both processes: a hang must not outlive the test
+        raise AssertionError("the launch hung after a failure on one process")
+    seconds = time.time() - float(failed_at.read_text())
+    assert process.returncode != 0
+    assert "error: E3_shallow_vpt failed on process 1 of 2" in stderr, stderr[-3000:]
+    assert "planted failure on process 1" in stderr
+    assert "=== E6_full_finetune" not in stdout and not (tmp_path / "out" / "E6_full_finetune").exists()
+    assert seconds < 60, seconds

@@ -233,20 +233,26 @@ def test_report_to_tensorboard_without_tensorboard_is_a_one_line_error(tmp_path,
     assert not (tmp_path / "E3_shallow_vpt" / "metrics.json").exists()
 
 
-def test_pixel_noise_is_added_batch_by_batch_and_reproducibly():
+def test_pixel_noise_is_added_batch_by_batch_and_follows_the_image():
     """The robustness passes add noise to each batch as it is used (no noisy copy of the test split): without
-    noise the model sees its pixels unchanged; with noise, a seed always gives the same predictions."""
+    noise the model sees its pixels unchanged; with noise, each image's noise is seeded by its index in the
+    test set, so any batching or sharing of the set among processes gives each image the same noise."""
     from clip_adapt.reporting import WithPixelNoise
     from clip_adapt.training import predict
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     pixels = (torch.rand(10, 3, 4, 4) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    cpu, everything = torch.device("cpu"), torch.arange(10)
 
-    def noisy(sigma, seed=0):
-        wrapped = WithPixelNoise(model, sigma, mean, std, torch.Generator().manual_seed(seed))
-        return predict(wrapped, pixels, 4, torch.device("cpu"))
+    def noisy(sigma, seed=0, rows=everything, batch_size=4):
+        return predict(WithPixelNoise(model, sigma, mean, std, seed), pixels[rows], batch_size, cpu, indices=rows)
 
-    assert torch.allclose(noisy(0.0), predict(model, pixels, 4, torch.device("cpu")), atol=1e-6)
+    assert torch.allclose(noisy(0.0), predict(model, pixels, 4, cpu), atol=1e-6)
     assert torch.equal(noisy(0.1), noisy(0.1)) and not torch.equal(noisy(0.1), noisy(0.1, seed=1))
     assert not torch.allclose(noisy(0.1), noisy(0.0))
+    # Two processes' shares (3 and 7 images), other batch sizes: the same noise on each image.
+    shared = torch.cat([noisy(0.1, rows=everything[:3], batch_size=2), noisy(0.1, rows=everything[3:], batch_size=5)])
+    torch.testing.assert_close(shared, noisy(0.1), rtol=0, atol=1e-6)
+    shifted = predict(WithPixelNoise(model, 0.1, mean, std, 0), pixels, 4, cpu, indices=everything + 1)
+    assert not torch.allclose(shifted, noisy(0.1), atol=1e-3)   # the index, not the batch position, picks it

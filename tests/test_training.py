@@ -24,17 +24,22 @@ def noisy_task(n: int = 48, seed: int = 0) -> tuple[Split, Split]:
 class Head(torch.nn.Module):
     """A small model with dropout, so that resume must restore the random state as well as the weights."""
 
-    def __init__(self, interrupt_at_step: int | None = None):
+    def __init__(self, interrupt_at_step: int | None = None, interrupt_at_evaluation_batch: int | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
                                        torch.nn.Linear(16, 2))
         self.interrupt_at_step, self.steps = interrupt_at_step, 0
+        self.interrupt_at_evaluation_batch, self.evaluation_batches = interrupt_at_evaluation_batch, 0
 
     def forward(self, x):
         if self.training:
             self.steps += 1
             if self.steps == self.interrupt_at_step:   # as if the user pressed Ctrl-C or the scheduler sent SIGTERM
+                signal.raise_signal(signal.SIGTERM)
+        else:
+            self.evaluation_batches += 1
+            if self.evaluation_batches == self.interrupt_at_evaluation_batch:
                 signal.raise_signal(signal.SIGTERM)
         return self.net(x)
 
@@ -84,20 +89,24 @@ def test_resume_state_holds_the_best_weights_once(tmp_path):
                            else state["progress"]["best_state"][name])
 
 
-@pytest.mark.parametrize("step", [3, 6, 14])   # mid-epoch, the last step of an epoch, a later epoch
-def test_sigterm_mid_epoch_writes_a_resume_state_that_continues_exactly(tmp_path, step):
+# Mid-epoch, the last step of an epoch, a later epoch; and in epoch 1's validation pass (3 batches of 16), which
+# stops before its next batch rather than after both evaluation passes.
+@pytest.mark.parametrize("step, evaluation_batch", [(3, None), (6, None), (14, None), (None, 2)])
+def test_sigterm_mid_epoch_writes_a_resume_state_that_continues_exactly(tmp_path, step, evaluation_batch):
     train_split, val = noisy_task()
     torch.manual_seed(0)
     whole = train(Head(), train_split, val, val, config(tmp_path / "whole", epochs=8, patience=8))
 
     torch.manual_seed(0)
     with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped in epoch .* --resume") as stopped:
-        train(Head(interrupt_at_step=step), train_split, val, val,
+        train(Head(step, evaluation_batch), train_split, val, val,
               config(tmp_path / "parts", epochs=8, patience=8, checkpoint_every=3600))
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handlers are given back
     state = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)
-    assert (state["progress"]["epoch"] - 1) * 6 + state["progress"]["batch"] == step
+    assert (state["progress"]["epoch"] - 1) * 6 + state["progress"]["batch"] == (step or 6)
+    assert len(state["progress"]["history"]) == state["progress"]["epoch"] - 1   # no row for the stopped epoch
+    assert ("during its evaluation" in str(stopped.value)) == bool(evaluation_batch)
 
     torch.manual_seed(123)   # whatever the process did in between
     model = Head()

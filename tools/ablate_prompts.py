@@ -155,7 +155,8 @@ def main():
             keys[folder] = {"flags": cell["flags"], "seed": seed, **settings}
             results[folder] = finished_before(folder, keys[folder])
             if results[folder] is not None:
-                print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
+                if is_main_process():
+                    print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
             else:
                 planned.append(Run(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
                                    f"{cell['cell']} (seed {seed})"))
