@@ -166,53 +166,113 @@ def bench_e2_cache(clip, args, device) -> dict:
     return result
 
 
-def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
-    """Times the near-copy check against loading (decoding and CLIP's 224 px preprocessing) on num_images
-    JPEGs written from the source folder's images, each re-encoded at a random quality, resized and
-    re-contrasted, so that the set holds copies as a real release does. 80% go to train, 20% to test."""
+DUPLICATE_SIZES = (7_000, 28_000, 60_000)
+
+
+def copy_of(job: tuple) -> None:
+    """Writes image number i of the benchmark set: the original itself on the first pass over the originals,
+    afterwards a copy re-encoded at a random quality, resized and re-contrasted, as a real release holds."""
     import random
-    import tempfile
 
     from PIL import ImageEnhance
-    from transformers import CLIPImageProcessor
+    i, original, target, first_pass = job
+    rng = random.Random(i)
+    with Image.open(original) as opened:
+        image = opened.convert("RGB")
+    if not first_pass:
+        scale = rng.uniform(0.6, 1.0)
+        image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
+    image.save(target, quality=rng.randint(50, 95))
 
-    from clip_adapt.copies import find_near_copies, pixel_hash
-    from clip_adapt.data import image_files, open_rgb
+
+def load_once(folder: str, mode: str, queue) -> None:
+    """In a fresh process, so that its peak memory is this load's alone: load_data as the experiments call it."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from clip_adapt.data import load_data
+    from clip_adapt.progress import set_quiet
+    set_quiet(True)
+    started = time.perf_counter()
+    data = load_data(folder, CLIPImageProcessorPil(), duplicates=mode)   # ViT-B/16's processor: 224 px
+    seconds = time.perf_counter() - started
+    splits = (data.train, data.val, data.test)
+    queue.put({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "uint8_gib": sum(s.inputs.numel() for s in splits) / 2**30,
+               "copy_pairs": len(data.report.get("copy_pairs", [])),
+               "cross_split_clusters": len(data.report["train_test_duplicates"])})
+
+
+def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
+    """Times the near-copy check against loading, at 7,000, 28,000 and 60,000 images (those up to num_images,
+    and num_images), on JPEGs written from the source folder's images: the originals, then copies of them (see
+    copy_of). 80% go to train, 20% to test, in class folders. Each size is loaded twice by load_data, each
+    time in a fresh process: with the exact check only (loading: decoding, hashing, CLIP's 224 px
+    preprocessing) and with the near-copy check. The check's cost is the difference, in time and in the
+    process's peak memory."""
+    import multiprocessing
+    import os
+    import random
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from clip_adapt.data import image_files
 
     originals = [path for paths in image_files(source).values() for path in paths]
     if not originals:
         raise UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
+    sizes = sorted({size for size in DUPLICATE_SIZES if size < num_images} | {num_images})
     rng = random.Random(0)
+    context = multiprocessing.get_context("spawn")
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
-        files, splits = [], []
+        targets = []
         for i in range(num_images):
-            with Image.open(originals[i % len(originals)]) as original:
-                image = original.convert("RGB")
-            if i >= len(originals):   # the first pass is the originals themselves, the rest copies of them
-                scale = rng.uniform(0.6, 1.0)
-                image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
-                image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
-            files.append(Path(folder) / f"{i}.jpg")
-            image.save(files[-1], quality=rng.randint(50, 95))
-            splits.append("test" if rng.random() < 0.2 else "train")
-        processor = CLIPImageProcessor()   # ViT-B/16's: 224 px
-        started = time.perf_counter()
-        images = [open_rgb({"path": str(f)}) for f in files]
-        hashes = [pixel_hash(img) for img in images]
-        for start in range(0, len(images), 64):
-            processor(images[start:start + 64], return_tensors="pt")
-        load_s = time.perf_counter() - started
-        started = time.perf_counter()
-        found = find_near_copies(images, splits, hashes)
-        check_s = time.perf_counter() - started
-    result = {"images": num_images, "load_s": round(load_s, 2), "near_copy_check_s": round(check_s, 2),
-              "check_over_load": round(check_s / load_s, 3), "candidate_pairs": found["candidates"],
-              "copy_pairs": len(found["pairs"]), "clusters": len(found["clusters"]),
-              "threads": torch.get_num_threads()}
+            original = Path(originals[i % len(originals)])
+            split = "test" if rng.random() < 0.2 else "train"
+            targets.append(Path(folder) / "all" / split / original.parent.name / f"{i}.jpg")
+            targets[-1].parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for size in sizes:   # each size's images written just before it is measured: results come size by size
+            started = time.perf_counter()
+            with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+                list(pool.map(copy_of, [(i, originals[i % len(originals)], targets[i], i < len(originals))
+                                        for i in range(written, size)], chunksize=64))
+            print(f"wrote images {written:,} to {size:,} in {time.perf_counter() - started:.0f} s", flush=True)
+            written = size
+            subset = Path(folder) / str(size)   # the first `size` images, linked
+            for target in targets[:size]:
+                link = subset / target.relative_to(Path(folder) / "all")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(target)
+            measured = {}
+            for mode in ("exact", "near"):
+                queue = context.Queue()
+                child = context.Process(target=load_once, args=(str(subset), mode, queue))
+                child.start()
+                measured[mode] = queue.get()
+                child.join()
+            exact, near = measured["exact"], measured["near"]
+            row = {"images": size, "load_s": round(exact["seconds"], 1),
+                   "near_copy_check_s": round(near["seconds"] - exact["seconds"], 1),
+                   "check_over_load": round((near["seconds"] - exact["seconds"]) / exact["seconds"], 2),
+                   "uint8_gib": round(exact["uint8_gib"], 2), "peak_rss_load_gib": round(exact["peak_rss_gib"], 2),
+                   "peak_rss_with_check_gib": round(near["peak_rss_gib"], 2),
+                   "check_adds_gib": round(near["peak_rss_gib"] - exact["peak_rss_gib"], 2),
+                   "copy_pairs": near["copy_pairs"], "cross_split_clusters": near["cross_split_clusters"]}
+            rows.append(row)
+            print(f"  {size:,} images: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "images"),
+                  flush=True)
+    result = {"source": str(source), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
+              "cpu": platform.processor() or platform.machine(), "sizes": rows}
     write_json(out_dir / "bench_duplicates.json", result)
-    print(f"near-copy check on {num_images} images: {check_s:.1f} s, loading them {load_s:.1f} s "
-          f"({check_s / load_s:.2f}x); {found['candidates']} candidate pairs, {len(found['pairs'])} copies "
-          f"in {len(found['clusters'])} clusters; written to {out_dir / 'bench_duplicates.json'}")
+    print("\n| images | loading (s) | near-copy check (s) | check / loading | uint8 images (GiB) | peak, loading "
+          "(GiB) | peak, loading + check (GiB) | check adds (GiB) |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']:,} | {r['load_s']} | {r['near_copy_check_s']} | {r['check_over_load']} | "
+              f"{r['uint8_gib']} | {r['peak_rss_load_gib']} | {r['peak_rss_with_check_gib']} | "
+              f"{r['check_adds_gib']} |")
+    print(f"\nwritten to {out_dir / 'bench_duplicates.json'}")
     return result
 
 
