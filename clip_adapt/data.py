@@ -8,6 +8,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ class Split:
     files: list[str]
     mean: tuple[float, ...] | None = None   # set for uint8 pixels
     std: tuple[float, ...] | None = None
+    constants: dict = field(default_factory=dict, repr=False, compare=False)   # device -> (mean, std) tensors
 
     def __len__(self):
         return len(self.labels)
@@ -72,12 +74,60 @@ class Split:
             inputs = inputs[index.to(inputs.device) if isinstance(index, torch.Tensor) else index]
             if self.inputs.is_pinned():
                 inputs = inputs.pin_memory()   # gathered rows are pageable; pinned ones copy asynchronously
-        inputs = inputs.to(device or inputs.device, non_blocking=True)
+        return self.normalised(inputs.to(device or inputs.device, non_blocking=True))
+
+    def normalised(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.dtype != torch.uint8:
             return inputs
-        mean = torch.tensor(self.mean, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=inputs.device).view(1, -1, 1, 1)
+        mean, std = self.normalisation(inputs.device)
         return (inputs.float() / 255 - mean) / std
+
+    def batches(self, indices: list[torch.Tensor | None], device,
+                prefetch: bool | None = None) -> "Iterator[torch.Tensor | None]":
+        """model_inputs(index, device) for each index (None: yields None), in order. Inputs held in pinned host
+        memory are gathered by a background thread into one of two preallocated pinned buffers, the next batch
+        while the current one is used; the indices stay on the host, so no step waits for the device to send
+        them back. Inputs anywhere else are gathered on their device as each batch is asked for (prefetch=True
+        takes the first way anyway, with pageable buffers where nothing can be pinned: how it is tested)."""
+        if not (self.inputs.is_pinned() if prefetch is None else prefetch):
+            yield from (None if index is None else self.model_inputs(index, device) for index in indices)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        largest = max((len(index) for index in indices if index is not None), default=0)
+        buffers = [torch.empty((largest, *self.inputs.shape[1:]), dtype=self.inputs.dtype,
+                               pin_memory=torch.cuda.is_available())
+                   for _ in range(2)]
+        copied = [None, None]   # the event after each buffer's last copy to the device: wait before refilling
+
+        def gather(k: int, index: torch.Tensor | None) -> torch.Tensor | None:
+            if index is None:
+                return None
+            if copied[k % 2] is not None:
+                copied[k % 2].synchronize()
+            return torch.index_select(self.inputs, 0, index.cpu(), out=buffers[k % 2][:len(index)])
+
+        with ThreadPoolExecutor(1) as pool:
+            upcoming = pool.submit(gather, 0, indices[0]) if indices else None
+            for k in range(len(indices)):
+                rows = upcoming.result()
+                if k + 1 < len(indices):
+                    upcoming = pool.submit(gather, k + 1, indices[k + 1])
+                if rows is None:
+                    yield None
+                    continue
+                on_device = rows.to(device, non_blocking=True)
+                if on_device.is_cuda:
+                    copied[k % 2] = torch.cuda.Event()
+                    copied[k % 2].record()
+                yield self.normalised(on_device)
+
+    def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's mean and std as tensors on `device`, made once per device: a tensor made from a tuple
+        is a blocking host-to-device copy, which on every step would keep the host from queuing the next one."""
+        if device not in self.constants:
+            self.constants[device] = tuple(torch.tensor(values, device=device).view(1, -1, 1, 1)
+                                           for values in (self.mean, self.std))
+        return self.constants[device]
 
 
 @dataclass
@@ -101,12 +151,22 @@ class MRIData:
         if device.type == "cuda":
             size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
             free, _ = torch.cuda.mem_get_info(device)
+            # PyTorch's cached blocks are free for its own tensors: without them the choice could flip between
+            # the experiments of one run_all, as the cache grows.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if size > DEVICE_SHARE * free:
                 print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
                       f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
-                splits = [Split(s.inputs.pin_memory(), s.labels, s.files, s.mean, s.std) for s in splits]
+                splits = [Split(pinned_copy(s.inputs), s.labels, s.files, s.mean, s.std) for s in splits]
         return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
                        self.closest_pairs)
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """One pinned allocation of exactly the tensor's size, then a copy: Tensor.pin_memory() goes through the
+    caching host allocator, which rounds up to a power of two (9 GB of images would pin 16 GB)."""
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return pinned.copy_(tensor)
 
 
 # --------------------------------------------------------------------------- reading the source

@@ -109,9 +109,15 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def tensor_hash(tensor: torch.Tensor) -> str:
-    return hashlib.blake2b(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(),
-                           digest_size=16).hexdigest()
+def tensor_hash(tensor: torch.Tensor, rows_at_once: int = 1024) -> str:
+    """A digest of the tensor's bytes, copied to the host rows_at_once rows at a time: never a host copy of a
+    whole dataset (the same digest as hashing all the bytes at once)."""
+    digest = hashlib.blake2b(digest_size=16)
+    rows = tensor.detach()
+    rows = rows.flatten(1) if rows.dim() > 1 else rows.reshape(-1, 1)
+    for start in range(0, len(rows), rows_at_once):
+        digest.update(rows[start:start + rows_at_once].cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -362,22 +368,29 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 progress.epoch_generator = generator.get_state()
             generator.set_state(progress.epoch_generator)
             model.train()
-            order = torch.randperm(len(train_split), generator=generator)
+            host_order = torch.randperm(len(train_split), generator=generator)
             flips = torch.rand(len(train_split), generator=generator) < 0.5
-            order, flips = order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+            order, flips = host_order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
             loss_sum = torch.tensor(progress.loss_sum if checkpoint.is_main else 0.0, device=device)
             correct = torch.tensor(progress.correct if checkpoint.is_main else 0.0, device=device)
             batches = order.split(config.batch_size)
+            # This process's share of each batch, None where a batch is too small to share: every process
+            # needs images for the gradient all-reduce. Inputs held on the host are gathered by host indices
+            # (Split.batches): reading indices back from the device would stall every step.
+            gather_order = host_order if train_split.inputs.is_pinned() else order
+            shares = [batch if processes == 1 else batch.tensor_split(processes)[rank]
+                      if len(batch) >= processes else None for batch in gather_order.split(config.batch_size)]
+            feed = train_split.batches(shares[progress.batch:], device)
             bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
                                total=len(batches))
-            for batch in bar:
+            for batch, inputs in zip(bar, feed):
                 if processes > 1:
-                    if len(batch) < processes:   # every process needs images for the gradient all-reduce
+                    if len(batch) < processes:
                         progress.batch += 1
                         continue
                     batch = batch.tensor_split(processes)[rank]
-                inputs, labels = train_split.model_inputs(batch, device), train_split.labels[batch]
+                labels = train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
                 logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision)
