@@ -29,13 +29,16 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 
 import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
+from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import load_clip, tiny_clip, tiny_tokenizer, vit_b16_config  # noqa: E402
 from clip_adapt.runner import experiment_scripts  # noqa: E402
 from clip_adapt.training import batched, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (sparsity not counted), first match wins.
-GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP's
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (half the "with sparsity" figure), first match wins:
+# H100 PCIe 1,513 / 2; H100 NVL and H200 NVL 1,671 / 2; H100 and H200 SXM 1,979 / 2; A100 312.
+GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
 SCRIPTS = {script.name: script for script in experiment_scripts()}
@@ -94,6 +97,16 @@ def count_flops(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tens
     return counter.get_total_flops()
 
 
+def flops_of_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, backward: bool,
+                  batch_size: int) -> tuple[float, float]:
+    """(FLOPs per image, FLOPs of a step of batch_size images), from counts at 2 and 4 images: what does not
+    grow with the batch (E5's text tower, run once per step for all the class prompts) is counted once per
+    step, not once per image."""
+    two, four = (count_flops(model, pixels[:n], labels[:n], backward) for n in (2, 4))
+    per_image = (four - two) / 2
+    return per_image, two - 2 * per_image + per_image * batch_size
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -103,9 +116,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def bench_experiment(name, clip, tokenizer, args, device, peak) -> dict:
     model = build_model(name, clip, tokenizer).to(device)
     size = clip.config.vision_config.image_size
-    pixels = torch.randn(args.batch_size, 3, size, size, device=device)
-    labels = torch.arange(args.batch_size, device=device) % 4
-    eval_pixels = torch.randn(2 * args.batch_size, 3, size, size, device=device)
+    # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
+    images = Split(torch.randint(0, 256, (2 * args.batch_size, 3, size, size), dtype=torch.uint8, device=device),
+                   torch.arange(2 * args.batch_size, device=device) % 4, [], CLIP_MEAN, CLIP_STD)
+    batch = torch.arange(args.batch_size, device=device)
+    pixels, labels = images.model_inputs(batch, device), images.labels[batch]
     run_model = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -115,16 +130,16 @@ def bench_experiment(name, clip, tokenizer, args, device, peak) -> dict:
     if trainable:
         model.train()
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        seconds = timed(lambda: training_step(run_model, optimizer, pixels, labels, device), device, args.steps,
-                        args.warmup)
-        flops = count_flops(model, pixels[:2], labels[:2], True) / 2
-        row.update(train_images_per_s=args.batch_size / seconds, train_gflop_per_image=flops / 1e9,
-                   train_mfu=flops * args.batch_size / seconds / peak)
+        seconds = timed(lambda: training_step(run_model, optimizer, images.model_inputs(batch, device),
+                                              images.labels[batch], device), device, args.steps, args.warmup)
+        per_image, per_step = flops_of_step(model, pixels, labels, True, args.batch_size)
+        row.update(train_images_per_s=args.batch_size / seconds, train_gflop_per_image=per_image / 1e9,
+                   train_mfu=per_step / seconds / peak)
     model.eval()
-    seconds = timed(lambda: batched(run_model, eval_pixels, len(eval_pixels), device), device, args.steps, args.warmup)
-    flops = count_flops(model, pixels[:2], labels[:2], False) / 2
-    row.update(eval_images_per_s=len(eval_pixels) / seconds, eval_gflop_per_image=flops / 1e9,
-               eval_mfu=flops * len(eval_pixels) / seconds / peak, peak_memory_mb=peak_memory_mb(device),
+    seconds = timed(lambda: batched(run_model, images, len(images), device), device, args.steps, args.warmup)
+    per_image, per_step = flops_of_step(model, pixels, labels, False, len(images))
+    row.update(eval_images_per_s=len(images) / seconds, eval_gflop_per_image=per_image / 1e9,
+               eval_mfu=per_step / seconds / peak, peak_memory_mb=peak_memory_mb(device),
                trainable_params=sum(p.numel() for p in trainable))
     print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in row.items() if k != "experiment"), flush=True)
@@ -301,6 +316,8 @@ def main():
         bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir))
         return
 
+    if args.batch_size < 4:
+        raise UserError("--batch-size must be at least 4: FLOPs are counted on 2 and on 4 images")
     device = common.pick_device(args.device)
     common.check_writable(Path(args.output_dir))
     torch.manual_seed(0)
