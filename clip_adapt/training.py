@@ -347,8 +347,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     model.to(device)
     stepped = accelerator.prepare(model) if processes > 1 else model   # the DDP wrapper; `model` stays bare
     train_split = train_split.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("nothing to train: every parameter of this model is frozen (e.g. --num-prompts 0 with "
+                        "--head clip); give it prompts, a trainable head or an adapter")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch), config.patience)
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
