@@ -15,6 +15,11 @@ Three stages, so that the check costs little next to loading the images:
    SEARCH_FLOOR or more also the best shift within MAX_SHIFT of the side (crops into a head that fills the
    frame, which the head box does not undo). A pair scoring NEAR_COPY_SCORE or more is a copy.
 
+At any size: fingerprints are made one image at a time as loading streams the images (clip_adapt.data), and
+kept small (about 26 KB an image, Fingerprints); the nearest train images are found a block of test images at a
+time, candidates are screened and scored in blocks, and hash candidates come from a multi-index search beyond
+about 100,000 images (hash_candidates): memory grows with the number of images, never with their pairs.
+
 Where this differs from the previous, lost implementation (bounding box of the non-background pixels, plain
 correlation, threshold 0.94): a bounding box jumps when JPEG noise or a new contrast flips a few edge pixels
 (measured: a quality-30 re-encode then scored as low as 0.43), and without equalisation a gamma of 0.7 did too;
