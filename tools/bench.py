@@ -233,6 +233,10 @@ def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
 
     from clip_adapt.data import image_files
 
+    def summary(rows):
+        return {"source": str(source), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine(), "sizes": rows}
+
     originals = [path for paths in image_files(source).values() for path in paths]
     if not originals:
         raise UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
@@ -276,11 +280,10 @@ def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
                    "check_adds_gib": round(near["peak_rss_gib"] - exact["peak_rss_gib"], 2),
                    "copy_pairs": near["copy_pairs"], "cross_split_clusters": near["cross_split_clusters"]}
             rows.append(row)
+            write_json(out_dir / "bench_duplicates.json", summary(rows))   # after each size: a long run is kept
             print(f"  {size:,} images: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "images"),
                   flush=True)
-    result = {"source": str(source), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-              "cpu": platform.processor() or platform.machine(), "sizes": rows}
-    write_json(out_dir / "bench_duplicates.json", result)
+    result = summary(rows)
     print("\n| images | loading (s) | near-copy check (s) | check / loading | uint8 images (GiB) | peak, loading "
           "(GiB) | peak, loading + check (GiB) | check adds (GiB) |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
