@@ -5,8 +5,10 @@ and split into train / validation / test."""
 import io
 import os
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from clip_adapt.base import UserError, is_main_process
-from clip_adapt.copies import NEAR_COPY_SCORE, find_duplicates, near_copy_report, pixel_hash
+from clip_adapt.copies import (NEAR_COPY_SCORE, Fingerprints, find_duplicates, fingerprint, near_copy_report,
+                              pixel_hash)
 from clip_adapt.progress import progress_bar
 
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
@@ -23,6 +26,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 READABLE_NAMES = {"notumor": "no tumor"}
 DEVICE_SHARE = 0.5   # of the GPU's free memory the images may take; the rest is for the model and activations
 PREPROCESS_CHUNK = 256   # images per call of the processor; chunks run in parallel threads
+STREAM_CHUNK = 32   # images decoded at a time per thread while loading: a bounded working set
 VALIDATION_SPLIT = "validation"   # used as such when a dataset has one
 CONTACT_PAIRS = 8   # closest cross-split pairs kept for the contact sheet
 
@@ -45,6 +49,7 @@ class Split:
     files: list[str]
     mean: tuple[float, ...] | None = None   # set for uint8 pixels
     std: tuple[float, ...] | None = None
+    constants: dict = field(default_factory=dict, repr=False, compare=False)   # device -> (mean, std) tensors
 
     def __len__(self):
         return len(self.labels)
@@ -69,12 +74,60 @@ class Split:
             inputs = inputs[index.to(inputs.device) if isinstance(index, torch.Tensor) else index]
             if self.inputs.is_pinned():
                 inputs = inputs.pin_memory()   # gathered rows are pageable; pinned ones copy asynchronously
-        inputs = inputs.to(device or inputs.device, non_blocking=True)
+        return self.normalised(inputs.to(device or inputs.device, non_blocking=True))
+
+    def normalised(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.dtype != torch.uint8:
             return inputs
-        mean = torch.tensor(self.mean, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=inputs.device).view(1, -1, 1, 1)
+        mean, std = self.normalisation(inputs.device)
         return (inputs.float() / 255 - mean) / std
+
+    def batches(self, indices: list[torch.Tensor | None], device,
+                prefetch: bool | None = None) -> "Iterator[torch.Tensor | None]":
+        """model_inputs(index, device) for each index (None: yields None), in order. Inputs held in pinned host
+        memory are gathered by a background thread into one of two preallocated pinned buffers, the next batch
+        while the current one is used; the indices stay on the host, so no step waits for the device to send
+        them back. Inputs anywhere else are gathered on their device as each batch is asked for (prefetch=True
+        takes the first way anyway, with pageable buffers where nothing can be pinned: how it is tested)."""
+        if not (self.inputs.is_pinned() if prefetch is None else prefetch):
+            yield from (None if index is None else self.model_inputs(index, device) for index in indices)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        largest = max((len(index) for index in indices if index is not None), default=0)
+        buffers = [torch.empty((largest, *self.inputs.shape[1:]), dtype=self.inputs.dtype,
+                               pin_memory=torch.cuda.is_available())
+                   for _ in range(2)]
+        copied = [None, None]   # the event after each buffer's last copy to the device: wait before refilling
+
+        def gather(k: int, index: torch.Tensor | None) -> torch.Tensor | None:
+            if index is None:
+                return None
+            if copied[k % 2] is not None:
+                copied[k % 2].synchronize()
+            return torch.index_select(self.inputs, 0, index.cpu(), out=buffers[k % 2][:len(index)])
+
+        with ThreadPoolExecutor(1) as pool:
+            upcoming = pool.submit(gather, 0, indices[0]) if indices else None
+            for k in range(len(indices)):
+                rows = upcoming.result()
+                if k + 1 < len(indices):
+                    upcoming = pool.submit(gather, k + 1, indices[k + 1])
+                if rows is None:
+                    yield None
+                    continue
+                on_device = rows.to(device, non_blocking=True)
+                if on_device.is_cuda:
+                    copied[k % 2] = torch.cuda.Event()
+                    copied[k % 2].record()
+                yield self.normalised(on_device)
+
+    def normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's mean and std as tensors on `device`, made once per device: a tensor made from a tuple
+        is a blocking host-to-device copy, which on every step would keep the host from queuing the next one."""
+        if device not in self.constants:
+            self.constants[device] = tuple(torch.tensor(values, device=device).view(1, -1, 1, 1)
+                                           for values in (self.mean, self.std))
+        return self.constants[device]
 
 
 @dataclass
@@ -98,13 +151,23 @@ class MRIData:
         if device.type == "cuda":
             size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
             free, _ = torch.cuda.mem_get_info(device)
+            # PyTorch's cached blocks are free for its own tensors: without them the choice could flip between
+            # the experiments of one run_all, as the cache grows.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if size > DEVICE_SHARE * free:
                 if is_main_process():
                     print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
                           f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
-                splits = [Split(s.inputs.pin_memory(), s.labels, s.files, s.mean, s.std) for s in splits]
+                splits = [Split(pinned_copy(s.inputs), s.labels, s.files, s.mean, s.std) for s in splits]
         return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
                        self.closest_pairs)
+
+
+def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """One pinned allocation of exactly the tensor's size, then a copy: Tensor.pin_memory() goes through the
+    caching host allocator, which rounds up to a power of two (9 GB of images would pin 16 GB)."""
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return pinned.copy_(tensor)
 
 
 # --------------------------------------------------------------------------- reading the source
@@ -251,26 +314,160 @@ def preprocess(images: list[Image.Image], image_processor, workers: int | None =
     """CLIP's resize and crop, in parallel threads (PIL releases the GIL while it resamples), into one
     preallocated uint8 tensor: no fp32 copy of the whole set ever exists. Rescaling and normalisation, the
     processor's other two steps, are done per batch on the device (Split.model_inputs)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def chunk(start: int) -> torch.Tensor:
-        return image_processor(images[start:start + PREPROCESS_CHUNK], do_rescale=False, do_normalize=False,
-                               return_tensors="pt")["pixel_values"]
-
-    starts = range(0, len(images), PREPROCESS_CHUNK)
-    first = chunk(0)
-    if first.dtype != torch.uint8:
-        raise UserError(f"the image processor returned {first.dtype} pixels before normalisation, not uint8: "
-                        f"use a CLIP image processor")
-    pixels = torch.empty((len(images), *first.shape[1:]), dtype=torch.uint8)
-    pixels[:len(first)] = first
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-        results = progress_bar(pool.map(chunk, starts[1:]), "preprocessing images", total=len(starts),
-                               unit="chunk", initial=1)   # of PREPROCESS_CHUNK images
-        for result, start in zip(results, starts[1:]):   # results first: the bar sees its end
-            pixels[start:start + len(result)] = result
+    pixels = None
+    chunks = [images[start:start + PREPROCESS_CHUNK] for start in range(0, len(images), PREPROCESS_CHUNK)]
+    for start, chunk in zip(range(0, len(images), PREPROCESS_CHUNK),
+                            in_threads(lambda chunk: uint8_pixels(chunk, image_processor), chunks, workers,
+                                       "preprocessing images", len(chunks), "chunk")):   # of PREPROCESS_CHUNK
+        if pixels is None:
+            pixels = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.uint8)
+        pixels[start:start + len(chunk)] = chunk
     return pixels
 
+
+def uint8_pixels(images: list[Image.Image], image_processor) -> torch.Tensor:
+    pixels = image_processor(images, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    if pixels.dtype != torch.uint8:
+        raise UserError(f"the image processor returned {pixels.dtype} pixels before normalisation, not uint8: "
+                        f"use a CLIP image processor")
+    return pixels
+
+
+def in_threads(work, items, workers: int | None, desc: str, total: int, unit: str):
+    """work(item) for each item, in parallel threads, results in order, with at most two per thread under way
+    or waiting: what the work holds (decoded images) never piles up, however many items there are."""
+    from concurrent.futures import ThreadPoolExecutor
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def results():
+        with ThreadPoolExecutor(workers) as pool:
+            pending = deque()
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    return progress_bar(results(), desc, total=total, unit=unit)
+
+
+@dataclass
+class Loaded:
+    """What the stream keeps of each readable image, in source order: its preprocessed pixels, and the few
+    bytes the copy checks need (exact hash, near-copy fingerprint), never the decoded image."""
+    pixels: torch.Tensor
+    labels: list[int]
+    splits: list[str]
+    files: list[str]
+    rows: list[tuple[str, int]]   # (source split, row): where to decode an image again (the contact sheet)
+    hashes: list[str]
+    fingerprints: Fingerprints | None
+    skipped: list[str]
+
+
+def stream_images(source, parts, image_processor, skip_bad_images: bool, fingerprint_them: bool,
+                  workers: int | None = None) -> Loaded:
+    """Decodes, hashes, fingerprints (when fingerprint_them) and preprocesses the images STREAM_CHUNK at a time
+    in threads, into one uint8 tensor allocated once: peak memory is that tensor plus a few chunks of decoded
+    images, not every decoded image at once."""
+    total = sum(len(source[source_split]) for _, source_split in parts)
+
+    def chunks():
+        for split, source_split in parts:
+            rows = source[source_split]
+            for start in range(0, len(rows), STREAM_CHUNK):
+                batch = rows[start:start + STREAM_CHUNK]
+                yield split, source_split, start, batch["image"], batch["label"]
+
+    def work(chunk):
+        split, source_split, start, images, labels = chunk
+        kept = []
+        for index, (image, label) in enumerate(zip(images, labels), start):
+            path = image.get("path")
+            name = relative_name(path) if path else f"{source_split}[{index}]"
+            try:
+                img = open_rgb(image)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+                if not skip_bad_images:
+                    raise UserError(f"cannot read image {name} ({error}); fix or remove it, "
+                                    f"or pass --skip-bad-images to leave it out") from None
+                kept.append((name, None))
+                continue
+            kept.append((name, (img, label, split, (source_split, index), pixel_hash(img),
+                                fingerprint(img) if fingerprint_them else None)))
+        readable = [item for _, item in kept if item is not None]
+        pixels = uint8_pixels([item[0] for item in readable], image_processor) if readable else None
+        return kept, pixels
+
+    loaded = Loaded(None, [], [], [], [], [], Fingerprints(total) if fingerprint_them else None, [])
+    count = 0
+    for kept, pixels in in_threads(work, chunks(), workers, "reading images", -(-total // STREAM_CHUNK) or 1,
+                                   "chunk"):   # of STREAM_CHUNK images
+        for name, item in kept:
+            if item is None:
+                loaded.skipped.append(name)
+                continue
+            _, label, split, row, hash_, parts_ = item
+            loaded.files.append(name)
+            loaded.labels.append(label)
+            loaded.splits.append(split)
+            loaded.rows.append(row)
+            loaded.hashes.append(hash_)
+            if fingerprint_them:
+                loaded.fingerprints.add(parts_)
+        if pixels is not None:
+            if loaded.pixels is None:
+                loaded.pixels = torch.empty((total, *pixels.shape[1:]), dtype=torch.uint8)
+            loaded.pixels[count:count + len(pixels)] = pixels
+            count += len(pixels)
+    if loaded.pixels is None:
+        raise UserError("no readable image in the dataset: check --data")
+    loaded.pixels = loaded.pixels[:count]
+    return loaded
+
+
+def arrange(pixels: torch.Tensor, order: np.ndarray) -> None:
+    """pixels[:] = pixels[order] in place, one image at a time along each cycle of the permutation: the splits
+    become slices of one tensor, without a second copy of the dataset."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        saved, position = pixels[start].clone(), start
+        while True:
+            done[position] = True
+            source = order[position]
+            if source == start:
+                pixels[position] = saved
+                break
+            pixels[position] = pixels[source]
+            position = source
+
+
+def checked_once(check):
+    """check() on the main process only, its result sent to the others (torch.distributed, when several
+    processes run): under `accelerate launch` the copy check runs once, not once per process. A failure on
+    the main process is raised on every process, so that none waits for a result that will not come."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return check()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("result", check())]
+        except UserError as error:
+            box = [("error", str(error))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def runs_checks_here() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,36 +503,19 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
               class_names: list[str] | None = None, duplicates: str = "near") -> MRIData:
     """A dataset's own `validation` split is used as the validation set; without one, a stratified share of
     train is carved out. `test_split` names the held-out split (some datasets call it 'validation' or 'val')."""
-    source, class_names = load_source(data, image_column, label_column, test_split, class_names)
-    images, labels, splits, files, skipped = [], [], [], [], []
-    own_validation = VALIDATION_SPLIT in source and test_split != VALIDATION_SPLIT
-    for split, source_split in (("train", "train"), *((("val", VALIDATION_SPLIT),) if own_validation else ()),
-                                ("test", test_split)):
-        rows = source[source_split]
-        for index, row in enumerate(progress_bar(rows, f"reading {source_split} images", total=len(rows),
-                                                 unit="image")):
-            path = row["image"].get("path")
-            name = relative_name(path) if path else f"{source_split}[{index}]"
-            try:
-                images.append(open_rgb(row["image"]))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                if not skip_bad_images:
-                    raise UserError(f"cannot read image {name} ({error}); fix or remove it, "
-                                    f"or pass --skip-bad-images to leave it out") from None
-                skipped.append(name)
-                continue
-            labels.append(row["label"])
-            splits.append(split)
-            files.append(name)
-
-    hashes = [pixel_hash(img) for img in images]
     if duplicates not in ("exact", "near"):
         raise UserError(f"--duplicates must be exact or near, not {duplicates}")
+    source, class_names = load_source(data, image_column, label_column, test_split, class_names)
+    own_validation = VALIDATION_SPLIT in source and test_split != VALIDATION_SPLIT
+    parts = [("train", "train"), *([("val", VALIDATION_SPLIT)] if own_validation else []), ("test", test_split)]
     mode = duplicates
-    duplicates = near_copy_report(images, hashes, splits, files) if mode == "near" else find_duplicates(
-        hashes, splits, files)
+    loaded = stream_images(source, parts, image_processor, skip_bad_images, mode == "near" and runs_checks_here())
+    files, splits = loaded.files, loaded.splits
+    duplicates = checked_once(lambda: near_copy_report(loaded.fingerprints, loaded.hashes, splits, files)
+                              if mode == "near" else find_duplicates(loaded.hashes, splits, files))
+    loaded.fingerprints = None   # no longer needed: their memory goes back before training
     clusters = duplicates.pop("clusters")
-    keep = np.ones(len(images), dtype=bool)
+    keep = np.ones(len(files), dtype=bool)
     if drop_test_duplicates:   # the train members of every cluster that reaches into test, however it got there
         leaked = [i for members in clusters if any(splits[j] == "test" for j in members)
                   for i in members if splits[i] == "train"]
@@ -343,39 +523,45 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     dropped = [files[i] for i in np.flatnonzero(~keep)]
 
     closest = []
-    if mode == "near":
+    if mode == "near" and is_main_process():   # for the contact sheet, which the main process draws
         nearest = duplicates["nearest_train_of_test"]
         # The closest pairs, and the closest that are not copies: the near misses show what the threshold rejects.
         shown = nearest[:CONTACT_PAIRS] + [p for p in nearest[CONTACT_PAIRS:] if p["score"] < NEAR_COPY_SCORE][:4]
-        closest = [(p["score"], p["test"], images[p["test_index"]].copy(), p["train"],
-                    images[p["train_index"]].copy()) for p in shown]
-    pixels = preprocess([img for img, k in zip(images, keep) if k], image_processor)
-    labels = np.array(labels)[keep]
-    splits_before = splits
-    splits = np.array(splits)[keep]
-    files = [f for f, k in zip(files, keep) if k]
 
-    train_all = np.flatnonzero(splits == "train")
-    test = np.flatnonzero(splits == "test")
+        def decoded(i):   # decoded again from the source: the stream kept no decoded image
+            source_split, row = loaded.rows[i]
+            return open_rgb(source[source_split][row]["image"])
+        closest = [(p["score"], p["test"], decoded(p["test_index"]), p["train"], decoded(p["train_index"]))
+                   for p in shown]
+    labels = np.array(loaded.labels)
+    split_of = np.array(splits)
+    kept = np.flatnonzero(keep)
+    train_all = kept[split_of[kept] == "train"]
+    test = kept[split_of[kept] == "test"]
     if own_validation:
-        train, val = train_all, np.flatnonzero(splits == "val")
+        train, val = train_all, kept[split_of[kept] == "val"]
     else:
-        position = {old: new for new, old in enumerate(np.flatnonzero(keep))}
         train_position = {i: p for p, i in enumerate(train_all)}
-        train_groups = [[train_position[position[i]] for i in members
-                         if i in position and splits_before[i] == "train"] for members in clusters]
+        train_groups = [[train_position[i] for i in members if i in train_position] for members in clusters]
         train_pos, val_pos = grouped_val_indices(labels[train_all], [g for g in train_groups if len(g) > 1],
                                                  val_fraction, seed)
         train, val = train_all[train_pos], train_all[val_pos]
 
-    def subset(indices):
-        return Split(pixels[indices], torch.as_tensor(labels[indices]), [files[i] for i in indices],
-                     tuple(image_processor.image_mean), tuple(image_processor.image_std))
+    # Each split a slice of the one tensor, rearranged in place: train, val, test, then the dropped images.
+    order = np.concatenate([train, val, test, np.flatnonzero(~keep)]).astype(np.int64)
+    arrange(loaded.pixels, order)
+    bounds = np.cumsum([0, len(train), len(val), len(test)])
 
-    report = {"duplicate_check": mode, **duplicates, "dropped_train_duplicates": dropped, "skipped_images": skipped,
-              "source": data, "num_images": {"train": len(train), "val": len(val), "test": len(test)},
+    def subset(number, indices):
+        return Split(loaded.pixels[bounds[number]:bounds[number + 1]], torch.as_tensor(labels[indices]),
+                     [files[i] for i in indices], tuple(image_processor.image_mean), tuple(image_processor.image_std))
+
+    report = {"duplicate_check": mode, **duplicates, "dropped_train_duplicates": dropped,
+              "skipped_images": loaded.skipped, "source": data,
+              "num_images": {"train": len(train), "val": len(val), "test": len(test)},
               "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
-    return MRIData([readable(c) for c in class_names], subset(train), subset(val), subset(test), report, closest)
+    return MRIData([readable(c) for c in class_names], subset(0, train), subset(1, val), subset(2, test), report,
+                   closest)
 
 
 def relative_name(path: str) -> str:

@@ -152,8 +152,16 @@ class RandomPatchPrompter(FixedPatchPrompter):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.place(pixels, 0, 0)
-        top, left = torch.randint(0, self.image_size - self.patch_size + 1, (2,)).tolist()
-        return self.place(pixels, top, left)
+        top, left = torch.randint(0, self.image_size - self.patch_size + 1, (2,)).to(pixels.device)
+        return pixels + self.placed(top, left).to(pixels.dtype)
+
+    def placed(self, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """The patch on an empty canvas with its corner at (top, left), given as tensors and placed by indexing:
+        no number read back to the host, so torch.compile traces one graph for every place."""
+        s, where = self.patch_size, torch.arange(self.image_size, device=self.patch.device)
+        rows, cols = where - top, where - left
+        inside = ((rows >= 0) & (rows < s))[:, None] & ((cols >= 0) & (cols < s))[None, :]
+        return self.patch[..., rows.clamp(0, s - 1)[:, None], cols.clamp(0, s - 1)[None, :]] * inside
 
 
 PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "random-patch": RandomPatchPrompter}

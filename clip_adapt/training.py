@@ -130,9 +130,15 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def tensor_hash(tensor: torch.Tensor) -> str:
-    return hashlib.blake2b(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(),
-                           digest_size=16).hexdigest()
+def tensor_hash(tensor: torch.Tensor, rows_at_once: int = 1024) -> str:
+    """A digest of the tensor's bytes, copied to the host rows_at_once rows at a time: never a host copy of a
+    whole dataset (the same digest as hashing all the bytes at once)."""
+    digest = hashlib.blake2b(digest_size=16)
+    rows = tensor.detach()
+    rows = rows.flatten(1) if rows.dim() > 1 else rows.reshape(-1, 1)
+    for start in range(0, len(rows), rows_at_once):
+        digest.update(rows[start:start + rows_at_once].cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -391,8 +397,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         from accelerate.utils import set_seed
         set_seed(config.seed, device_specific=True)
     train_split = train_split.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UserError("nothing to train: every parameter of this model is frozen (e.g. --num-prompts 0 with "
+                        "--head clip); give it prompts, a trainable head or an adapter")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch), config.patience)
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
@@ -424,25 +433,31 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 progress.epoch_generator = generator.get_state()
             generator.set_state(progress.epoch_generator)
             model.train()
-            order = torch.randperm(len(train_split), generator=generator)
+            host_order = torch.randperm(len(train_split), generator=generator)
             flips = torch.rand(len(train_split), generator=generator) < 0.5
-            order, flips = order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
+            order, flips = host_order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
             loss_sum = torch.tensor(progress.loss_sum if checkpoint.is_main else 0.0, device=device)
             correct = torch.tensor(progress.correct if checkpoint.is_main else 0.0, device=device)
             batches = order.split(config.batch_size)
-            bar = progress_bar(batches[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
+            # This process's slice of each batch, and the weight of its mean loss: slice mean × its share of the
+            # batch × processes, summed over the slices and averaged by DDP, is the whole batch's mean whatever
+            # the slice sizes. An empty slice still joins the gradient all-reduce, with one zero-weight image.
+            def share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+                if processes == 1:
+                    return batch, 1.0
+                mine = batch.tensor_split(processes)[rank]
+                return (mine if len(mine) else batch[:1]), len(mine) * processes / len(batch)
+
+            shared = [share(batch) for batch in batches]
+            # Inputs held on the host are gathered by host indices (Split.batches): reading indices back from the
+            # device would stall every step.
+            host_batches = host_order.split(config.batch_size) if train_split.inputs.is_pinned() else batches
+            feed = train_split.batches([share(batch)[0] for batch in host_batches[progress.batch:]], device)
+            bar = progress_bar(shared[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
                                total=len(batches))
-            for batch in bar:
-                weight = 1.0
-                if processes > 1:
-                    # Each slice's mean loss × its share of the batch × processes: summed over the slices and
-                    # averaged by DDP, the gradient is the whole batch's mean, whatever the slice sizes.
-                    mine = batch.tensor_split(processes)[rank]
-                    weight = len(mine) * processes / len(batch)
-                    # An empty slice: every process must join the gradient all-reduce; a zero-weight image does.
-                    batch = mine if len(mine) else batch[:1]
-                inputs, labels = train_split.model_inputs(batch, device), train_split.labels[batch]
+            for (batch, weight), inputs in zip(bar, feed):
+                labels = train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
                 logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision, weight)

@@ -10,7 +10,9 @@ import pytest
 from conftest import SAMPLE_DATA, SHARED_DATA, run_script
 from PIL import Image, ImageEnhance
 
-from clip_adapt.copies import NEAR_COPY_SCORE, describe_near_copies, find_near_copies, near_copy_report, pixel_hash
+from clip_adapt.copies import (CANDIDATE_BITS, NEAR_COPY_SCORE, NEAREST_CANDIDATES, all_pairs_candidates,
+                               describe_near_copies, find_near_copies, multi_index_candidates,
+                               near_copy_report, nearest_candidates, pixel_hash, standardised)
 from clip_adapt.data import grouped_val_indices, image_files, load_data, open_rgb
 from clip_adapt.models import tiny_clip
 
@@ -208,3 +210,31 @@ def test_report_tells_splits_and_images_apart_when_names_repeat_across_splits(sa
     line = describe_near_copies(report)
     assert "1 test images have a copy in train (1 exact" in line and "inside train 0 exact" in line
     assert line.endswith("train–val 1 exact, 0 near pairs")
+
+
+def test_blocked_nearest_neighbours_equal_the_full_matrix():
+    rng = np.random.default_rng(0)
+    thumbs = rng.integers(0, 256, (300, 1024), dtype=np.uint8)
+    queries, pool = np.arange(0, 300, 3), np.setdiff1d(np.arange(300), np.arange(0, 300, 3))
+    standard = standardised(thumbs)
+    full = standard[queries] @ standard[pool].T
+    expected = {(q, pool[p]) for q, row in zip(queries, full) for p in np.argsort(-row)[:NEAREST_CANDIDATES]}
+    found = nearest_candidates(thumbs, queries, pool, block=7)
+    assert {tuple(pair) for pair in found.tolist()} == expected and len(found) == len(expected)
+
+
+@pytest.mark.parametrize("size", [300, 1500])
+def test_multi_index_hash_candidates_equal_all_pairs(size):
+    """Clustered hashes (copies a few bits apart, as pHashes of near copies are) and random ones."""
+    rng = np.random.default_rng(size)
+    base = rng.integers(0, 2**63, size // 20, dtype=np.int64).astype(np.uint64)
+    hashes = base[rng.integers(0, len(base), size)]
+    for _ in range(8):
+        hashes ^= (np.uint64(1) << rng.integers(0, 64, size).astype(np.uint64)) * (rng.random(size) < 0.7)
+    hashes[: size // 4] = rng.integers(0, 2**63, size // 4, dtype=np.int64).astype(np.uint64)
+    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    expected = np.argwhere(np.triu(distance <= CANDIDATE_BITS, 1))
+    assert len(expected) > size
+    found = multi_index_candidates(hashes, most_at_once=5000)   # small slices: the slicing is exercised too
+    assert np.array_equal(found, expected)
+    assert np.array_equal(np.unique(all_pairs_candidates(hashes, block=64), axis=0), expected)

@@ -115,6 +115,10 @@ def test_padding_changes_only_the_border_and_patches_only_their_square():
     assert torch.equal(changed_pixels(random_patch.eval(), 32), corner.expand(2, -1, -1))   # evaluation: fixed
     places = {tuple(changed_pixels(random_patch.train(), 32)[0].nonzero()[0].tolist()) for _ in range(20)}
     assert len(places) > 1 and all(changed_pixels(random_patch, 32).sum((1, 2)).eq(25))
+    pixels = torch.randn(2, 3, 32, 32)   # placed by indexing with tensors (no graph break) = padded into place
+    for top, left in ((0, 0), (27, 3), (11, 27)):
+        assert torch.equal(random_patch.place(pixels, top, left),
+                           pixels + random_patch.placed(torch.tensor(top), torch.tensor(left)))
 
 
 def test_pixel_prompt_with_clip_head_trains_only_the_prompt_and_matches_zero_shot(clip_parts):

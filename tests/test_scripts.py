@@ -152,6 +152,7 @@ def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, cap
     ("E4_deep_vpt.py", ["--prompt-layers", "7"], "prompt layers must be between 0 and 2"),
     ("E5_clip_vpt.py", ["--num-text-prompts", "70"], "lower --num-text-prompts"),
     ("E5_clip_vpt.py", ["--prompt-dropout", "1"], "--prompt-dropout must be in"),
+    ("E3_shallow_vpt.py", ["--num-prompts", "0", "--head", "clip"], "nothing to train"),
 ])
 def test_bad_prompt_flags_get_a_clear_message(script, flags, message, tmp_path, capsys):
     run_script(script, "--smoke", *flags, "--output-dir", tmp_path, expect_exit=2)

@@ -48,3 +48,23 @@ def test_bench_smoke_writes_valid_json(tmp_path):
     # A figure, not a target: timing ratios are measured by the benchmark, never asserted by a test.
     assert result["e2_cached_vs_tower"]["speedup"] > 0
     assert result["peak_flops"] > 0 and result["peak_flops_source"]
+
+
+def test_batches_of_a_split_equal_its_model_inputs_and_its_constants_are_made_once():
+    """Split.batches is the training loop's feed (gathered and prefetched when the images are pinned, which
+    needs a GPU; plain here); its normalisation constants are made once per device, not on every batch."""
+    pixels = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    split = Split(pixels, torch.zeros(10), [], (0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+    indices = [torch.tensor([3, 1, 4]), None, torch.tensor([9, 0])]
+    plain = list(split.batches(indices, torch.device("cpu")))
+    fed = [inputs.clone() if inputs is not None else None   # a prefetched batch lives in a reused buffer
+           for inputs in split.batches(indices, torch.device("cpu"), prefetch=True)]
+    assert fed[1] is None and plain[1] is None
+    for index, inputs, reference in zip([indices[0], indices[2]], [fed[0], fed[2]], [plain[0], plain[2]]):
+        torch.testing.assert_close(inputs, reference, rtol=0, atol=0)
+        expected = (pixels[index].float() / 255 - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) \
+            / torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
+        torch.testing.assert_close(inputs, expected)
+    constants = split.normalisation(torch.device("cpu"))
+    split.model_inputs(torch.tensor([0]), torch.device("cpu"))
+    assert all(a is b for a, b in zip(split.normalisation(torch.device("cpu")), constants))

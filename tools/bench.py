@@ -29,13 +29,16 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 
 import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
+from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import load_clip, tiny_clip, tiny_tokenizer, vit_b16_config  # noqa: E402
 from clip_adapt.runner import experiment_scripts  # noqa: E402
 from clip_adapt.training import batched, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (sparsity not counted), first match wins.
-GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP's
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (half the "with sparsity" figure), first match wins:
+# H100 PCIe 1,513 / 2; H100 NVL and H200 NVL 1,671 / 2; H100 and H200 SXM 1,979 / 2; A100 312.
+GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
 SCRIPTS = {script.name: script for script in experiment_scripts()}
@@ -94,6 +97,16 @@ def count_flops(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tens
     return counter.get_total_flops()
 
 
+def flops_of_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, backward: bool,
+                  batch_size: int) -> tuple[float, float]:
+    """(FLOPs per image, FLOPs of a step of batch_size images), from counts at 2 and 4 images: what does not
+    grow with the batch (E5's text tower, run once per step for all the class prompts) is counted once per
+    step, not once per image."""
+    two, four = (count_flops(model, pixels[:n], labels[:n], backward) for n in (2, 4))
+    per_image = (four - two) / 2
+    return per_image, two - 2 * per_image + per_image * batch_size
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -103,9 +116,11 @@ def peak_memory_mb(device: torch.device) -> float:
 def bench_experiment(name, clip, tokenizer, args, device, peak) -> dict:
     model = build_model(name, clip, tokenizer).to(device)
     size = clip.config.vision_config.image_size
-    pixels = torch.randn(args.batch_size, 3, size, size, device=device)
-    labels = torch.arange(args.batch_size, device=device) % 4
-    eval_pixels = torch.randn(2 * args.batch_size, 3, size, size, device=device)
+    # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
+    images = Split(torch.randint(0, 256, (2 * args.batch_size, 3, size, size), dtype=torch.uint8, device=device),
+                   torch.arange(2 * args.batch_size, device=device) % 4, [], CLIP_MEAN, CLIP_STD)
+    batch = torch.arange(args.batch_size, device=device)
+    pixels, labels = images.model_inputs(batch, device), images.labels[batch]
     run_model = torch.compile(model) if args.compile else model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -115,16 +130,16 @@ def bench_experiment(name, clip, tokenizer, args, device, peak) -> dict:
     if trainable:
         model.train()
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        seconds = timed(lambda: training_step(run_model, optimizer, pixels, labels, device), device, args.steps,
-                        args.warmup)
-        flops = count_flops(model, pixels[:2], labels[:2], True) / 2
-        row.update(train_images_per_s=args.batch_size / seconds, train_gflop_per_image=flops / 1e9,
-                   train_mfu=flops * args.batch_size / seconds / peak)
+        seconds = timed(lambda: training_step(run_model, optimizer, images.model_inputs(batch, device),
+                                              images.labels[batch], device), device, args.steps, args.warmup)
+        per_image, per_step = flops_of_step(model, pixels, labels, True, args.batch_size)
+        row.update(train_images_per_s=args.batch_size / seconds, train_gflop_per_image=per_image / 1e9,
+                   train_mfu=per_step / seconds / peak)
     model.eval()
-    seconds = timed(lambda: batched(run_model, eval_pixels, len(eval_pixels), device), device, args.steps, args.warmup)
-    flops = count_flops(model, pixels[:2], labels[:2], False) / 2
-    row.update(eval_images_per_s=len(eval_pixels) / seconds, eval_gflop_per_image=flops / 1e9,
-               eval_mfu=flops * len(eval_pixels) / seconds / peak, peak_memory_mb=peak_memory_mb(device),
+    seconds = timed(lambda: batched(run_model, images, len(images), device), device, args.steps, args.warmup)
+    per_image, per_step = flops_of_step(model, pixels, labels, False, len(images))
+    row.update(eval_images_per_s=len(images) / seconds, eval_gflop_per_image=per_image / 1e9,
+               eval_mfu=per_step / seconds / peak, peak_memory_mb=peak_memory_mb(device),
                trainable_params=sum(p.numel() for p in trainable))
     print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in row.items() if k != "experiment"), flush=True)
@@ -166,53 +181,116 @@ def bench_e2_cache(clip, args, device) -> dict:
     return result
 
 
-def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
-    """Times the near-copy check against loading (decoding and CLIP's 224 px preprocessing) on num_images
-    JPEGs written from the source folder's images, each re-encoded at a random quality, resized and
-    re-contrasted, so that the set holds copies as a real release does. 80% go to train, 20% to test."""
+DUPLICATE_SIZES = (7_000, 28_000, 60_000)
+
+
+def copy_of(job: tuple) -> None:
+    """Writes image number i of the benchmark set: the original itself on the first pass over the originals,
+    afterwards a copy re-encoded at a random quality, resized and re-contrasted, as a real release holds."""
     import random
-    import tempfile
 
     from PIL import ImageEnhance
-    from transformers import CLIPImageProcessor
+    i, original, target, first_pass = job
+    rng = random.Random(i)
+    with Image.open(original) as opened:
+        image = opened.convert("RGB")
+    if not first_pass:
+        scale = rng.uniform(0.6, 1.0)
+        image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
+        image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
+    image.save(target, quality=rng.randint(50, 95))
 
-    from clip_adapt.copies import find_near_copies, pixel_hash
-    from clip_adapt.data import image_files, open_rgb
+
+def load_once(folder: str, mode: str, queue) -> None:
+    """In a fresh process, so that its peak memory is this load's alone: load_data as the experiments call it."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from clip_adapt.data import load_data
+    from clip_adapt.progress import set_quiet
+    set_quiet(True)
+    started = time.perf_counter()
+    data = load_data(folder, CLIPImageProcessorPil(), duplicates=mode)   # ViT-B/16's processor: 224 px
+    seconds = time.perf_counter() - started
+    splits = (data.train, data.val, data.test)
+    queue.put({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "uint8_gib": sum(s.inputs.numel() for s in splits) / 2**30,
+               "copy_pairs": len(data.report.get("copy_pairs", [])),
+               "cross_split_clusters": len(data.report["train_test_duplicates"])})
+
+
+def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
+    """Times the near-copy check against loading, at 7,000, 28,000 and 60,000 images (those up to num_images,
+    and num_images), on JPEGs written from the source folder's images: the originals, then copies of them (see
+    copy_of). 80% go to train, 20% to test, in class folders. Each size is loaded twice by load_data, each
+    time in a fresh process: with the exact check only (loading: decoding, hashing, CLIP's 224 px
+    preprocessing) and with the near-copy check. The check's cost is the difference, in time and in the
+    process's peak memory."""
+    import multiprocessing
+    import os
+    import random
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from clip_adapt.data import image_files
+
+    def summary(rows):
+        return {"source": str(source), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine(), "sizes": rows}
 
     originals = [path for paths in image_files(source).values() for path in paths]
     if not originals:
         raise UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
+    sizes = sorted({size for size in DUPLICATE_SIZES if size < num_images} | {num_images})
     rng = random.Random(0)
+    context = multiprocessing.get_context("spawn")
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
-        files, splits = [], []
+        targets = []
         for i in range(num_images):
-            with Image.open(originals[i % len(originals)]) as original:
-                image = original.convert("RGB")
-            if i >= len(originals):   # the first pass is the originals themselves, the rest copies of them
-                scale = rng.uniform(0.6, 1.0)
-                image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
-                image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
-            files.append(Path(folder) / f"{i}.jpg")
-            image.save(files[-1], quality=rng.randint(50, 95))
-            splits.append("test" if rng.random() < 0.2 else "train")
-        processor = CLIPImageProcessor()   # ViT-B/16's: 224 px
-        started = time.perf_counter()
-        images = [open_rgb({"path": str(f)}) for f in files]
-        hashes = [pixel_hash(img) for img in images]
-        for start in range(0, len(images), 64):
-            processor(images[start:start + 64], return_tensors="pt")
-        load_s = time.perf_counter() - started
-        started = time.perf_counter()
-        found = find_near_copies(images, splits, hashes)
-        check_s = time.perf_counter() - started
-    result = {"images": num_images, "load_s": round(load_s, 2), "near_copy_check_s": round(check_s, 2),
-              "check_over_load": round(check_s / load_s, 3), "candidate_pairs": found["candidates"],
-              "copy_pairs": len(found["pairs"]), "clusters": len(found["clusters"]),
-              "threads": torch.get_num_threads()}
-    write_json(out_dir / "bench_duplicates.json", result)
-    print(f"near-copy check on {num_images} images: {check_s:.1f} s, loading them {load_s:.1f} s "
-          f"({check_s / load_s:.2f}x); {found['candidates']} candidate pairs, {len(found['pairs'])} copies "
-          f"in {len(found['clusters'])} clusters; written to {out_dir / 'bench_duplicates.json'}")
+            original = Path(originals[i % len(originals)])
+            split = "test" if rng.random() < 0.2 else "train"
+            targets.append(Path(folder) / "all" / split / original.parent.name / f"{i}.jpg")
+            targets[-1].parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for size in sizes:   # each size's images written just before it is measured: results come size by size
+            started = time.perf_counter()
+            with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+                list(pool.map(copy_of, [(i, originals[i % len(originals)], targets[i], i < len(originals))
+                                        for i in range(written, size)], chunksize=64))
+            print(f"wrote images {written:,} to {size:,} in {time.perf_counter() - started:.0f} s", flush=True)
+            written = size
+            subset = Path(folder) / str(size)   # the first `size` images, linked
+            for target in targets[:size]:
+                link = subset / target.relative_to(Path(folder) / "all")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(target)
+            measured = {}
+            for mode in ("exact", "near"):
+                queue = context.Queue()
+                child = context.Process(target=load_once, args=(str(subset), mode, queue))
+                child.start()
+                measured[mode] = queue.get()
+                child.join()
+            exact, near = measured["exact"], measured["near"]
+            row = {"images": size, "load_s": round(exact["seconds"], 1),
+                   "near_copy_check_s": round(near["seconds"] - exact["seconds"], 1),
+                   "check_over_load": round((near["seconds"] - exact["seconds"]) / exact["seconds"], 2),
+                   "uint8_gib": round(exact["uint8_gib"], 2), "peak_rss_load_gib": round(exact["peak_rss_gib"], 2),
+                   "peak_rss_with_check_gib": round(near["peak_rss_gib"], 2),
+                   "check_adds_gib": round(near["peak_rss_gib"] - exact["peak_rss_gib"], 2),
+                   "copy_pairs": near["copy_pairs"], "cross_split_clusters": near["cross_split_clusters"]}
+            rows.append(row)
+            write_json(out_dir / "bench_duplicates.json", summary(rows))   # after each size: a long run is kept
+            print(f"  {size:,} images: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "images"),
+                  flush=True)
+    result = summary(rows)
+    print("\n| images | loading (s) | near-copy check (s) | check / loading | uint8 images (GiB) | peak, loading "
+          "(GiB) | peak, loading + check (GiB) | check adds (GiB) |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']:,} | {r['load_s']} | {r['near_copy_check_s']} | {r['check_over_load']} | "
+              f"{r['uint8_gib']} | {r['peak_rss_load_gib']} | {r['peak_rss_with_check_gib']} | "
+              f"{r['check_adds_gib']} |")
+    print(f"\nwritten to {out_dir / 'bench_duplicates.json'}")
     return result
 
 
@@ -241,6 +319,8 @@ def main():
         bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir))
         return
 
+    if args.batch_size < 4:
+        raise UserError("--batch-size must be at least 4: FLOPs are counted on 2 and on 4 images")
     device = common.pick_device(args.device)
     common.check_writable(Path(args.output_dir))
     torch.manual_seed(0)
