@@ -116,32 +116,58 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     return clip.eval(), processor, tokenizer
 
 
+def is_random(name: str) -> bool:
+    """Whether --model names random weights (whose accuracies mean nothing): the smoke CLIP, or a random:<arch>."""
+    return name == TINY_CLIP or name.startswith("random:")
+
+
+def model_source(name: str) -> str:
+    """The local directory or hub id to load `name` from; a missing directory fails here."""
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_hub_id(name):
+        raise UserError(f"model directory {name} does not exist: pass --model a directory saved with "
+                        f"save_pretrained (CLIPModel and CLIPProcessor) or a hub id such as {DEFAULT_MODEL}")
+    return str(path) if path.exists() else name
+
+
+def not_loadable(name: str, error: Exception) -> UserError:
+    from clip_adapt import hub
+    if Path(name).expanduser().exists():
+        return UserError(f"{name} is not a CLIP model directory ({type(error).__name__}): save one with "
+                         f"CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    return UserError(f"could not load model '{name}': {hub.unavailable('it')}; pass --model a local directory "
+                     f"saved with save_pretrained")
+
+
+def check_model(name: str) -> None:
+    """The model's config, read (from the hub or its cache) before anything else is loaded: a model that is
+    missing, out of reach or not a CLIP fails here, in seconds."""
+    if is_random(name):
+        return
+    try:
+        model_type = AutoConfig.from_pretrained(model_source(name)).model_type
+    except (OSError, ValueError) as error:
+        raise not_loadable(name, error) from None
+    if model_type != "clip":   # from_pretrained would only warn, and carry on with random weights
+        raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
+
+
 def load_clip(name: str):
     """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, or TINY_CLIP."""
     if name == TINY_CLIP:
         return tiny_clip()
     import transformers
     transformers.logging.disable_progress_bar()
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_hub_id(name):
-        raise UserError(f"model directory {name} does not exist: pass --model a directory saved with "
-                        f"save_pretrained (CLIPModel and CLIPProcessor) or a hub id such as {DEFAULT_MODEL}")
-    source = str(path) if path.exists() else name
+    check_model(name)
+    source = model_source(name)
     try:
-        model_type = AutoConfig.from_pretrained(source).model_type
-        if model_type != "clip":   # from_pretrained would only warn, and carry on with random weights
-            raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
         clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa")
         # The PIL backend everywhere: the torchvision one resizes slightly differently, and results
         # should not depend on whether torchvision happens to be installed.
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        if path.exists():
-            raise UserError(f"{name} is not a CLIP model directory ({type(error).__name__}): save one with "
-                            f"CLIPModel.save_pretrained and CLIPProcessor.save_pretrained") from None
-        raise UserError(f"could not load '{name}': the Hugging Face hub cannot be reached and it is not cached; "
-                        f"pass --model a local directory saved with save_pretrained") from None
+        raise not_loadable(name, error) from None
     return clip.eval(), image_processor, tokenizer
 
 
