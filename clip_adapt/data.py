@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from clip_adapt.base import UserError
 from clip_adapt.copies import NEAR_COPY_SCORE, find_duplicates, near_copy_report, pixel_hash
@@ -297,6 +296,7 @@ def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tu
         raise UserError(f"train has too few images ({len(labels)}) to carve a stratified validation split "
                         f"with one image per class: add images or lower --val-fraction")
     indices = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split   # here: scikit-learn is slow to import, --help needs none
     train, val = train_test_split(indices, test_size=num_val, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(val)
 

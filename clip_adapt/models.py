@@ -3,17 +3,22 @@
 The prompts they train are in prompts.py, E7's peft adapters in adapters.py (both in this package).
 """
 
+from __future__ import annotations   # CLIPModel in signatures, without importing transformers' models for them
+
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from clip_adapt.base import UserError
 from clip_adapt.data import looks_like_hub_id
 from clip_adapt.prompts import TextContext, VisualPrompts
+
+if TYPE_CHECKING:   # transformers' model classes are imported where used: --help needs none of them
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 TINY_CLIP = "tiny-random-clip"   # what --smoke loads: random weights, seconds on a CPU, no download
@@ -71,6 +76,7 @@ CLIP_ARCHITECTURES = {
 
 def clip_config(name: str) -> CLIPConfig:
     """The architecture of a published CLIP, for counting and benchmarking without a download."""
+    from transformers import CLIPConfig
     if name not in CLIP_ARCHITECTURES:
         raise UserError(f"unknown CLIP architecture '{name}': choose one of {', '.join(CLIP_ARCHITECTURES)}")
     width, layers, heads, patch, image_size, text_width, text_heads, projection = CLIP_ARCHITECTURES[name]
@@ -90,6 +96,7 @@ def vit_b16_config() -> CLIPConfig:
 
 def tiny_tokenizer() -> CLIPTokenizer:
     """A working CLIP tokenizer with no merges: every word is spelled out in byte-level characters."""
+    from transformers import CLIPTokenizer
     from tokenizers import pre_tokenizers
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -99,6 +106,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
 def tiny_clip(image_size: int = 32, seed: int = 0):
     """A small random CLIP with a real tokenizer and image processor: the whole pipeline in seconds on a CPU.
     Text and vision widths differ on purpose so that a mixed-up dimension fails loudly."""
+    from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
@@ -142,6 +150,7 @@ def not_loadable(name: str, error: Exception) -> UserError:
 def check_model(name: str) -> None:
     """The model's config, read (from the hub or its cache) before anything else is loaded: a model that is
     missing, out of reach or not a CLIP fails here, in seconds."""
+    from transformers import AutoConfig
     if is_random(name):
         return
     try:
@@ -157,6 +166,7 @@ def load_clip(name: str):
     if name == TINY_CLIP:
         return tiny_clip()
     import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     transformers.logging.disable_progress_bar()
     check_model(name)
     source = model_source(name)

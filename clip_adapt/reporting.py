@@ -8,10 +8,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")   # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,  # noqa: E402
-                             f1_score)
 
 from clip_adapt.base import atomic_save, write_csv, write_json, write_text  # noqa: E402
 
@@ -37,6 +34,7 @@ def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 2000) ->
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, f1_score   # scikit-learn and seaborn are imported where
     probs = logits.softmax(1).numpy()
     labels = labels.cpu().numpy()
     predictions = probs.argmax(1)
@@ -105,6 +103,8 @@ def plot_curves(history: list[dict], metric: str, title: str, path: Path, best_e
 
 
 def plot_confusion_matrix(labels, predictions, class_names, title: str, path: Path) -> None:
+    import seaborn as sns
+    from sklearn.metrics import confusion_matrix   # used, as they are slow to import: --help needs neither
     matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", xticklabels=class_names, yticklabels=class_names, ax=ax)
@@ -175,6 +175,7 @@ def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: 
                  test_labels: torch.Tensor, test_files: list[str], history: list[dict], metrics: dict,
                  robustness: list[dict], data_report: dict) -> None:
     """Every per-experiment output file; metrics.json last, so that its presence means a complete set."""
+    from sklearn.metrics import classification_report
     probs = test_logits.softmax(1).numpy()
     labels, predictions = test_labels.numpy(), probs.argmax(1)
     write_text(out_dir / "classification_report.txt",
