@@ -133,8 +133,8 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, title: str, path: Pa
 
 def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, path: Path,
                     chance: float | None = None) -> None:
-    """Test accuracy per noise level: lines over several levels (each with its own marker and dash, so equal
-    lines still show), bars for a single level (a line of one point is a dot on an empty axis)."""
+    """Test accuracy per noise level: lines over several levels (each with its own hollow marker, size and dash,
+    so that equal lines still show), bars for a single level (a line of one point is a dot on an empty axis)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     levels = sorted({sigma for points in curves.values() for sigma, _ in points})
     if len(levels) == 1:
@@ -145,8 +145,8 @@ def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, pa
         ax.set_xlabel(f"Gaussian noise sigma {levels[0]:g} (pixels in [0, 1])")
     else:
         for i, (name, points) in enumerate(curves.items()):
-            ax.plot(*zip(*points), marker="osD^vP*Xhp"[i % 10], linestyle=["-", "--", "-.", ":"][i % 4], alpha=0.8,
-                    label=name)
+            ax.plot(*zip(*points), marker="osD^vP*Xhp"[i % 10], markersize=5 + 2 * (i % 5), fillstyle="none",
+                    linestyle=["-", "--", "-.", ":"][i % 4], label=name)
         ax.set_xlabel("Gaussian noise sigma (pixels in [0, 1])")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
