@@ -202,12 +202,17 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def needs_hub(args: argparse.Namespace) -> bool:
+    """Whether the data or the model may come from the Hugging Face hub (or its cache)."""
+    return not is_local(args.data) or not (is_random(args.model) or Path(args.model).expanduser().exists())
+
+
 def check_sources(args: argparse.Namespace) -> None:
     """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py): a
     wrong path, an unreachable hub or a missing cache is one line within seconds, not one per experiment after
     the hub's retries. A hub dataset is downloaded here (into the cache the experiments then read)."""
     check_data_early(args.data)
-    if not is_local(args.data) or not is_random(args.model):
+    if needs_hub(args):
         hub.notice_offline()
     if not is_local(args.data):
         load_source(args.data, args.image_column, args.label_column, args.test_split, args.class_names)
@@ -268,7 +273,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
         device = accelerator.device   # this process's GPU
         set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
     check_data_early(args.data)
-    if not is_local(args.data) or not is_random(args.model):
+    if needs_hub(args):
         hub.notice_offline()
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
