@@ -48,7 +48,7 @@ def main():
 
     def accuracy(text, split):
         logits = similarity_logits(exp.clip, images[split].to(text.device), text).cpu()
-        return float((logits.argmax(1) == splits[split].labels.cpu()).float().mean())
+        return round(float((logits.argmax(1) == splits[split].labels.cpu()).double().mean()), 4)
 
     rows = []
     for template in templates:

@@ -24,8 +24,10 @@ import torch
 
 from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import describe_copies
-from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, load_data
-from clip_adapt.models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
+from clip_adapt import hub
+from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
+from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, check_model, count_params, is_random, load_clip,
+                               load_templates, model_dims)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
@@ -37,7 +39,7 @@ SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
 # a resumed run may differ in them.
 NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
-                "report_to", "save_merged", "noise_levels"}   # noise levels: the final evaluation only
+                "report_to", "save_merged", "noise_levels", "threads"}   # noise levels: the final evaluation only
 
 
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
@@ -95,6 +97,9 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                          help="write the resume state this often (also on --stop-after-epochs, Ctrl-C, SIGTERM and "
                               "at the end); 0: after every step")
     control.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    control.add_argument("--threads", type=int, help="CPU threads torch may use [default: torch's, one per core]; "
+                                                     "on a busy or shared machine, fewer (even 1) can be many "
+                                                     "times faster")
 
     outputs = p.add_argument_group("outputs")
     outputs.add_argument("--output-dir", default="outputs", help="each experiment writes to "
@@ -182,6 +187,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"{flag(name)} must not be negative")
     if args.report_to == "tensorboard":
         summary_writer_class()   # missing tensorboard: say so now, not after the data is read
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
     if args.checkpoint_every < 0:
         raise UserError("--checkpoint-every must not be negative")
     if args.lr is not None and args.lr <= 0:
@@ -193,6 +200,23 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.templates:
         load_templates(args.templates)   # a bad file fails here, before the model and data load
     return args
+
+
+def needs_hub(args: argparse.Namespace) -> bool:
+    """Whether the data or the model may come from the Hugging Face hub (or its cache)."""
+    return not is_local(args.data) or not (is_random(args.model) or Path(args.model).expanduser().exists())
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py): a
+    wrong path, an unreachable hub or a missing cache is one line within seconds, not one per experiment after
+    the hub's retries. A hub dataset is downloaded here (into the cache the experiments then read)."""
+    check_data_early(args.data)
+    if needs_hub(args):
+        hub.notice_offline()
+    if not is_local(args.data):
+        load_source(args.data, args.image_column, args.label_column, args.test_split, args.class_names)
+    check_model(args.model)
 
 
 def pick_device(name: str) -> torch.device:
@@ -240,6 +264,8 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     started = time.time()
     set_quiet(args.quiet)
     args = resolve_defaults(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_dir = Path(args.output_dir) / name
     check_writable(out_dir)
     device = pick_device(args.device)
@@ -248,6 +274,8 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
         device = accelerator.device   # this process's GPU
         set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
     check_data_early(args.data)
+    if needs_hub(args):
+        hub.notice_offline()
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
@@ -308,6 +336,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "data": args.data, "seed": args.seed,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
+        "weights": "random" if is_random(args.model) else "loaded",   # random: its accuracies mean nothing
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,

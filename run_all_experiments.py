@@ -5,21 +5,39 @@ from summary.md, and report.html (the whole run on one self-contained page, see 
 With --seeds, every experiment runs once per seed (into <output-dir>/seed_<s>/) and the summary reports
 mean ± std; a single run gets a 95% bootstrap interval on test accuracy instead. Exits non-zero, naming them,
 if any experiment failed. Under `accelerate launch` with several processes, a failure on any process ends the
-whole launch at once, naming the experiment and the process (docs/several-gpus.md).
+whole launch at once, naming the experiment and the process (docs/several-gpus.md). --launcher runs the
+experiments N at a time or as SLURM jobs (docs/past-one-machine.md).
+
+Every setting, the model and the data are checked once before the first experiment starts. A new run into a
+used --output-dir first removes the folders of the experiments it runs and the previous summary files (not with
+--resume), and run.json lists the experiments of this run: the summary and report.html never mix two runs.
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 import common
-from clip_adapt.base import UserError, is_main_process, write_csv, write_text
+from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text
 from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
+from clip_adapt.data import is_study_data
+from clip_adapt.models import is_random
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
-from clip_adapt.reporting import plt, save_figure
+from clip_adapt.reporting import plot_robustness, plt, save_figure
 from clip_adapt.runner import aggregate, experiment_scripts, spread
 
 SCRIPTS = {script.name: script for script in experiment_scripts()}
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness.png", "report.html", "run.json")
+
+
+def experiment_name(name: str) -> str:
+    """A script's name, or its number alone (E4)."""
+    short = {script.short_name: script.name for script in SCRIPTS.values()}
+    if name in SCRIPTS or name in short:
+        return short.get(name, name)
+    raise argparse.ArgumentTypeError(f"unknown experiment '{name}': choose from {', '.join(SCRIPTS)} "
+                                     f"(or their numbers: {', '.join(short)})")
 
 
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -27,8 +45,8 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = p.add_argument_group("this run")
     group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: "
                                                             "mean ± std")
-    group.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS),
-                       help="a subset to run, in number order")
+    group.add_argument("--experiments", nargs="+", type=experiment_name, default=list(SCRIPTS),
+                       metavar="NAME", help=f"a subset to run, by name or number (E4): {', '.join(SCRIPTS)}")
     return add_launcher_flags(p)
 
 
@@ -46,32 +64,43 @@ def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
 
 def study_accuracy(name: str) -> str:
     reported = SCRIPTS[name].study_accuracy
-    return "–" if reported is None else f"{reported:.2f}"
+    return "–" if reported is None else f"{reported:.3f}"
 
 
-def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
+def random_weights_banner(model: str) -> str:
+    return (f"**Random weights** (`{model}`): these accuracies test the pipeline, not the methods; they say "
+            f"nothing about CLIP.\n")
+
+
+def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command: str, run: dict) -> str:
+    """run: what run.json records (model, data, weights, study_data)."""
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
-    lines = ["# Summary\n", f"`{command}`\n",
-             f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
-             f"reported (convergence speed). 'Study' is the accuracy the reproduced study reported, not measured "
-             f"here.\n",
-             "| experiment | test accuracy | study | macro-F1 | balanced acc. | ECE | train acc. | best epoch | "
-             "epochs run | trainable params | share of total | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    study = run["study_data"] and run["weights"] != "random"
+    lines = [f"# Summary: `{run['model']}` on `{run['data']}`\n", f"`{command}`\n"]
+    if run["weights"] == "random":
+        lines.append(random_weights_banner(run["model"]))
+    lines += [f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
+              f"reported (convergence speed)." + (" 'Study' is the accuracy the reproduced study reported, not "
+                                                   "measured here." if study else "") + "\n",
+              "| experiment | test accuracy | " + ("study | " if study else "") + "macro-F1 | balanced acc. | ECE | "
+              "train acc. | best epoch | epochs run | trainable params | share of total | wall time (s) |",
+              "|---|" + "---|" * (11 if study else 10)]
     for r in rows:
-        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {study_accuracy(r['experiment'])} | "
+        lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | " +
+                     (f"{study_accuracy(r['experiment'])} | " if study else "") +
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
-                     f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
+                     f"{r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | {spread(r, 'wall_time_s', 1)} |")
     if noise:
         lines += ["\n## Test accuracy under Gaussian pixel noise (sigma on [0, 1] pixels)\n",
                   "| experiment | " + " | ".join(f"sigma {k.rsplit('_', 1)[1]}" for k in noise) + " |",
                   "|---|" + "---|" * len(noise)]
         lines += [f"| {r['experiment']} | " + " | ".join(f"{r[k]:.3f}" for k in noise) + " |" for r in rows]
     if failed:
-        lines.append(f"\n**Failed:** {', '.join(failed)} (see the console output).")
+        lines.append(f"\n**Failed:** {', '.join(failed)}.\n")
+        lines += [f"- {name}: `{reason or 'no error line; see the console output'}`" for name, reason in failed.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -95,27 +124,48 @@ def figure_links(out_dir: Path, runs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_summary(rows: list[dict], out_dir: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        std = r["test_accuracy_std"] or 0.0
-        ax.errorbar(r["trainable_params"], r["test_accuracy_mean"], yerr=std, fmt="o", capsize=3)
-        ax.annotate(r["experiment"].split("_")[0], (r["trainable_params"], r["test_accuracy_mean"]),
-                    textcoords="offset points", xytext=(6, 4))
+def accuracy_interval(row: dict) -> tuple[float, float]:
+    """How far below and above the mean test accuracy its interval reaches: ± std over seeds, or the bootstrap
+    interval of a single run."""
+    mean, std = row["test_accuracy_mean"], row["test_accuracy_std"]
+    if std != "":
+        return std, std
+    return mean - row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] - mean
+
+
+def plot_summary(rows: list[dict], out_dir: Path, chance: float) -> None:
+    """summary.png: each experiment a marker of its own, named in the legend rather than beside the point (labels
+    of points close together overprint), with its interval and the chance level; summary_robustness.png."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*Xhp<>"
+    for i, r in enumerate(rows):
+        low, high = accuracy_interval(r)
+        ax.errorbar(r["trainable_params"], r["test_accuracy_mean"], yerr=[[low], [high]], fmt=markers[i % 12],
+                    capsize=4, markersize=7, alpha=0.85, label=r["experiment"])
+    ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
     ax.set_xscale("symlog", linthresh=1)   # E1 trains nothing: 0 must still show on a log axis
-    ax.set(xlabel="trainable parameters (log scale; 0 = zero-shot)", ylabel="test accuracy", ylim=(0, 1.02),
-           title="Test accuracy against trainable parameters")
+    ax.set_xlim(-0.5, 3 * max(max(r["trainable_params"] for r in rows), 1))   # room for the markers at both ends
+    interval = "± std over seeds" if rows[0]["test_accuracy_std"] != "" else "95% bootstrap interval"
+    ax.set(xlabel="trainable parameters (log scale; 0 = zero-shot)", ylabel=f"test accuracy ({interval})",
+           ylim=(0, 1.02), title="Test accuracy against trainable parameters")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, out_dir / "summary.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
-        keys = [k for k in r if k.startswith("test_accuracy_noise_")]
-        ax.plot([float(k.rsplit("_", 1)[1]) for k in keys], [r[k] for k in keys], marker="o", label=r["experiment"])
-    ax.set(xlabel="Gaussian noise sigma (pixels in [0, 1])", ylabel="test accuracy", ylim=(0, 1.02),
-           title="Robustness to pixel noise")
-    ax.legend(fontsize="small")
-    save_figure(fig, out_dir / "summary_robustness.png")
+    plot_robustness({r["experiment"]: [(float(k.rsplit("_", 1)[1]), r[k]) for k in r
+                                       if k.startswith("test_accuracy_noise_")] for r in rows},
+                    "Robustness to pixel noise", out_dir / "summary_robustness.png", chance)
+
+
+def clear_previous_run(out_dir: Path, experiments: list[str], seeds: list[int]) -> None:
+    """A new run into a used folder: the folders of the experiments it runs and the previous summary files go
+    first, so that nothing there is left from an earlier run. Other experiments' folders stay, outside this run's
+    summary and report (run.json lists this run's)."""
+    seed_dirs = [out_dir] if len(seeds) == 1 else [out_dir / f"seed_{seed}" for seed in seeds]
+    for folder in (seed_dir / name for seed_dir in seed_dirs for name in experiments):
+        shutil.rmtree(folder, ignore_errors=True)
+    for name in SUMMARY_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def main():
@@ -123,29 +173,40 @@ def main():
     own = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False))   # --seed is not --seeds
     _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
-    check_one_learning_rate(args.lr, args.experiments)
+    experiments = list(dict.fromkeys(args.experiments))
+    check_one_learning_rate(args.lr, experiments)
+    common.resolve_defaults(args)   # every setting checked once, not once per experiment
     check_launcher_flags(args)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
+    common.check_sources(args)   # the data and the model, once, before any experiment starts
+    if is_main_process() and not args.resume:
+        clear_previous_run(out_dir, experiments, seeds)
 
     planned = [Run(name, [*forwarded, "--seed", str(seed)], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
-                   f"{name} (seed {seed})") for seed in seeds for name in args.experiments]
-    runs, failed, finished = {name: [] for name in args.experiments}, [], []
-    for run, metrics in zip(planned, launch(planned, args)):
+                   f"{name} (seed {seed})") for seed in seeds for name in experiments]
+    runs, failed, finished = {name: [] for name in experiments}, {}, []
+    for run, (metrics, reason) in zip(planned, launch(planned, args)):
         if metrics is not None:
             runs[run.script].append(metrics)
             finished.append(run.out_dir / run.script)
         else:
-            failed.append(run.label if len(seeds) > 1 else run.script)
+            failed[run.label if len(seeds) > 1 else run.script] = reason
 
     if not is_main_process():
         return
     rows = [aggregate(name, r) for name, r in runs.items() if r]
+    done = [r[0] for r in runs.values() if r]
+    command = " ".join(["python", *sys.argv])
+    run = {"command": command, "model": args.model, "data": args.data,
+           "weights": "random" if is_random(args.model) else "loaded",
+           "study_data": is_study_data(args.data),
+           "experiments": [folder.relative_to(out_dir).as_posix() for folder in finished], "failed": failed}
     if rows:
         write_csv(out_dir / "summary.csv", rows)
-        plot_summary(rows, out_dir)
-    command = " ".join(["python", *sys.argv])
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command) + figure_links(out_dir, finished))
+        plot_summary(rows, out_dir, chance=1 / len(done[0]["class_names"]))
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run) + figure_links(out_dir, finished))
+    write_json(out_dir / "run.json", run)
     print(f"\nsummary written to {out_dir / 'summary.md'}")
     print(f"report written to {write_html_report(out_dir, finished, command)}")
     if failed:

@@ -13,7 +13,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import (NEAR_COPY_SCORE, Fingerprints, find_duplicates, fingerprint, near_copy_report,
@@ -22,6 +21,7 @@ from clip_adapt.progress import progress_bar
 
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data" / "brain_mri"
+STUDY_CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]   # the reproduced study's four, as folders
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 READABLE_NAMES = {"notumor": "no tumor"}
 DEVICE_SHARE = 0.5   # of the GPU's free memory the images may take; the rest is for the model and activations
@@ -188,6 +188,9 @@ def check_image_folder(root: Path) -> None:
         for name in classes[split]:
             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (split_dir / name).iterdir()):
                 raise UserError(f"class folder {split_dir / name} holds no images: add some or remove the folder")
+    if len(classes["train"]) < 2:
+        raise UserError(f"{root / 'train'} has one class folder ({classes['train'][0]}): at least 2 classes are "
+                        f"needed, one folder each, in train/ and test/")
     if classes["train"] != classes["test"]:
         raise UserError(f"train and test have different class folders ({', '.join(classes['train'])} vs "
                         f"{', '.join(classes['test'])}): both splits need the same classes")
@@ -202,6 +205,17 @@ def check_data_early(data: str) -> None:
     about the data, not after the model hub's retries."""
     if is_local(data) and not is_saved_dataset(Path(data).expanduser()):
         check_image_folder(Path(data).expanduser())
+
+
+def is_study_data(data: str) -> bool:
+    """Whether --data is the reproduced study's: its hub dataset, or a local image folder whose class folders are
+    exactly the study's four (a copy of it, or the shipped sample of it). Only then do the study's reported
+    accuracies stand beside ours."""
+    if data == DEFAULT_DATA:
+        return True
+    root = Path(data).expanduser()
+    return all((root / split).is_dir() and sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+               == STUDY_CLASSES for split in ("train", "test"))
 
 
 def is_saved_dataset(root: Path) -> bool:
@@ -237,7 +251,8 @@ def load_source(data: str, image_column: str | None = None, label_column: str | 
         try:
             source = datasets.load_dataset(data)
         except Exception as error:   # the hub raises many types: offline, not found, gated, ...
-            raise UserError(f"could not load dataset '{data}' from the Hugging Face hub "
+            from clip_adapt import hub
+            raise UserError(f"could not load dataset '{data}': {hub.unavailable('it')} "
                             f"({type(error).__name__}); pass --data a local folder with train/<class>/* "
                             f"and test/<class>/* instead") from None
     missing = {"train", test_split} - set(source)
@@ -270,6 +285,8 @@ def load_source(data: str, image_column: str | None = None, label_column: str | 
     else:
         raise UserError(f"column '{label_column}' is of type {label}, not a class label: pass --label-column "
                         f"a ClassLabel or integer column")
+    if len(names) < 2:
+        raise UserError(f"dataset '{data}' has {len(names)} class: at least 2 classes are needed")
     source = source.select_columns([image_column, label_column])
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
     if renames:
@@ -477,6 +494,7 @@ def stratified_val_indices(labels: np.ndarray, fraction: float, seed: int) -> tu
         raise UserError(f"train has too few images ({len(labels)}) to carve a stratified validation split "
                         f"with one image per class: add images or lower --val-fraction")
     indices = np.arange(len(labels))
+    from sklearn.model_selection import train_test_split   # here: scikit-learn is slow to import, --help needs none
     train, val = train_test_split(indices, test_size=num_val, stratify=labels, random_state=seed)
     return np.sort(train), np.sort(val)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_adapt.base import UserError
-from clip_adapt.runner import REPO, read_metrics, run_for_metrics
+from clip_adapt.runner import REPO, error_line, read_metrics, run_for_metrics
 
 LAUNCHERS = ("local", "submitit")
 POLL_SECONDS = 5.0
@@ -90,25 +90,31 @@ def run_as_process(script: str, argv: list[str], out_dir: str, root: str = str(R
     return str(Path(out_dir) / script / "metrics.json")
 
 
-def launch(runs: list[Run], args) -> list[dict | None]:
-    """Each run's metrics, in the order given; None where it failed (its log is named on stderr)."""
+def launch(runs: list[Run], args) -> list[tuple[dict | None, str]]:
+    """Each run's (metrics, why it failed), in the order given; metrics None where it failed, with its error
+    line or the path of its log."""
     if not runs:
         return []
     if args.launcher == "submitit":
         return launch_submitit(runs, args)
     if args.max_parallel > 1:
         return launch_local_processes(runs, args.max_parallel)
-    return [run_for_metrics(run.script, run.argv, run.out_dir, run.label) for run in runs]
+    results = []
+    for run in runs:
+        with error_line() as reason:
+            metrics = run_for_metrics(run.script, run.argv, run.out_dir, run.label)
+        results.append((metrics, reason[0] if reason else ""))
+    return results
 
 
-def launch_local_processes(runs: list[Run], slots: int) -> list[dict | None]:
+def launch_local_processes(runs: list[Run], slots: int) -> list[tuple[dict | None, str]]:
     """`slots` runs at a time, each a process with its output in <out_dir>/<script>.log; on a machine with GPUs
     each slot has one GPU of its own."""
     import torch
     gpus = torch.cuda.device_count()
     free_slots = list(range(slots))
 
-    def one(run: Run) -> dict | None:
+    def one(run: Run) -> tuple[dict | None, str]:
         slot = free_slots.pop()
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus else {})}
         log = run.out_dir / f"{run.script}.log"
@@ -123,14 +129,14 @@ def launch_local_processes(runs: list[Run], slots: int) -> list[dict | None]:
             free_slots.append(slot)
         metrics = read_metrics(run.out_dir / run.script / "metrics.json", started) if code == 0 else None
         print(f"{run.label}: {'done' if metrics else f'failed (exit {code}), log {log}'}", flush=True)
-        return metrics
+        return metrics, "" if metrics else f"exit code {code}, see {log}"
 
     print(f"running {len(runs)} runs, {slots} at a time" + (f" on {gpus} GPUs" if gpus else ""), flush=True)
     with ThreadPoolExecutor(slots) as pool:
         return list(pool.map(one, runs))
 
 
-def launch_submitit(runs: list[Run], args) -> list[dict | None]:
+def launch_submitit(runs: list[Run], args) -> list[tuple[dict | None, str]]:
     """A SLURM job array through submitit (or its local executor); waits, reporting done, running and failed."""
     import submitit
     log_dir = Path(args.output_dir) / "submitit_logs"
@@ -152,7 +158,7 @@ def launch_submitit(runs: list[Run], args) -> list[dict | None]:
         metrics = None if job.exception() is not None else read_metrics(Path(job.result()), started)
         if metrics is None:
             print(f"error: {run.label} failed: job {job.job_id}, log {job.paths.stderr}", file=sys.stderr)
-        results.append(metrics)
+        results.append((metrics, "" if metrics else f"job {job.job_id} failed, see {job.paths.stderr}"))
     return results
 
 

@@ -3,17 +3,22 @@
 The prompts they train are in prompts.py, E7's peft adapters in adapters.py (both in this package).
 """
 
+from __future__ import annotations   # CLIPModel in signatures, without importing transformers' models for them
+
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from clip_adapt.base import UserError
 from clip_adapt.data import looks_like_hub_id
 from clip_adapt.prompts import TextContext, VisualPrompts
+
+if TYPE_CHECKING:   # transformers' model classes are imported where used: --help needs none of them
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 TINY_CLIP = "tiny-random-clip"   # what --smoke loads: random weights, seconds on a CPU, no download
@@ -71,6 +76,7 @@ CLIP_ARCHITECTURES = {
 
 def clip_config(name: str) -> CLIPConfig:
     """The architecture of a published CLIP, for counting and benchmarking without a download."""
+    from transformers import CLIPConfig
     if name not in CLIP_ARCHITECTURES:
         raise UserError(f"unknown CLIP architecture '{name}': choose one of {', '.join(CLIP_ARCHITECTURES)}")
     width, layers, heads, patch, image_size, text_width, text_heads, projection = CLIP_ARCHITECTURES[name]
@@ -90,6 +96,7 @@ def vit_b16_config() -> CLIPConfig:
 
 def tiny_tokenizer() -> CLIPTokenizer:
     """A working CLIP tokenizer with no merges: every word is spelled out in byte-level characters."""
+    from transformers import CLIPTokenizer
     from tokenizers import pre_tokenizers
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -99,6 +106,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
 def tiny_clip(image_size: int = 32, seed: int = 0):
     """A small random CLIP with a real tokenizer and image processor: the whole pipeline in seconds on a CPU.
     Text and vision widths differ on purpose so that a mixed-up dimension fails loudly."""
+    from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
@@ -116,32 +124,60 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     return clip.eval(), processor, tokenizer
 
 
+def is_random(name: str) -> bool:
+    """Whether --model names random weights (whose accuracies mean nothing): the smoke CLIP, or a random:<arch>."""
+    return name == TINY_CLIP or name.startswith("random:")
+
+
+def model_source(name: str) -> str:
+    """The local directory or hub id to load `name` from; a missing directory fails here."""
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_hub_id(name):
+        raise UserError(f"model directory {name} does not exist: pass --model a directory saved with "
+                        f"save_pretrained (CLIPModel and CLIPProcessor) or a hub id such as {DEFAULT_MODEL}")
+    return str(path) if path.exists() else name
+
+
+def not_loadable(name: str, error: Exception) -> UserError:
+    from clip_adapt import hub
+    if Path(name).expanduser().exists():
+        return UserError(f"{name} is not a CLIP model directory ({type(error).__name__}): save one with "
+                         f"CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    return UserError(f"could not load model '{name}': {hub.unavailable('it')}; pass --model a local directory "
+                     f"saved with save_pretrained")
+
+
+def check_model(name: str) -> None:
+    """The model's config, read (from the hub or its cache) before anything else is loaded: a model that is
+    missing, out of reach or not a CLIP fails here, in seconds."""
+    from transformers import AutoConfig
+    if is_random(name):
+        return
+    try:
+        model_type = AutoConfig.from_pretrained(model_source(name)).model_type
+    except (OSError, ValueError) as error:
+        raise not_loadable(name, error) from None
+    if model_type != "clip":   # from_pretrained would only warn, and carry on with random weights
+        raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
+
+
 def load_clip(name: str):
     """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, or TINY_CLIP."""
     if name == TINY_CLIP:
         return tiny_clip()
     import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     transformers.logging.disable_progress_bar()
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_hub_id(name):
-        raise UserError(f"model directory {name} does not exist: pass --model a directory saved with "
-                        f"save_pretrained (CLIPModel and CLIPProcessor) or a hub id such as {DEFAULT_MODEL}")
-    source = str(path) if path.exists() else name
+    check_model(name)
+    source = model_source(name)
     try:
-        model_type = AutoConfig.from_pretrained(source).model_type
-        if model_type != "clip":   # from_pretrained would only warn, and carry on with random weights
-            raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
         clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa")
         # The PIL backend everywhere: the torchvision one resizes slightly differently, and results
         # should not depend on whether torchvision happens to be installed.
         image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        if path.exists():
-            raise UserError(f"{name} is not a CLIP model directory ({type(error).__name__}): save one with "
-                            f"CLIPModel.save_pretrained and CLIPProcessor.save_pretrained") from None
-        raise UserError(f"could not load '{name}': the Hugging Face hub cannot be reached and it is not cached; "
-                        f"pass --model a local directory saved with save_pretrained") from None
+        raise not_loadable(name, error) from None
     return clip.eval(), image_processor, tokenizer
 
 

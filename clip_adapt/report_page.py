@@ -1,12 +1,15 @@
 """outputs/report.html: the whole run on one self-contained static page, to look at rather than read.
 
 Figures are inlined as base64 data URIs and the style sheet sits in the page, so the file opens offline, can be
-mailed or archived on its own, and needs no server and no JavaScript. It holds the run's command, the data
-and its duplicate report, the summary tables (those of summary.md), and per experiment its headline metrics,
-curves, confusion matrix, reliability diagram, classification report and robustness.
+mailed or archived on its own, and needs no server and no JavaScript. It names the model and the data (with a
+banner when the weights are random), holds the run's command, the data, its duplicate report and the contact
+sheet of closest test-train pairs (once), the summary tables (those of summary.md), and per experiment its headline
+metrics, curves (none for zero-shot, which trains nothing; E1's per-template table instead), confusion matrix,
+reliability diagram, classification report and robustness. It fits a 1,280 px window without sideways scrolling.
 
 run_all_experiments.py writes it at the end; `python -m clip_adapt.report_page [OUTPUT_DIR]` writes it again from the
-files already there (after a rerun of one experiment, say).
+files already there (after a rerun of one experiment, say): the experiments that run.json lists (those of the
+folder's last run_all), or, without one, every finished experiment in the folder.
 """
 
 import argparse
@@ -25,23 +28,28 @@ SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters")
                    ("summary_robustness.png", "Test accuracy under pixel noise")]
 RUN_FIGURES = [("loss_curves.png", "loss"), ("accuracy_curves.png", "accuracy"),
                ("confusion_matrix.png", "confusion matrix (test)"), ("reliability_diagram.png", "reliability (test)"),
-               ("robustness.png", "accuracy under noise"),
-               ("closest_pairs.png", "closest test–train pairs, by eye (near-copy check)")]
+               ("robustness.png", "accuracy under noise")]
+CONTACT_SHEET = ("closest_pairs.png", "closest test–train pairs, by eye (near-copy check)")   # the data's: shown once
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; padding: 0 1em; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1180px; color: #222; padding: 0 1em; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
 code, pre { background: #f4f4f4; } pre { padding: 0.6em; overflow-x: auto; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
+th { white-space: normal; }   /* long headers wrap, so that a wide table still fits the page */
+.banner { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; font-weight: bold; }
 th:first-child, td:first-child { text-align: left; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; } figure img { max-width: 600px; height: auto; } figcaption { font-size: 0.85em; color: #555; }
+figure { margin: 0; } figure img { max-width: 560px; width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
 """
 
 
 def run_folders(out_dir: Path) -> list[Path]:
-    """Every finished experiment under out_dir (metrics.json is written last), single-seed or per seed."""
+    """The experiments of out_dir's last run_all (run.json), or every finished one under out_dir (metrics.json is
+    written last), single-seed or per seed."""
     out_dir = Path(out_dir)
+    if (out_dir / "run.json").exists():
+        return [out_dir / name for name in json.loads((out_dir / "run.json").read_text())["experiments"]]
     return sorted(p.parent for p in [*out_dir.glob("*/metrics.json"), *out_dir.glob("seed_*/*/metrics.json")])
 
 
@@ -71,7 +79,7 @@ def markdown_table(lines: list[str]) -> str:
 
 
 def summary_sections(summary_md: str) -> str:
-    """The tables and notes of summary.md, without its title, command line and figure links (shown apart).
+    """The tables and notes of summary.md, without its title, banner, command line and figure links (shown apart).
     Only the few constructs run_all_experiments.markdown() writes are understood: headings, tables, paragraphs."""
     parts, table = [], []
     for line in summary_md.splitlines() + [""]:
@@ -85,7 +93,8 @@ def summary_sections(summary_md: str) -> str:
             break
         if line.startswith("## "):
             parts.append(f"<h3>{inline_markdown(line[3:])}</h3>")
-        elif line.strip() and not line.startswith("# ") and not re.fullmatch(r"`[^`]*`", line.strip()):
+        elif line.strip() and not line.startswith(("# ", "**Random weights**")) and \
+                not re.fullmatch(r"`[^`]*`", line.strip()):   # title, banner and command: shown apart
             parts.append(f"<p>{inline_markdown(line)}</p>")
     return "\n".join(parts)
 
@@ -137,6 +146,8 @@ def run_section(folder: Path, title: str) -> str:
     parts = [f'<h2 id="{html.escape(title)}">{html.escape(title)}</h2>',
              "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts) + "</table>",
              figures(folder, RUN_FIGURES)]
+    if (folder / "templates.csv").exists():
+        parts.append("<h3>Templates (accuracy of each, and of their ensemble)</h3>" + csv_table(folder / "templates.csv"))
     if (folder / "classification_report.txt").exists():
         parts.append("<h3>Classification report</h3><pre>" +
                      html.escape((folder / "classification_report.txt").read_text()) + "</pre>")
@@ -145,12 +156,23 @@ def run_section(folder: Path, title: str) -> str:
     return "\n".join(parts)
 
 
+def random_weights(metrics: list[dict]) -> bool:
+    return any(m.get("weights") == "random" for m in metrics)
+
+
 def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
     out_dir = Path(out_dir)
     summary_md = (out_dir / "summary.md").read_text() if (out_dir / "summary.md").exists() else ""
     command = command or command_of(summary_md)
     titles = [str(run.relative_to(out_dir)) if run.is_relative_to(out_dir) else run.name for run in runs]
-    body = ["<h1>CLIP for brain MRI: results</h1>"]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
+    models = ", ".join(dict.fromkeys(m["model"] for m in metrics))
+    data = ", ".join(dict.fromkeys(m["data"] for m in metrics))
+    title = f"{models} on {data}: results" if metrics else "Results"
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if random_weights(metrics):
+        body.append('<p class="banner">Random weights: these accuracies test the pipeline, not the methods; they '
+                    'say nothing about CLIP.</p>')
     if command:
         body.append(f"<p>Command: <code>{html.escape(command)}</code></p>")
     if runs:
@@ -158,12 +180,16 @@ def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
                                                      for t in titles) + "</p>")
     # No finished run: any summary plot in the folder is an earlier run's.
     body.append("<h2>Summary</h2>" + summary_sections(summary_md) + (figures(out_dir, SUMMARY_FIGURES) if runs else ""))
-    data_reports = [run / "data_report.json" for run in runs if (run / "data_report.json").exists()]
+    data_reports = [run for run in runs if (run / "data_report.json").exists()]
     if data_reports:
-        body.append("<h2>Data</h2>" + data_section(json.loads(data_reports[0].read_text())))
+        body.append("<h2>Data</h2>" + data_section(json.loads((data_reports[0] / "data_report.json").read_text())))
     body += [run_section(run, title) for run, title in zip(runs, titles)]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>CLIP for brain MRI: results"
-            f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    sheets = [run for run in runs if (run / CONTACT_SHEET[0]).exists()]
+    if sheets:   # every experiment of a run saw the same data: one sheet, last, as it is long
+        body.append('<h2 id="near-copies">Near-copy check, by eye</h2>' + figures(sheets[0], [CONTACT_SHEET]))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) +
+            "\n</body></html>\n")
 
 
 def write_html_report(out_dir: Path, runs: list[Path] | None = None, command: str | None = None) -> Path:

@@ -9,10 +9,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")   # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import (balanced_accuracy_score, classification_report, confusion_matrix,  # noqa: E402
-                             f1_score)
 
 from clip_adapt.base import atomic_save, write_csv, write_json, write_text  # noqa: E402
 
@@ -38,6 +35,7 @@ def bootstrap_interval(correct: np.ndarray, seed: int, resamples: int = 2000) ->
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, f1_score   # scikit-learn and seaborn are imported where
     probs = logits.softmax(1).numpy()
     labels = labels.cpu().numpy()
     predictions = probs.argmax(1)
@@ -95,21 +93,36 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(history: list[dict], metric: str, title: str, path: Path) -> None:
+def learning_rate_cuts(history: list[dict]) -> list[int]:
+    """The epochs whose learning rate is below the one before, after the peak (warm-up raises it)."""
+    rates = [row["lr"] for row in history]
+    peak = int(np.argmax(rates)) if rates else 0
+    return [history[i]["epoch"] for i in range(peak + 1, len(rates)) if rates[i] < rates[i - 1] * (1 - 1e-6)]
+
+
+def plot_curves(history: list[dict], metric: str, title: str, path: Path, best_epoch: int | None = None) -> None:
+    """Train, val and test per epoch, with the best epoch (whose weights are reported) and each cut of the
+    learning rate marked."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [row["epoch"] for row in history]
     for split in ("train", "val", "test"):
         ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o" if len(epochs) < 30 else None,
                 markersize=3, label=split)
+    if best_epoch:
+        ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+    for i, epoch in enumerate(learning_rate_cuts(history)):
+        ax.axvline(epoch, color="tab:red", linestyle=":", linewidth=1, label="learning rate cut" if i == 0 else None)
     ax.set(xlabel="epoch", ylabel=metric, title=title)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))   # no epoch 2.5
     if metric == "accuracy":
         ax.set_ylim(0, 1.02)   # a fixed scale: small differences should look small
-    ax.legend()
+    ax.legend(fontsize="small")
     save_figure(fig, path)
 
 
 def plot_confusion_matrix(labels, predictions, class_names, title: str, path: Path) -> None:
+    import seaborn as sns
+    from sklearn.metrics import confusion_matrix   # used, as they are slow to import: --help needs neither
     matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     sns.heatmap(matrix, annot=True, fmt="d", cmap="Blues", xticklabels=class_names, yticklabels=class_names, ax=ax)
@@ -118,24 +131,46 @@ def plot_confusion_matrix(labels, predictions, class_names, title: str, path: Pa
 
 
 def plot_reliability(probs: np.ndarray, labels: np.ndarray, title: str, path: Path, bins: int = ECE_BINS) -> None:
+    """Accuracy per confidence bin against the diagonal, each bar labelled with its image count (a bin of 2
+    images is no evidence), and the ECE in the title."""
     confidence, correct = probs.max(1), probs.argmax(1) == labels
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     centres = (np.arange(bins) + 0.5) / bins
-    accuracy = [correct[which == b].mean() if (which == b).any() else 0 for b in range(bins)]
+    counts = np.bincount(which, minlength=bins)
+    accuracy = [correct[which == b].mean() if counts[b] else 0 for b in range(bins)]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    bars = ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    ax.bar_label(bars, labels=[str(n) if n else "" for n in counts], fontsize=6, padding=1)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
-    ax.legend(loc="upper left")
+    ece = expected_calibration_error(probs, labels, bins)
+    ax.set(xlabel="confidence (bar labels: images per bin)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.08),
+           title=f"{title}\nECE {ece:.3f}")
+    ax.legend(loc="upper left", fontsize="small")
     save_figure(fig, path)
 
 
-def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in curves.items():
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set(xlabel="Gaussian noise sigma (pixels in [0, 1])", ylabel="test accuracy", ylim=(0, 1.02), title=title)
-    ax.legend(fontsize="small")
+def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, path: Path,
+                    chance: float | None = None) -> None:
+    """Test accuracy per noise level: lines over several levels (each with its own hollow marker, size and dash,
+    so that equal lines still show), bars for a single level (a line of one point is a dot on an empty axis)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    levels = sorted({sigma for points in curves.values() for sigma, _ in points})
+    if len(levels) == 1:
+        names = list(curves)
+        bars = ax.bar(range(len(names)), [curves[n][0][1] for n in names], color="tab:blue")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(range(len(names)), [n.split("_")[0] if len(names) > 1 else n for n in names])
+        ax.set_xlabel(f"Gaussian noise sigma {levels[0]:g} (pixels in [0, 1])")
+    else:
+        for i, (name, points) in enumerate(curves.items()):
+            ax.plot(*zip(*points), marker="osD^vP*Xhp"[i % 10], markersize=5 + 2 * (i % 5), fillstyle="none",
+                    linestyle=["-", "--", "-.", ":"][i % 4], label=name)
+        ax.set_xlabel("Gaussian noise sigma (pixels in [0, 1])")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+    ax.set(ylabel="test accuracy", ylim=(0, 1.08), title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     save_figure(fig, path)
 
 
@@ -158,6 +193,7 @@ def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: 
                  test_labels: torch.Tensor, test_files: list[str], history: list[dict], metrics: dict,
                  robustness: list[dict], data_report: dict) -> None:
     """Every per-experiment output file; metrics.json last, so that its presence means a complete set."""
+    from sklearn.metrics import classification_report
     probs = test_logits.softmax(1).numpy()
     labels, predictions = test_labels.numpy(), probs.argmax(1)
     write_text(out_dir / "classification_report.txt",
@@ -171,11 +207,12 @@ def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: 
         for f, y, p, row in zip(test_files, labels, predictions, probs)])
     write_csv(out_dir / "robustness.csv", robustness)
     write_json(out_dir / "data_report.json", data_report)
-    plot_curves(history, "loss", f"{name}: loss", out_dir / "loss_curves.png")
-    plot_curves(history, "accuracy", f"{name}: accuracy", out_dir / "accuracy_curves.png")
+    if metrics["epochs_run"]:   # nothing trained (zero-shot): no curves, rather than one dot each
+        for metric in ("loss", "accuracy"):
+            plot_curves(history, metric, f"{name}: {metric}", out_dir / f"{metric}_curves.png", metrics["best_epoch"])
     plot_confusion_matrix(labels, predictions, class_names, f"{name}: test confusion matrix",
                           out_dir / "confusion_matrix.png")
     plot_reliability(probs, labels, f"{name}: reliability (test)", out_dir / "reliability_diagram.png")
     plot_robustness({name: [(r["sigma"], r["test_accuracy"]) for r in robustness]},
-                    f"{name}: accuracy under noise", out_dir / "robustness.png")
+                    f"{name}: accuracy under noise", out_dir / "robustness.png", 1 / len(class_names))
     write_json(out_dir / "metrics.json", metrics)

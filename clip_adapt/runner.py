@@ -7,6 +7,7 @@ build_model(clip, tokenizer, class_names, args). Nothing lists them: a new scrip
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = re.compile(r"E(\d+)_\w+")
 METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
            "best_epoch", "epochs_run", "wall_time_s"]
+COUNTS = {"best_epoch", "epochs_run"}   # whole numbers, unless a mean over seeds
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,37 @@ def read_metrics(path: Path, started: float) -> dict | None:
     return json.loads(path.read_text())
 
 
+class _Tee:
+    """A stream that writes through and keeps what was written."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, []
+
+    def write(self, text: str) -> int:
+        self.kept.append(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def error_line():
+    """Yields a list that, afterwards, holds why a run failed: the last 'error: ...' line it wrote to stderr (a
+    user's mistake), else a traceback's last line, else nothing. stderr still shows everything."""
+    tee, saved = _Tee(sys.stderr), sys.stderr
+    found = []
+    sys.stderr = tee
+    try:
+        yield found
+    finally:
+        sys.stderr = saved
+        lines = [line.strip() for line in re.split(r"[\r\n]", "".join(tee.kept)) if line.strip()]
+        errors = [line for line in lines if line.startswith("error: ")] or \
+                 [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+        found.extend(errors[-1:])
+
+
 def aggregate(name: str, runs: list[dict]) -> dict:
     """One summary row from the metrics of one experiment's runs (one per seed): mean and std of each metric."""
     row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
@@ -162,4 +195,4 @@ def spread(row: dict, metric: str, digits: int = 3) -> str:
     if metric == "test_accuracy":
         low, high = row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"]
         return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-    return f"{mean:.{digits}f}" if isinstance(mean, float) and not mean.is_integer() else f"{mean:.0f}"
+    return f"{mean:.0f}" if metric in COUNTS and float(mean).is_integer() else f"{mean:.{digits}f}"

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, noise_image
+from conftest import SAMPLE_DATA, SHARED_DATA, make_image_folder, noise_image
 from PIL import Image
 
 from clip_adapt.base import UserError
-from clip_adapt.data import load_data, open_rgb, stratified_val_indices
+from clip_adapt.data import DEFAULT_DATA, is_study_data, load_data, open_rgb, stratified_val_indices
 from clip_adapt.models import tiny_clip
 
 
@@ -99,3 +99,11 @@ def test_project_data_has_no_pixel_copies_across_splits(image_processor):
     assert (len(data.train), len(data.val), len(data.test)) == (408, 72, 320)
     assert data.report["train_test_duplicates"] == []
     assert data.report["within_split_duplicates"] == {"train": [], "test": []}
+
+
+def test_the_study_column_is_for_the_study_data_only(tmp_path):
+    """The study's reported accuracies stand beside ours only on its data: its hub id, or its four class folders."""
+    assert is_study_data(DEFAULT_DATA) and is_study_data(str(SAMPLE_DATA))
+    assert is_study_data(str(make_image_folder(tmp_path / "copy")))
+    shapes = make_image_folder(tmp_path / "shapes", per_class=1, classes=("circle", "square"))
+    assert not is_study_data(str(shapes)) and not is_study_data("cifar100") and not is_study_data("someone/mri")

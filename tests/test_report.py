@@ -18,19 +18,21 @@ from conftest import run_script
 from clip_adapt import progress
 
 RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
-FIGURES_PER_PAGE = 2 + 6 * len(RUN)
+# Two summary plots and the contact sheet (once); per experiment: confusion, reliability, robustness, and loss and
+# accuracy curves for the two that train.
+FIGURES_PER_PAGE = 3 + 3 * len(RUN) + 2 * 2
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """run_all --smoke on three experiments (zero-shot, cached embeddings, prompts) with TensorBoard logging;
-    its stdout, which is not a terminal here, is kept."""
+    """run_all --smoke on three experiments (zero-shot, cached embeddings, prompts); its stdout, which is not a
+    terminal here, is kept. No optional extra is needed: the tests of one (tensorboard, Chromium) skip alone."""
     out_dir = tmp_path_factory.mktemp("report_run")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        run_script("run_all_experiments.py", "--smoke", "--output-dir", out_dir, "--report-to", "tensorboard",
-                   "--experiments", *RUN, expect_exit=0)
+        run_script("run_all_experiments.py", "--smoke", "--output-dir", out_dir, "--experiments", *RUN,
+                   expect_exit=0)
     return out_dir, stdout.getvalue()
 
 
@@ -65,18 +67,24 @@ def test_summary_md_links_every_figure_that_exists(smoke_run):
     assert all((out_dir / link).is_file() for link in linked), linked
     expected = {"summary.png", "summary_robustness.png"} | {
         f"{name}/{figure}" for name in RUN for figure in ("loss_curves.png", "accuracy_curves.png",
-                                                           "confusion_matrix.png")}
-    assert set(linked) == expected
+                                                           "confusion_matrix.png") if "curves" not in figure or name != RUN[0]}
+    assert set(linked) == expected   # zero-shot trains nothing: no curves
     assert summary.index("| experiment |") < summary.index("## Figures")   # the tables stay on top
 
 
-def test_summary_md_leaves_out_figures_of_failed_runs(tmp_path):
+def test_summary_md_says_why_a_run_failed_and_keeps_nothing_of_an_earlier_run(tmp_path):
     (tmp_path / "summary.png").write_bytes(b"an earlier run's plot")
-    run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path, "--data", tmp_path / "nowhere",
-               "--experiments", "E1_zero_shot_clip", expect_exit=1)
+    (tmp_path / "E1_zero_shot_clip").mkdir()
+    (tmp_path / "E1_zero_shot_clip" / "metrics.json").write_text("{}")   # an earlier run's
+    # A setting that only the experiment's own data split can refuse: it fails inside the run.
+    run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path, "--val-fraction", 0.9,
+               "--experiments", "E1", expect_exit=1)
     summary = (tmp_path / "summary.md").read_text()
     assert "**Failed:** E1_zero_shot_clip" in summary and "![" not in summary and "## Figures" not in summary
-    assert "<img" not in (tmp_path / "report.html").read_text()
+    assert "- E1_zero_shot_clip: `error: train has too few images" in summary   # the reason, captured
+    assert not (tmp_path / "summary.png").exists() and not (tmp_path / "E1_zero_shot_clip" / "metrics.json").exists()
+    page = (tmp_path / "report.html").read_text()
+    assert "<img" not in page and "train has too few images" in page
 
 
 # --------------------------------------------------------------------------- report.html
@@ -100,6 +108,12 @@ def test_report_html_is_one_self_contained_page(smoke_run):
         assert report.split()[0] in text   # a class row of each classification report
     assert text.count("<table>") >= 2 + 2 * len(RUN)   # summary + noise, and per run: facts + robustness
     assert "E3_shallow_vpt</td>" in text   # the summary table rows
+    # Named for its model and data, flagged as random weights, and without the study's numbers beside them.
+    assert "<h1>tiny-random-clip on " in text and "sample_data/brain_mri: results</h1>" in text
+    assert text.count('class="banner">Random weights') == 1 and "<th>study</th>" not in text
+    assert text.count("<figcaption>closest test–train pairs") == 1   # the data's contact sheet, once
+    e1 = text[text.index('id="E1_zero_shot_clip"'):text.index('id="E2_linear_probe"')]
+    assert "<h3>Templates" in e1 and "ensemble of 4" in e1 and 'alt="loss"' not in e1
 
 
 def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):
@@ -111,6 +125,20 @@ def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):
     again = (copy / "report.html").read_text()
     assert len(parse(again).images) == FIGURES_PER_PAGE
     assert "run_all_experiments.py --smoke --output-dir" in again   # the command, read back from summary.md
+
+
+def test_a_second_run_into_the_same_folder_replaces_the_first_in_summary_and_report(smoke_run, tmp_path):
+    out_dir, _ = smoke_run
+    again = shutil.copytree(out_dir, tmp_path / "again")
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_script("run_all_experiments.py", "--smoke", "--output-dir", again, "--experiments", "E1",
+                   "--noise-levels", 0.1, expect_exit=0)
+        run_script("clip_adapt/report_page.py", again, expect_exit=0)
+    page, summary = (again / "report.html").read_text(), (again / "summary.md").read_text()
+    assert 'id="E1_zero_shot_clip"' in page and "| E1_zero_shot_clip |" in summary
+    for earlier in ("E2_linear_probe", "E3_shallow_vpt"):   # their folders stay, outside this run
+        assert earlier not in page and earlier not in summary and (again / earlier / "metrics.json").exists()
+    assert len(parse(page).images) == 3 + 3
 
 
 def test_report_html_on_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
@@ -138,13 +166,18 @@ def test_report_html_renders_with_every_figure_in_a_headless_browser(smoke_run, 
     text = (out_dir / "report.html").read_text()
     # Each figure decodes in the browser: a copy of the page with a check appended (the report itself has no
     # script) writes how many images loaded into the DOM, which the browser dumps.
+    # And the page is no wider than a 1,280 px window: no sideways scrolling.
     check = ("<script>window.addEventListener('load', () => { const images = [...document.images];"
              "document.body.setAttribute('data-loaded', images.filter(i => i.complete && i.naturalWidth > 0).length"
-             " + '/' + images.length); });</script>")
+             " + '/' + images.length); const page = document.documentElement;"
+             "document.body.setAttribute('data-width', page.scrollWidth + '/' + page.clientWidth); });</script>")
     (tmp_path / "checked.html").write_text(text.replace("</body>", check + "</body>"))
-    dom = chromium("--virtual-time-budget=10000", "--dump-dom", (tmp_path / "checked.html").as_uri()).stdout
+    dom = chromium("--window-size=1280,1000", "--virtual-time-budget=10000", "--dump-dom",
+                   (tmp_path / "checked.html").as_uri()).stdout
     count = FIGURES_PER_PAGE
     assert f'data-loaded="{count}/{count}"' in dom
+    scroll_width, window_width = map(int, re.search(r'data-width="(\d+)/(\d+)"', dom).groups())
+    assert window_width == 1280 and scroll_width <= window_width, (scroll_width, window_width)
 
     # And they show: a screenshot of the page holds far more colour than one of the same page with its images
     # broken (the links are the only other colour).
@@ -154,7 +187,7 @@ def test_report_html_renders_with_every_figure_in_a_headless_browser(smoke_run, 
     for name in ("report", "broken"):
         page = out_dir / "report.html" if name == "report" else tmp_path / "broken.html"
         shots[name] = tmp_path / f"{name}.png"
-        chromium("--window-size=1300,4000", f"--screenshot={shots[name]}", page.as_uri())
+        chromium("--window-size=1280,4000", f"--screenshot={shots[name]}", page.as_uri())
     shown, without = colourful_pixels(shots["report"]), colourful_pixels(shots["broken"])
     assert shown > 4 * max(without, 1000), (shown, without)
 
@@ -200,19 +233,18 @@ def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_report_to_tensorboard_logs_every_epoch(smoke_run):
+def test_report_to_tensorboard_logs_every_epoch(tmp_path):
     pytest.importorskip("tensorboard")
-    out_dir, _ = smoke_run
-    for name in ("E2_linear_probe", "E3_shallow_vpt"):
-        logged = scalars(out_dir / name / "tensorboard")
-        history = list(csv.DictReader(open(out_dir / name / "history.csv")))
-        assert set(logged) == {f"{m}/{s}" for m in ("loss", "accuracy") for s in ("train", "val", "test")} | {
-            "learning_rate"}
-        for tag, values in logged.items():
-            column = "lr" if tag == "learning_rate" else "{1}_{0}".format(*tag.split("/"))
-            assert [step for step, _ in values] == [int(row["epoch"]) for row in history]
-            assert [v for _, v in values] == pytest.approx([float(row[column]) for row in history], rel=1e-5)
-    assert not (out_dir / "E1_zero_shot_clip" / "tensorboard").exists()   # nothing trained, nothing logged
+    run_script("E3_shallow_vpt.py", "--smoke", "--output-dir", tmp_path, "--report-to", "tensorboard", "--quiet",
+               "--noise-levels", 0, expect_exit=0)
+    logged = scalars(tmp_path / "E3_shallow_vpt" / "tensorboard")
+    history = list(csv.DictReader(open(tmp_path / "E3_shallow_vpt" / "history.csv")))
+    assert set(logged) == {f"{m}/{s}" for m in ("loss", "accuracy") for s in ("train", "val", "test")} | {
+        "learning_rate"}
+    for tag, values in logged.items():
+        column = "lr" if tag == "learning_rate" else "{1}_{0}".format(*tag.split("/"))
+        assert [step for step, _ in values] == [int(row["epoch"]) for row in history]
+        assert [v for _, v in values] == pytest.approx([float(row[column]) for row in history], rel=1e-5)
 
 
 def test_quiet_and_report_to_may_change_on_resume(tmp_path):

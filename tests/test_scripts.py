@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import time
 
 import pytest
 import torch
-from conftest import METRIC_KEYS, OUTPUT_FILES, REPO, SHARED_DATA, make_image_folder, run_process, run_script
+from conftest import (CLASSES, METRIC_KEYS, OUTPUT_FILES, REPO, SHARED_DATA, make_image_folder, run_process,
+                      run_script)
 
 from transformers import BertConfig
 
@@ -37,7 +39,9 @@ def comparable(metrics: dict) -> dict:
 
 
 def assert_complete_outputs(folder, trained: bool):
-    assert OUTPUT_FILES <= {p.name for p in folder.iterdir()}
+    curves = {"loss_curves.png", "accuracy_curves.png"}   # none for zero-shot: nothing trained
+    assert (OUTPUT_FILES if trained else OUTPUT_FILES - curves) <= {p.name for p in folder.iterdir()}
+    assert trained or not curves & {p.name for p in folder.iterdir()}
     metrics = json.loads((folder / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
@@ -81,7 +85,7 @@ def test_run_all_smoke_writes_the_complete_tree(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_all_with_seeds_reports_mean_and_std_and_names_failures(tmp_path, monkeypatch):
+def test_run_all_with_seeds_reports_mean_and_std_and_refuses_bad_data_before_any_run(tmp_path, monkeypatch):
     args = ["--smoke", "--output-dir", tmp_path, "--seeds", 0, 1, "--experiments", "E1_zero_shot_clip",
             "E2_linear_probe"]
     run_script("run_all_experiments.py", *args, expect_exit=0)
@@ -92,8 +96,7 @@ def test_run_all_with_seeds_reports_mean_and_std_and_names_failures(tmp_path, mo
 
     code = run_script("run_all_experiments.py", "--smoke", "--output-dir", tmp_path / "bad", "--data", tmp_path / "no",
                       "--experiments", "E1_zero_shot_clip", "E2_linear_probe")
-    assert code == 1
-    assert "**Failed:** E1_zero_shot_clip, E2_linear_probe" in (tmp_path / "bad" / "summary.md").read_text()
+    assert code == 2 and not (tmp_path / "bad" / "summary.md").exists()   # refused before any experiment ran
 
 
 # --------------------------------------------------------------------------- bad input
@@ -114,6 +117,10 @@ def broken_folder(kind, root):
             f.unlink()
     elif kind == "unreadable":
         (folder / "train" / "glioma" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    elif kind == "one class":
+        for split in ("train", "test"):
+            for name in CLASSES[1:]:
+                shutil.rmtree(folder / split / name)
     return folder
 
 
@@ -124,10 +131,11 @@ def broken_folder(kind, root):
     ("val fraction too big", ["--val-fraction", "0.9"], "too few images"),
     ("class mismatch", ["--data", "mismatch"], "different class folders"),
     ("empty class", ["--data", "empty"], "holds no images"),
+    ("one class", ["--data", "one class"], "at least 2 classes are needed"),
     ("unreadable image", ["--data", "unreadable"], "cannot read image train/glioma/bad.jpg"),
     ("model path missing", ["--model", "{tmp}/no_model"], "model directory .* does not exist"),
     ("not a model", ["--model", "{tmp}"], "is not a CLIP model directory"),
-    ("hub offline", ["--model", "openai/clip-vit-base-patch16"], "hub cannot be reached"),
+    ("hub offline", ["--model", "openai/clip-vit-base-patch16"], "not in the local cache and offline mode is on"),
     ("dataset hub offline", ["--data", "aggr8/brain_mri_train_test_split"], "could not load dataset"),
     ("output not writable", ["--output-dir", "{tmp}/file/sub"], "cannot write to output folder"),
     ("bad epochs", ["--epochs", "0"], "--epochs must be at least 1"),
@@ -136,7 +144,7 @@ def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, cap
     (tmp_path / "file").write_text("a file, not a folder")
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
         tmp_path / "bert")
-    flags = [str(broken_folder(f, tmp_path)) if f in ("mismatch", "empty", "unreadable") else f.format(tmp=tmp_path)
+    flags = [str(broken_folder(f, tmp_path)) if f in ("mismatch", "empty", "unreadable", "one class") else f.format(tmp=tmp_path)
              for f in flags]
     if "--output-dir" not in flags:
         flags += ["--output-dir", tmp_path / "out"]
@@ -298,3 +306,41 @@ def test_run_all_resets_torch_compile_between_experiments(tmp_path, monkeypatch)
     run_script("run_all_experiments.py", "--smoke", "--experiments", "E1_zero_shot_clip", "E2_linear_probe",
                "--output-dir", tmp_path, expect_exit=0)
     assert len(resets) == 2
+
+
+# --------------------------------------------------------------------------- run_all: one check before any experiment
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache and offline mode "
+         "is on (HF_HUB_OFFLINE=1)"),
+    (["--model", "{tiny_clip}"], "could not load dataset 'aggr8/brain_mri_train_test_split'"),
+    (["--smoke", "--model", "openai/clip-vit-base-patch16"], "could not load model 'openai/clip-vit-base-patch16'"),
+    (["--smoke", "--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_run_all_checks_settings_model_and_data_once_before_any_experiment(flags, message, tiny_clip_dir, tmp_path,
+                                                                           capsys):
+    flags = [f.format(tiny_clip=tiny_clip_dir) for f in flags]
+    run_script("run_all_experiments.py", *flags, "--output-dir", tmp_path, expect_exit=2)
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}"), err
+    assert "===" not in out   # no experiment started
+
+
+def test_an_unreachable_hub_ends_the_run_at_once_without_retries(monkeypatch, tmp_path, capsys):
+    """Without HF_HUB_OFFLINE: one quick probe finds the hub out of reach, and the run goes offline (no retries)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from clip_adapt import hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    monkeypatch.setattr(hub, "_switched_off", False)
+    run_script("run_all_experiments.py", "--output-dir", tmp_path, expect_exit=2)
+    out, err = capsys.readouterr()
+    assert out.count("the Hugging Face hub cannot be reached") == 1 and "===" not in out
+    assert err.strip().splitlines() == [
+        "error: could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache and the "
+        "Hugging Face hub cannot be reached (ConnectionError); pass --data a local folder with train/<class>/* and "
+        "test/<class>/* instead"]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE   # switched to offline: the cache only, no hub retries

@@ -63,6 +63,12 @@ def test_learning_rate_decays_on_plateau_and_does_not_depend_on_the_epoch_cap(tm
     rates = [row["lr"] for row in history]
     assert rates[0] < 0.05 and max(rates) == pytest.approx(0.05)   # warm-up, then the peak
     assert rates[-1] <= 0.05 * training.Schedule.PLATEAU_FACTOR + 1e-12, "the rate never decayed before stopping"
+    # The curves mark each cut: the epochs whose rate is the one before times the plateau factor (not warm-up's).
+    from clip_adapt.reporting import learning_rate_cuts
+    by_epoch = {row["epoch"]: row["lr"] for row in history}
+    cuts = learning_rate_cuts(history)
+    assert cuts and all(by_epoch[e] == pytest.approx(by_epoch[e - 1] * training.Schedule.PLATEAU_FACTOR) for e in cuts)
+    assert cuts == [e for e in by_epoch if e - 1 in by_epoch and by_epoch[e] < by_epoch[e - 1]]
 
 
 def test_resume_state_is_written_on_the_interval_not_every_epoch(tmp_path, monkeypatch):

@@ -160,7 +160,7 @@ def main():
             else:
                 planned.append(Run(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
                                    f"{cell['cell']} (seed {seed})"))
-    for run, metrics in zip(planned, launch(planned, args)):
+    for run, (metrics, _) in zip(planned, launch(planned, args)):
         results[run.out_dir] = metrics
         if metrics is not None:
             write_json(run.out_dir / "cell.json", {"key": keys[run.out_dir], "metrics": metrics})
