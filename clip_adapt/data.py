@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from clip_adapt import timing
 from clip_adapt.base import UserError
 from clip_adapt.copies import NEAR_COPY_SCORE, find_duplicates, near_copy_report, pixel_hash
 from clip_adapt.progress import progress_bar
@@ -327,12 +328,13 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
             splits.append(split)
             files.append(name)
 
-    hashes = [pixel_hash(img) for img in images]
     if duplicates not in ("exact", "near"):
         raise UserError(f"--duplicates must be exact or near, not {duplicates}")
     mode = duplicates
-    duplicates = near_copy_report(images, hashes, splits, files) if mode == "near" else find_duplicates(
-        hashes, splits, files)
+    with timing.phase("copy_check"):
+        hashes = [pixel_hash(img) for img in images]
+        duplicates = near_copy_report(images, hashes, splits, files) if mode == "near" else find_duplicates(
+            hashes, splits, files)
     clusters = duplicates.pop("clusters")
     keep = np.ones(len(images), dtype=bool)
     if drop_test_duplicates:   # the train members of every cluster that reaches into test, however it got there
