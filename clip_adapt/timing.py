@@ -42,3 +42,8 @@ def phase(name: str):
 def seconds() -> dict[str, float]:
     """Seconds per phase so far, rounded to milliseconds, in PHASES order."""
     return {name: round(_seconds.get(name, 0.0), 3) for name in PHASES}
+
+
+def current() -> str | None:
+    """The innermost phase open now, or None outside every phase."""
+    return _open[-1] if _open else None
