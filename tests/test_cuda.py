@@ -5,15 +5,17 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_batch
 
-import common
-from clip_adapt import data as data_module
-from clip_adapt.data import MRIData, Split
-from clip_adapt.models import Fp32Linear, ImageClassifier, tiny_clip
-from clip_adapt.training import TrainConfig, predict, train
+if not torch.cuda.is_available():   # before the imports below: gpu_check.sh's dry run collects this file
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+import common  # noqa: E402
+from conftest import tiny_batch  # noqa: E402
+
+from clip_adapt import data as data_module  # noqa: E402
+from clip_adapt.data import MRIData, Split  # noqa: E402
+from clip_adapt.models import Fp32Linear, ImageClassifier, tiny_clip  # noqa: E402
+from clip_adapt.training import TrainConfig, predict, train  # noqa: E402
 
 
 def uint8_split(n: int, size: int, seed: int) -> Split:

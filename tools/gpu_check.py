@@ -18,14 +18,11 @@ import traceback
 import warnings
 from pathlib import Path
 
-import torch
-
+REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clip_adapt import timing  # noqa: E402
+    sys.path.insert(0, str(REPO))
+# torch and the rest of the library are imported by the steps that use them: recording a step stays quick.
 from clip_adapt.base import write_json  # noqa: E402
-from clip_adapt.runner import REPO, experiment_scripts, run_experiment  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "imagehash", "safetensors", "scikit-learn",
             "matplotlib", "tokenizers", "numpy")
@@ -51,6 +48,7 @@ def installed(name: str) -> str | None:
 
 
 def environment(args) -> dict:
+    import torch
     found = {"python": platform.python_version(), "platform": platform.platform(),
              "packages": {name: installed(name) for name in PACKAGES},
              "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -89,7 +87,10 @@ def wheels(args) -> dict:
 def largest_batch(args) -> dict:
     """The largest power-of-two batch (from --start, at most --limit) at which E6, the experiment that holds the
     most (every weight's gradient and AdamW moments), takes two training steps and evaluates twice that batch."""
+    import torch
+
     from clip_adapt.models import load_clip
+    from clip_adapt.runner import experiment_scripts
     from clip_adapt.training import batched, training_step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip, _, tokenizer = load_clip(args.model, device)
@@ -129,6 +130,10 @@ def syncs(args) -> dict:
     """Runs E3 (one epoch by default: a few steps) with torch.cuda.set_sync_debug_mode("warn") and counts the
     host syncs: by the phase they fall in (clip_adapt/timing.py) and by the innermost line of this project's
     code that caused them. A sync whose count grows with the number of steps is one inside the step loop."""
+    import torch
+
+    from clip_adapt import timing
+    from clip_adapt.runner import run_experiment
     found = collections.Counter()
     by_phase = collections.Counter()
 

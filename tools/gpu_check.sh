@@ -84,9 +84,10 @@ helper=("$python" tools/gpu_check.py --result "$result")
 if [ ${#only[@]} -gt 0 ]; then only=(--experiments "${only[@]}"); fi
 if [ $dry_run = 1 ]; then
   model=tiny-random-clip; size=(--smoke); epochs=1; first_batch=4
+  test_flags=(--noconftest)   # tests/test_cuda.py skips before it imports the fixtures: no need to load them
   bench=(--smoke --steps 1 --warmup 1 --e2-epochs 1 --e2-images 8 8 --peak-tflops 1); batch=(--start 2 --limit 4)
 else
-  model=random:vit-b16; size=(); epochs=$suite_epochs; first_batch=32
+  model=random:vit-b16; size=(); epochs=$suite_epochs; first_batch=32; test_flags=()
   bench=(--model $model); batch=(--start 32)
 fi
 echo "gpu_check: $model, data $data, results in $out, budget $budget s$([ $dry_run = 1 ] && echo ', dry run')"
@@ -97,7 +98,7 @@ if [ -n "$wheels" ]; then
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step env 60 "${helper[@]}" --step env env
-step cuda_tests 120 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step cuda_tests 120 "$python" -m pytest -q "${test_flags[@]}" tests/test_cuda.py
 step_json=$scratch/bench32/bench.json
 step bench_batch_32 120 "$python" tools/bench.py "${bench[@]}" "${only[@]}" --batch-size $first_batch \
   --output-dir "$scratch/bench32"
