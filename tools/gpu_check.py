@@ -9,6 +9,7 @@ import collections
 import gc
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -140,8 +141,8 @@ def syncs(args) -> dict:
     def remember(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message):
             return
-        ours = [f for f in traceback.extract_stack()[:-1]
-                if Path(f.filename).resolve().is_relative_to(REPO) and "tools" not in Path(f.filename).parts]
+        ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(f"{REPO}{os.sep}")
+                and not f.filename.startswith((f"{REPO / 'tools'}{os.sep}", f"{REPO / '.venv'}{os.sep}"))]
         where = f"{Path(ours[-1].filename).relative_to(REPO)}:{ours[-1].lineno} {ours[-1].name}" if ours else filename
         found[where] += 1
         by_phase[timing.current() or "outside phases"] += 1
@@ -208,7 +209,7 @@ def summary(result: Path) -> None:
     results = json.loads(result.read_text())
     print("\n=== gpu_check summary ===")
     for name, step in results.get("steps", {}).items():
-        print(f"{name}: {step['status']} ({step['seconds']:.0f} s)")
+        print(f"{name}: {step['status']}" + (f" ({step['seconds']:.0f} s)" if step["seconds"] is not None else ""))
     env = results.get("env", {})
     print(f"gpu {env.get('gpu', 'none')}; {env.get('nvidia_smi', '')}; torch {env.get('packages', {}).get('torch')} "
           f"CUDA {env.get('torch_cuda')}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU check, in one call of under 9 minutes on one H100 or H200 (docs/speed-and-memory.md):
 #   tools/gpu_check.sh OUT_DIR [--data DIR] [--wheels DIR] [--suite-epochs N] [--budget SECONDS]
-#                      [--experiments NAME...] [--dry-run]
+#                      [--experiments NAME...] [--steps NAME,NAME...] [--dry-run]
 # Steps, in this order, each within what is left of --budget (default 530 s), each recorded whether it passed,
 # failed or ran out of time: the versions (python, torch, CUDA, GPU, driver); the wheels of --wheels that the
 # machine lacks (tools/fill_wheels.sh fills that folder where PyPI can be reached); the CUDA tests
@@ -11,6 +11,8 @@
 # the suite again with --compile. OUT_DIR gets gpu_check.json (every step's result) and gpu_check.log.
 # --data defaults to ../shared/data/brain_mri, which is not on the device machine: copy it into an ignored
 # folder of the repository and pass that. --experiments: bench and the suites run only these (default: all).
+# --steps: only these steps (env,wheels,cuda_tests,bench_batch_32,max_batch,bench_largest_batch,syncs,suite,
+# suite_compile), e.g. to finish in a second call what the first ran out of time for.
 # --dry-run: every step at --smoke size on the CPU, 1 epoch, MFU against a nominal peak (tests/test_gpu_check.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,13 +20,14 @@ cd "$(dirname "$0")/.."
 usage() { sed -n '2,4p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] && [ "${1#-}" = "$1" ] || usage
 out=$1; shift
-data=""; wheels=""; dry_run=0; suite_epochs=10; budget=530; only=()
+data=""; wheels=""; dry_run=0; suite_epochs=10; budget=530; only=(); steps=all
 while [ $# -gt 0 ]; do
   case $1 in
     --data) data=$2; shift 2 ;;
     --wheels) wheels=$2; shift 2 ;;
     --suite-epochs) suite_epochs=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --experiments) shift; while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do only+=("$1"); shift; done ;;
     *) echo "error: unknown argument $1" >&2; usage ;;
@@ -53,10 +56,13 @@ python=${PYTHON:-python3}
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 started=$SECONDS
+step_json=""
 
 # step NAME CAP COMMAND...: runs COMMAND for at most CAP seconds and what is left of the budget; records it.
 step() {
-  local name=$1 cap=$2; shift 2
+  local name=$1 cap=$2 json=$step_json; shift 2
+  step_json=""   # the JSON file the step's command writes, if any: recorded as the step's result
+  if [ "$steps" != all ] && [[ ",$steps," != *",$name,"* ]]; then return 1; fi
   local left=$((budget - (SECONDS - started)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 10 ]; then
@@ -75,8 +81,7 @@ step() {
   esac
   echo "=== $name: $status in $((SECONDS - t0)) s ==="
   "$python" tools/gpu_check.py --result "$result" --step "$name" record --status "$status" \
-    --seconds $((SECONDS - t0)) ${step_json:+--json "$step_json"}
-  step_json=""
+    --seconds $((SECONDS - t0)) ${json:+--json "$json"}
   [ $code = 0 ]
 }
 helper=("$python" tools/gpu_check.py --result "$result")
@@ -84,10 +89,14 @@ helper=("$python" tools/gpu_check.py --result "$result")
 if [ ${#only[@]} -gt 0 ]; then only=(--experiments "${only[@]}"); fi
 if [ $dry_run = 1 ]; then
   model=tiny-random-clip; size=(--smoke); epochs=1; first_batch=4
-  test_flags=(--noconftest)   # tests/test_cuda.py skips before it imports the fixtures: no need to load them
+  # No GPU: tests/test_cuda.py skips whole, before it imports the fixtures (so none are loaded), and pytest
+  # reports a run whose every test skipped as exit 5.
+  cuda_tests=(bash -c '"$@"; code=$?; exit $((code == 5 ? 0 : code))' all-skipped
+              "$python" -m pytest -q --noconftest tests/test_cuda.py)
   bench=(--smoke --steps 1 --warmup 1 --e2-epochs 1 --e2-images 8 8 --peak-tflops 1); batch=(--start 2 --limit 4)
 else
-  model=random:vit-b16; size=(); epochs=$suite_epochs; first_batch=32; test_flags=()
+  model=random:vit-b16; size=(); epochs=$suite_epochs; first_batch=32
+  cuda_tests=("$python" -m pytest -q tests/test_cuda.py)
   bench=(--model $model); batch=(--start 32)
 fi
 echo "gpu_check: $model, data $data, results in $out, budget $budget s$([ $dry_run = 1 ] && echo ', dry run')"
@@ -98,12 +107,13 @@ if [ -n "$wheels" ]; then
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step env 60 "${helper[@]}" --step env env
-step cuda_tests 120 "$python" -m pytest -q "${test_flags[@]}" tests/test_cuda.py
+step cuda_tests 120 "${cuda_tests[@]}"
 step_json=$scratch/bench32/bench.json
 step bench_batch_32 120 "$python" tools/bench.py "${bench[@]}" "${only[@]}" --batch-size $first_batch \
   --output-dir "$scratch/bench32"
 step max_batch 90 "${helper[@]}" --step max_batch max-batch --model $model "${batch[@]}"
-largest=$("$python" -c "import json,sys; print(json.load(open(sys.argv[1])).get('max_batch', {}).get('largest_batch') or '')" "$result")
+largest=$("$python" -c "import json, sys; print(json.load(open(sys.argv[1])).get('max_batch', {}).get('largest_batch') or '')" \
+  "$result" 2>/dev/null)
 if [ -n "$largest" ]; then
   step_json=$scratch/benchmax/bench.json
   step bench_largest_batch 150 "$python" tools/bench.py "${bench[@]}" "${only[@]}" --batch-size "$largest" \
@@ -118,3 +128,5 @@ step suite_compile 600 "${helper[@]}" --step suite_compile suite --model $model 
   --compile "${size[@]}" "${only[@]}" --timeout "$(suite_timeout 580)"
 "$python" tools/gpu_check.py --result "$result" summary
 echo "gpu_check: $((SECONDS - started)) s in all; results in $result and $out/gpu_check.log"
+exec >&- 2>&-
+wait   # for tee to write the log's last lines
