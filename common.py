@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_adapt.base import UserError, is_main_process
+from clip_adapt import timing
+from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, check_model, count_params, is_random, load_clip,
-                               load_templates, model_dims)
+                               load_templates, model_dims, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
@@ -64,7 +65,9 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                       help="remove the train members of every cluster of copies that reaches into test")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained "
+    model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained, or random:vit-b16 "
+                                       f"(also random:vit-b32, random:vit-l14, random:vit-l14-336): that "
+                                       f"architecture with random weights, the real cost without a download "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
     model.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the "
                        "class name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's "
@@ -262,6 +265,12 @@ def make_accelerator(device: torch.device):
 
 def start(name: str, args: argparse.Namespace) -> Experiment:
     started = time.time()
+    timing.reset()
+    with timing.phase("startup"):
+        return start_timed(name, args, started)
+
+
+def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
     set_quiet(args.quiet)
     args = resolve_defaults(args)
     if args.threads:
@@ -276,11 +285,12 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     check_data_early(args.data)
     if needs_hub(args):
         hub.notice_offline()
-    clip, image_processor, tokenizer = load_clip(args.model)
-    data = load_data(args.data, image_processor, args.val_fraction, args.seed,
-                     skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
-                     image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
-                     class_names=args.class_names, duplicates=args.duplicates)
+    clip, image_processor, tokenizer = load_clip(args.model, device)
+    with timing.phase("loading"):
+        data = load_data(args.data, image_processor, args.val_fraction, args.seed,
+                         skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
+                         image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
+                         class_names=args.class_names, duplicates=args.duplicates)
     if is_main_process():   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
@@ -299,18 +309,14 @@ def zero_shot_history(scores: dict) -> list[dict]:
                              for metric in ("loss", "accuracy")}, "lr": 0.0}]
 
 
-def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None = None,
-           split_logits: dict | None = None, **extra) -> dict:
-    """Final evaluation of the selected model, noise robustness, and every output file.
-    split_logits: already computed clean logits per split (E2 has them from its cached embeddings)."""
+def evaluate(exp: Experiment, model: torch.nn.Module, split_logits: dict | None) -> tuple[dict, list[dict]]:
+    """Clean logits on every split (unless given), and test accuracy under each level of pixel noise."""
     args, data, device = exp.args, exp.data, exp.device
     eval_batch = 2 * args.batch_size
     if split_logits is None:
         split_logits = {name: predict_everywhere(model, split, eval_batch, device, args.precision,
                                                  exp.accelerator, desc=f"final evaluation ({name})")
                         for name, split in data.splits().items()}
-    scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
-
     robustness = []
     for sigma in args.noise_levels:
         noisy = WithPixelNoise(model, sigma, exp.image_processor.image_mean, exp.image_processor.image_std, args.seed)
@@ -319,6 +325,17 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
             desc=f"robustness, noise sigma {sigma}", by_index=True)
         robustness.append({"sigma": sigma, **{f"test_{k}": v for k, v in
                                              classification_metrics(logits, data.test.labels).items()}})
+    return split_logits, robustness
+
+
+def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None = None,
+           split_logits: dict | None = None, **extra) -> dict:
+    """Final evaluation of the selected model, noise robustness, and every output file.
+    split_logits: already computed clean logits per split (E2 has them from its cached embeddings)."""
+    args, data, device = exp.args, exp.data, exp.device
+    with timing.phase("evaluation"):
+        split_logits, robustness = evaluate(exp, model, split_logits)
+    scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
     trainable, total = count_params(model)
     correct = (split_logits["test"].argmax(1) == data.test.labels.cpu()).numpy()
@@ -334,9 +351,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "model": args.model, "data": args.data, "seed": args.seed,
+        "model": args.model, "weights": weights_of(args.model), "data": args.data, "seed": args.seed,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
-        "weights": "random" if is_random(args.model) else "loaded",   # random: its accuracies mean nothing
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,
@@ -351,15 +367,28 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
     history = result.history if result else zero_shot_history(scores)
     if not is_main_process():   # the other processes computed the same numbers; one writes them
         return metrics
-    if data.closest_pairs:
-        plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"), exp.out_dir / "closest_pairs.png")
-    write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
-                 data.test.files, history, metrics, robustness, report)
+    with timing.phase("reports"):
+        if data.closest_pairs:
+            plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"),
+                               exp.out_dir / "closest_pairs.png")
+        write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
+                     data.test.files, history, metrics, robustness, report)
+    # The reports' own time is known only once they are written: metrics.json again, with every phase.
+    metrics["timings"] = run_timings(exp)
+    write_json(exp.out_dir / "metrics.json", metrics)
     low, high = metrics["test_accuracy_ci95"]
     print(f"{exp.name}: test accuracy {metrics['test_accuracy']:.4f} (95% CI {low:.3f}-{high:.3f}), "
           f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
           f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
     return metrics
+
+
+def run_timings(exp: Experiment) -> dict:
+    """Seconds per phase of this run (clip_adapt/timing.py); `other` is the rest of its wall time (building the
+    model, the console)."""
+    phases = timing.seconds()
+    return {**phases, "other": round(max(0.0, time.time() - exp.started - sum(phases.values())), 3),
+            "total": round(time.time() - exp.started, 3)}
 
 
 def run(main) -> None:

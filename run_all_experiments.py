@@ -22,7 +22,7 @@ import common
 from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text
 from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
 from clip_adapt.data import is_study_data
-from clip_adapt.models import is_random
+from clip_adapt.models import weights_of
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plot_robustness, plt, save_figure
 from clip_adapt.runner import aggregate, experiment_scripts, spread
@@ -199,7 +199,7 @@ def main():
     done = [r[0] for r in runs.values() if r]
     command = " ".join(["python", *sys.argv])
     run = {"command": command, "model": args.model, "data": args.data,
-           "weights": "random" if is_random(args.model) else "loaded",
+           "weights": weights_of(args.model),
            "study_data": is_study_data(args.data),
            "experiments": [folder.relative_to(out_dir).as_posix() for folder in finished], "failed": failed}
     if rows:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from clip_adapt import timing
 from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import (NEAR_COPY_SCORE, Fingerprints, find_duplicates, fingerprint, near_copy_report,
                               pixel_hash)
@@ -529,8 +530,9 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     mode = duplicates
     loaded = stream_images(source, parts, image_processor, skip_bad_images, mode == "near" and runs_checks_here())
     files, splits = loaded.files, loaded.splits
-    duplicates = checked_once(lambda: near_copy_report(loaded.fingerprints, loaded.hashes, splits, files)
-                              if mode == "near" else find_duplicates(loaded.hashes, splits, files))
+    with timing.phase("copy_check"):
+        duplicates = checked_once(lambda: near_copy_report(loaded.fingerprints, loaded.hashes, splits, files)
+                                  if mode == "near" else find_duplicates(loaded.hashes, splits, files))
     loaded.fingerprints = None   # no longer needed: their memory goes back before training
     clusters = duplicates.pop("clusters")
     keep = np.ones(len(files), dtype=bool)

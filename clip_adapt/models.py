@@ -22,6 +22,7 @@ if TYPE_CHECKING:   # transformers' model classes are imported where used: --hel
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 TINY_CLIP = "tiny-random-clip"   # what --smoke loads: random weights, seconds on a CPU, no download
+RANDOM_PREFIX = "random:"   # random:vit-b16 etc.: a published architecture with random weights, no download
 
 ZERO_SHOT_TEMPLATES = (
     "a brain MRI scan showing {}.",
@@ -94,12 +95,22 @@ def vit_b16_config() -> CLIPConfig:
     return clip_config("vit-b16")
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A working CLIP tokenizer with no merges: every word is spelled out in byte-level characters."""
+def tiny_tokenizer(vocab_size: int | None = None) -> CLIPTokenizer:
+    """A working CLIP tokenizer with no merges: every word is spelled out in byte-level characters.
+
+    vocab_size: pad the vocabulary to this size, as CLIP's is laid out: the 512 byte-level characters first,
+    then tokens no text produces where CLIP's 48,894 merged words are, then <|startoftext|> and <|endoftext|>
+    as its last two ids (49,406 and 49,407 for the published CLIPs), so that a text tower built from a published
+    configuration pools at its end-of-text token. Without it: 514 tokens, the special ones last."""
     from transformers import CLIPTokenizer
     from tokenizers import pre_tokenizers
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    if vocab_size is not None:
+        if vocab_size < len(tokens) + 2:
+            raise ValueError(f"a byte-level CLIP tokenizer needs at least {len(tokens) + 2} tokens, not {vocab_size}")
+        tokens += [f"<|unused_{i}|>" for i in range(len(tokens), vocab_size - 2)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
 
 
@@ -107,7 +118,6 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     """A small random CLIP with a real tokenizer and image processor: the whole pipeline in seconds on a CPU.
     Text and vision widths differ on purpose so that a mixed-up dimension fails loudly."""
     from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
         text_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -119,14 +129,12 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         clip = CLIPModel(config)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                      crop_size={"height": image_size, "width": image_size})
-    return clip.eval(), processor, tokenizer
+    return clip.eval(), clip_image_processor(image_size), tokenizer
 
 
 def is_random(name: str) -> bool:
     """Whether --model names random weights (whose accuracies mean nothing): the smoke CLIP, or a random:<arch>."""
-    return name == TINY_CLIP or name.startswith("random:")
+    return name == TINY_CLIP or name.startswith(RANDOM_PREFIX)
 
 
 def model_source(name: str) -> str:
@@ -161,10 +169,49 @@ def check_model(name: str) -> None:
         raise UserError(f"{name} holds a '{model_type}' model, not CLIP: pass --model a CLIP model directory")
 
 
-def load_clip(name: str):
-    """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, or TINY_CLIP."""
+
+def clip_image_processor(image_size: int):
+    """CLIP's own preprocessing (resize the short side, centre crop, OpenAI's mean and std) at image_size."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size})
+
+
+def random_clip(architecture: str, seed: int = 0, device: torch.device | str | None = None):
+    """A published CLIP's architecture (clip_config) with random weights, CLIP's image processor at its size and
+    a byte-level tokenizer padded to its vocabulary: the real model's compute and memory, no download.
+    device: where to draw the weights (on a GPU in a blink; ViT-B/16's take seconds on one CPU core)."""
+    from transformers import CLIPModel
+    device = torch.device(device or "cpu")
+    config = clip_config(architecture)
+    tokenizer = tiny_tokenizer(config.text_config.vocab_size)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config.text_config.bos_token_id,
+                                                                 config.text_config.eos_token_id)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(device_type=device.type), device:
+        torch.manual_seed(seed)
+        clip = CLIPModel(config)
+    clip.set_attn_implementation("sdpa")
+    return clip.eval(), clip_image_processor(config.vision_config.image_size), tokenizer
+
+
+def weights_of(name: str) -> str:
+    """'random' for the models load_clip builds with random weights (TINY_CLIP, random:<architecture>), else
+    'pretrained'; metrics.json records it, so that no one reads a random model's accuracy as CLIP's."""
+    return "random" if is_random(name) else "pretrained"
+
+
+def load_clip(name: str, device: torch.device | str | None = None):
+    """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, TINY_CLIP, or
+    random:<architecture> (one of CLIP_ARCHITECTURES with random weights, drawn on `device`)."""
     if name == TINY_CLIP:
         return tiny_clip()
+    if name.startswith(RANDOM_PREFIX):
+        architecture = name.removeprefix(RANDOM_PREFIX)
+        if architecture not in CLIP_ARCHITECTURES:
+            raise UserError(f"--model {name}: unknown architecture '{architecture}'; choose one of "
+                            f"{', '.join(RANDOM_PREFIX + a for a in CLIP_ARCHITECTURES)}")
+        return random_clip(architecture, device=device)
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     transformers.logging.disable_progress_bar()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from clip_adapt import timing
 from clip_adapt.base import UserError, atomic_save, is_main_process
 from clip_adapt.data import Split
 from clip_adapt.progress import progress_bar, say
@@ -336,7 +337,8 @@ class ResumeState:
                  "generator": self.generator.get_state(), **own, "settings": self.config.settings}
         if self.processes > 1:
             state["rank_rng"] = every_rank
-        atomic_save(self.last_path, lambda p: torch.save(state, p))
+        with timing.phase("checkpoints"):
+            atomic_save(self.last_path, lambda p: torch.save(state, p))
         self.last_write = time.monotonic()
 
     def end_epoch(self, row: dict) -> None:
@@ -353,8 +355,9 @@ class ResumeState:
 
     def write_best(self) -> None:
         if self.is_main:
-            atomic_save(self.best_path, lambda p: save_file(self.progress.best_state, p,
-                                                            metadata={"epoch": str(self.progress.best_epoch)}))
+            with timing.phase("checkpoints"):
+                atomic_save(self.best_path, lambda p: save_file(self.progress.best_state, p,
+                                                                metadata={"epoch": str(self.progress.best_epoch)}))
 
     def refuse_non_finite(self, loss: float, epoch: int) -> None:
         """Never a resume state with broken weights: stop, keeping the best weights so far."""
@@ -426,7 +429,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     board = tensorboard_writer(config.tensorboard_dir, purge_step=progress.epoch) \
         if config.tensorboard_dir and checkpoint.is_main else None
     with (stop_requests() if processes == 1 else contextlib.nullcontext([])) as stop, \
-            contextlib.closing(board) if board else contextlib.nullcontext():
+            contextlib.closing(board) if board else contextlib.nullcontext(), timing.phase("training"):
         while progress.epoch <= config.epochs and progress.bad_epochs < config.patience:
             epoch = progress.epoch
             if progress.batch == 0:
@@ -476,10 +479,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             row = {"epoch": epoch, "train_loss": (loss_sum / len(train_split)).item(),
                    "train_accuracy": (correct / len(train_split)).item(), "lr": optimizer.param_groups[0]["lr"]}
             try:   # a stop request is honoured between evaluation batches too: a large test set takes long
-                for name, split in (("val", val), ("test", test)):
-                    row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
-                        model, split, 2 * config.batch_size, device, config.precision, accelerator,
-                        desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
+                with timing.phase("evaluation"):
+                    for name, split in (("val", val), ("test", test)):
+                        row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
+                            model, split, 2 * config.batch_size, device, config.precision, accelerator,
+                            desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
             except PassStopped:
                 save_mid_epoch()
                 stop_now("during its evaluation, its training done")
@@ -544,9 +548,10 @@ def cached_embeddings(embed, splits: dict[str, Split], cache_dir: Path, key: str
         if is_main_process():
             print(f"reusing cached image embeddings {path}")
     else:
-        embeddings = {name: batched(embed, split, batch_size, device, precision,
-                                    desc=f"image embeddings ({name})")
-                      for name, split in splits.items()}
+        with timing.phase("training"):   # E2's training consists of this pass and the head's epochs
+            embeddings = {name: batched(embed, split, batch_size, device, precision,
+                                        desc=f"image embeddings ({name})")
+                          for name, split in splits.items()}
         if write:   # only the main process of several writes
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save(path, lambda p: save_file(embeddings, p))

@@ -2,16 +2,19 @@
 
 import copy
 import inspect
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import noise_image, tiny_batch
+from conftest import REPO, noise_image, tiny_batch
 from transformers import CLIPModel
 
+from clip_adapt.base import UserError
 from clip_adapt.data import Split
-from clip_adapt.models import (ImageClassifier, PromptedCLIP, ZeroShot, count_params, normalized_image_embeddings, tiny_tokenizer,
-                    vit_b16_config)
+from clip_adapt.models import (TINY_CLIP, ImageClassifier, PromptedCLIP, ZeroShot, count_params, load_clip,
+                               normalized_image_embeddings, tiny_tokenizer, vit_b16_config, weights_of)
+from clip_adapt.runner import experiment_scripts
 from clip_adapt.training import TrainConfig, predict, train
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
@@ -106,6 +109,52 @@ def test_parameter_counts_for_vit_b16_on_meta_device():
     assert count_params(PromptedCLIP(copy.deepcopy(clip), tokenizer, CLASS_NAMES, 1, 4))[0] == 768 + 4 * 512
     full = ImageClassifier(copy.deepcopy(clip), 4, train_backbone=True)
     assert count_params(full) == (86_194_692, 86_194_692)   # no text tower, trained or counted
+
+
+def readme_trainable_counts() -> dict[str, int]:
+    """The README's methods table: script name -> its trainable parameters (the cell's last bold number)."""
+    counts = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        row = re.match(r"\| `(E\d+_\w+)\.py` \|.*\| (.*) \|$", line)
+        if row:
+            bold = re.findall(r"\*\*([\d,]+)\*\*", row.group(2))
+            counts[row.group(1)] = int((bold[-1] if bold else row.group(2)).replace(",", ""))
+    return counts
+
+
+def test_random_vit_b16_counts_what_the_readme_says_through_every_script():
+    """--model random:vit-b16 builds the published architecture: each script's build_model, with its default
+    flags, trains exactly the README's count (E6: 86,194,692, as with the real checkpoint). On the meta device,
+    with eager attention (SDPA's mask reads a value back, which a meta tensor cannot give)."""
+    clip, _, tokenizer = load_clip("random:vit-b16", device="meta")
+    clip.set_attn_implementation("eager")
+    counted = {script.name: count_params(script.build_model(copy.deepcopy(clip), tokenizer, CLASS_NAMES))[0]
+               for script in experiment_scripts()}
+    assert counted == readme_trainable_counts()
+    assert counted["E6_full_finetune"] == 86_194_692
+
+
+@pytest.mark.parametrize("architecture", ["vit-b16", "vit-l14-336"])
+def test_random_clip_has_a_tokenizer_that_fits_its_vocabulary_and_clips_preprocessing(architecture):
+    clip, image_processor, tokenizer = load_clip(f"random:{architecture}", device="meta")
+    text, vision = clip.config.text_config, clip.config.vision_config
+    assert len(tokenizer) == text.vocab_size == 49_408
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (text.bos_token_id, text.eos_token_id) == (49406, 49407)
+    tokens = tokenizer(["a brain MRI scan showing glioma.", "no tumor"], padding=True, return_tensors="pt")
+    assert tokens.input_ids.max() < text.vocab_size and (tokens.input_ids[:, 0] == text.bos_token_id).all()
+    # CLIP's text tower pools at the first end-of-text token: it must be each text's last real token.
+    first_eos = (tokens.input_ids == text.eos_token_id).int().argmax(-1)
+    assert first_eos.tolist() == (tokens.attention_mask.sum(-1) - 1).tolist()
+    pixels = image_processor([noise_image(0, size=(300, 260))], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, vision.image_size, vision.image_size)
+    assert tuple(image_processor.image_mean) == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert weights_of(f"random:{architecture}") == weights_of(TINY_CLIP) == "random"
+    assert weights_of("openai/clip-vit-base-patch16") == "pretrained"
+
+
+def test_unknown_random_architecture_is_named():
+    with pytest.raises(UserError, match="choose one of random:vit-b32, random:vit-b16"):
+        load_clip("random:vit-h14")
 
 
 # --------------------------------------------------------------------------- frozen weights and gradients

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from clip_adapt.base import UserError
 from clip_adapt.data import Split
+from clip_adapt.models import TINY_CLIP
+from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
 
 from clip_adapt.runner import experiment_scripts
@@ -35,7 +37,7 @@ def metrics_of(out_dir, script) -> dict:
 
 
 def comparable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "settings")}
+    return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "timings", "settings")}
 
 
 def assert_complete_outputs(folder, trained: bool):
@@ -45,6 +47,12 @@ def assert_complete_outputs(folder, trained: bool):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+    assert metrics["weights"] == ("random" if metrics["model"] == TINY_CLIP else "pretrained")
+    # The run's time split into phases (clip_adapt/timing.py) adds up to its whole wall time.
+    timings = metrics["timings"]
+    assert set(timings) == {*PHASES, "other", "total"} and all(v >= 0 for v in timings.values())
+    assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.01)
+    assert timings["copy_check"] > 0 and timings["reports"] > 0 and (timings["training"] > 0) == trained
     history = list(csv.DictReader(open(folder / "history.csv")))
     assert len(history) == max(metrics["epochs_run"], 1)
     assert {"train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"} <= set(history[0])

@@ -1,7 +1,8 @@
 """Measures what each experiment costs at real scale, on this machine's device.
 
-A full-size ViT-B/16 CLIP is built from its config: random weights have exactly the compute and memory cost
-of the real ones, and need no download (or pass --model). For E1..E7 it times the training step and
+A full-size ViT-B/16 CLIP is built from its config (--model random:vit-b16, the default; also random:vit-l14 and
+the others of clip_adapt.models.CLIP_ARCHITECTURES): random weights have exactly the compute and memory cost
+of the real ones, and need no download (or pass --model a hub id or directory). For E1..E7 it times the training step and
 evaluation on random 224x224 batches and reports images/s, peak memory and model FLOP utilisation (MFU):
 FLOPs actually executed per second (counted by PyTorch's FlopCounterMode, forward + backward) divided by the
 device's peak. Every model is built by its own script's build_model with the script's default flags. It
@@ -30,7 +31,7 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
 from clip_adapt.data import Split  # noqa: E402
-from clip_adapt.models import load_clip, tiny_clip, tiny_tokenizer, vit_b16_config  # noqa: E402
+from clip_adapt.models import RANDOM_PREFIX, TINY_CLIP, load_clip, weights_of  # noqa: E402
 from clip_adapt.runner import experiment_scripts  # noqa: E402
 from clip_adapt.training import batched, training_step  # noqa: E402
 
@@ -296,7 +297,8 @@ def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="hub id or local directory [default: a random full-size ViT-B/16 CLIP]")
+    p.add_argument("--model", default=RANDOM_PREFIX + "vit-b16",
+                   help="random:<architecture> (a published CLIP with random weights), a hub id or a local directory")
     p.add_argument("--smoke", action="store_true", help="a tiny random CLIP: seconds on a CPU")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -307,6 +309,8 @@ def main():
     p.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU, in TFLOP/s [default: the "
+                   "datasheet's for a known GPU, else the best of five large matmuls measured here]")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
                    help="attention kernel: PyTorch's fused scaled-dot-product, or transformers' plain one")
     p.add_argument("--output-dir", default="outputs")
@@ -324,26 +328,17 @@ def main():
     device = common.pick_device(args.device)
     common.check_writable(Path(args.output_dir))
     torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    if args.smoke:
-        clip, _, tokenizer = tiny_clip()
-        model_name = "tiny random CLIP"
-    elif args.model:
-        clip, _, tokenizer = load_clip(args.model)
-        model_name = args.model
-    else:
-        config = vit_b16_config()
-        config.text_config.eos_token_id = tokenizer.eos_token_id   # the stand-in tokenizer's, so pooling is right
-        clip = CLIPModel(config).eval()
-        model_name = "ViT-B/16 CLIP from its config, random weights"
+    model_name = TINY_CLIP if args.smoke else args.model
+    clip, _, tokenizer = load_clip(model_name, device)
     clip.set_attn_implementation(args.attention)
-    peak, peak_how = peak_flops(device)
+    peak, peak_how = (args.peak_tflops * 1e12, "given by --peak-tflops") if args.peak_tflops else peak_flops(device)
     print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; "
           f"peak assumed {peak / 1e12:.3g} TFLOP/s ({peak_how})", flush=True)
 
     rows = [bench_experiment(name, clip, tokenizer, args, device, peak) for name in args.experiments]
     e2 = bench_e2_cache(clip, args, device) if "E2_linear_probe" in args.experiments else None
-    result = {"model": model_name, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+    result = {"model": model_name, "weights": weights_of(model_name),
+              "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
               "compile": args.compile, "attention": args.attention,
               "peak_flops": peak, "peak_flops_source": peak_how,
