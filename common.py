@@ -235,8 +235,9 @@ def make_accelerator(device: torch.device):
     return accelerator
 
 
-def start(name: str, args: argparse.Namespace) -> Experiment:
-    started = time.time()
+def open_run(name: str, args: argparse.Namespace):
+    """The flags checked, the output folder writable, the device and the processes chosen:
+    (args, out_dir, device, accelerator). start() goes on to load CLIP and the classification data."""
     set_quiet(args.quiet)
     args = resolve_defaults(args)
     out_dir = Path(args.output_dir) / name
@@ -246,6 +247,12 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     if accelerator.num_processes > 1:
         device = accelerator.device   # this process's GPU
         set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
+    return args, out_dir, device, accelerator
+
+
+def start(name: str, args: argparse.Namespace) -> Experiment:
+    started = time.time()
+    args, out_dir, device, accelerator = open_run(name, args)
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
     data = load_data(args.data, image_processor, args.val_fraction, args.seed,

@@ -15,9 +15,9 @@ import common
 from clip_adapt.base import UserError, is_main_process, write_csv, write_text
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plt, save_figure
-from clip_adapt.runner import aggregate, experiment_scripts, run_for_metrics, spread
+from clip_adapt.runner import aggregate, classification_scripts, run_for_metrics, spread
 
-SCRIPTS = {script.name: script for script in experiment_scripts()}
+SCRIPTS = {script.name: script for script in classification_scripts()}
 
 
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

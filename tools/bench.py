@@ -30,7 +30,7 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
 from clip_adapt.models import load_clip, tiny_clip, tiny_tokenizer, vit_b16_config  # noqa: E402
-from clip_adapt.runner import experiment_scripts  # noqa: E402
+from clip_adapt.runner import classification_scripts  # noqa: E402
 from clip_adapt.training import batched, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
@@ -38,7 +38,7 @@ CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
-SCRIPTS = {script.name: script for script in experiment_scripts()}
+SCRIPTS = {script.name: script for script in classification_scripts()}
 
 
 def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
