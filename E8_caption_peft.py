@@ -12,6 +12,8 @@ See docs/captioning.md.
 
 import time
 
+import transformers
+
 import common
 from clip_adapt.base import UserError
 from clip_adapt.caption_report import finish_captioning
@@ -77,6 +79,9 @@ def main():
     args, out_dir, device, accelerator = common.open_run(name, args)
     data_source = str(write_shape_captions(out_dir / "smoke_data")) if args.data == SMOKE_CAPTIONS else args.data
     clip, image_processor, tokenizer = load_clip(args.model)
+    # transformers warns at every generate() that GPT-2's pad token is its end token (expected: targets pad with
+    # -100) and that the new cross-attention weights are untrained (they are what E8 trains).
+    transformers.logging.set_verbosity_error()
     common.seed_everything(args.seed)   # the new layers' initial weights
     model = build_model(clip, tokenizer, [], args)
     data = load_captions(data_source, image_processor, model.tokenizer, args.val_fraction, args.seed,

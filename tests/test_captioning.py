@@ -1,6 +1,7 @@
 """E8: a frozen CLIP tower, a GPT-2 decoder with new cross-attention, and one PEFT module; CIDEr-D and CLIPScore."""
 
 import json
+import signal
 
 import datasets
 import numpy as np
@@ -14,7 +15,7 @@ from clip_adapt.base import UserError
 from clip_adapt.captioning import (PEFT_METHODS, Captioner, byte_tokenizer, clean_caption, cider_tokens,
                                    clip_scores, expected_trainable, load_captions, tiny_decoder,
                                    write_shape_captions)
-from clip_adapt.training import TrainConfig, tensor_hash, train
+from clip_adapt.training import TrainConfig, TrainingInterrupted, tensor_hash, train
 
 SCRIPT = "E8_caption_peft.py"
 OUTPUTS = {"metrics.json", "predictions.json", "test_scores.csv", "history.csv", "loss_curves.png",
@@ -170,3 +171,27 @@ def test_clipscore_follows_hessel_et_al(clip_parts):
         ref = 2 * clip_s * best / (clip_s + best) if clip_s + best > 0 else 0
         assert scores["clipscore"][i] == pytest.approx(clip_s, abs=1e-5)
         assert scores["refclipscore"][i] == pytest.approx(ref, abs=1e-5)
+
+
+def test_a_captioner_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, clip_parts):
+    """The captioner's own loss goes through the same loop: SIGTERM mid-epoch, --resume, the same history."""
+    clip, _, _, data = small_captions(tmp_path, clip_parts)
+
+    def run(folder, stop_at_step=None, resume=False):
+        torch.manual_seed(0)
+        model = Captioner(clip, *tiny_decoder(), "adapter")   # the adapter's dropout needs the random state back
+        steps = []
+        def stop(module, args):
+            steps.append(1)
+            if module.training and len(steps) == stop_at_step:
+                signal.raise_signal(signal.SIGTERM)
+        model.register_forward_pre_hook(stop)
+        config = TrainConfig(epochs=2, patience=2, batch_size=8, lr=1e-2, weight_decay=0.0, warmup_epochs=0, seed=0,
+                             device=torch.device("cpu"), checkpoint_dir=tmp_path / folder, augment=False,
+                             resume=resume, checkpoint_every=3600)
+        return train(model, data.train, data.val, data.test, config)
+
+    whole = run("whole")
+    with pytest.raises(TrainingInterrupted):
+        run("parts", stop_at_step=2)
+    assert run("parts", resume=True).history == whole.history
