@@ -4,7 +4,8 @@ The image is assigned to the class whose prompt embedding is most similar to its
 class embedding averages several MRI prompt templates (prompt ensembling); --no-ensemble uses the first.
 --templates FILE (one template per line, each with {} for the class name) or --templates study (generic
 templates, a negation, and the MRI ones) sets the templates; the ensemble of them is the reported model,
-and templates.csv gives each template's own validation and test accuracy.
+and templates.csv gives each template's own validation and test accuracy. top_k_samples.png shows sample test
+images with their k = min(5, classes) most probable classes.
 """
 
 from functools import partial
@@ -13,6 +14,7 @@ import common
 from clip_adapt.base import is_main_process, write_csv
 from clip_adapt.models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates,
                                normalized_image_embeddings, similarity_logits)
+from clip_adapt.reporting import plot_top_k
 from clip_adapt.training import batched
 
 LEARNING_RATE = None   # nothing is trained
@@ -63,6 +65,10 @@ def main():
             print(f"  {row['test_accuracy']:.3f} test, {row['val_accuracy']:.3f} val: {row['template']}")
     logits = {name: similarity_logits(exp.clip, images[name].to(exp.device), model.class_embeddings).cpu()
               for name in splits}
+    if is_main_process():
+        test = exp.data.test
+        plot_top_k(test.inputs, logits["test"].softmax(1).numpy(), test.labels.cpu(), exp.data.class_names,
+                   exp.out_dir / "top_k_samples.png")
     common.finish(exp, model, split_logits=logits, templates=list(templates),
                   template_accuracy={r["template"]: r["test_accuracy"] for r in rows[:-1]})
 

@@ -263,14 +263,9 @@ def make_accelerator(device: torch.device):
     return accelerator
 
 
-def start(name: str, args: argparse.Namespace) -> Experiment:
-    started = time.time()
-    timing.reset()
-    with timing.phase("startup"):
-        return start_timed(name, args, started)
-
-
-def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
+def open_run(name: str, args: argparse.Namespace):
+    """The flags checked, the output folder writable, the device and the processes chosen:
+    (args, out_dir, device, accelerator). start() goes on to load CLIP and the classification data."""
     set_quiet(args.quiet)
     args = resolve_defaults(args)
     if args.threads:
@@ -282,6 +277,18 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
     if accelerator.num_processes > 1:
         device = accelerator.device   # this process's GPU
         set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
+    return args, out_dir, device, accelerator
+
+
+def start(name: str, args: argparse.Namespace) -> Experiment:
+    started = time.time()
+    timing.reset()
+    with timing.phase("startup"):
+        return start_timed(name, args, started)
+
+
+def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
+    args, out_dir, device, accelerator = open_run(name, args)
     check_data_early(args.data)
     if needs_hub(args):
         hub.notice_offline()

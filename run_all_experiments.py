@@ -25,9 +25,9 @@ from clip_adapt.data import is_study_data
 from clip_adapt.models import weights_of
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plot_robustness, plt, save_figure
-from clip_adapt.runner import aggregate, experiment_scripts, spread
+from clip_adapt.runner import aggregate, classification_scripts, spread
 
-SCRIPTS = {script.name: script for script in experiment_scripts()}
+SCRIPTS = {script.name: script for script in classification_scripts()}
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness.png", "report.html", "run.json")
 
 

@@ -32,11 +32,13 @@ ZERO_SHOT_TEMPLATES = (
 )
 
 # The template study (--templates study on E1): generic CLIP templates, including a negation that CLIP's
-# bag-of-words-like text embeddings are known to barely tell apart from the positive, then the MRI ones.
+# bag-of-words-like text embeddings are known to barely tell apart from the positive and the study's third
+# template ("No {}, no score."), then the MRI ones.
 STUDY_TEMPLATES = (
     "a photo of a {}.",
     "This is a photo of {}",
     "This is not a photo of {}",
+    "No {}, no score.",
     "a photo of {}, a type of brain MRI.",
     *ZERO_SHOT_TEMPLATES,
 )

@@ -120,6 +120,27 @@ def plot_curves(history: list[dict], metric: str, title: str, path: Path, best_e
     save_figure(fig, path)
 
 
+def plot_top_k(pixels: torch.Tensor, probs: np.ndarray, labels, class_names: list[str], path: Path,
+               samples: int = 6) -> None:
+    """Sample images (evenly spaced through the split), each beside its k = min(5, classes) most probable
+    classes: the study's zero-shot figure."""
+    k = min(5, len(class_names))
+    picks = np.linspace(0, len(pixels) - 1, min(samples, len(pixels))).round().astype(int)
+    fig, axes = plt.subplots(len(picks), 2, figsize=(7, 1.9 * len(picks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2]})
+    for row, i in enumerate(picks):
+        axes[row][0].imshow(pixels[i].permute(1, 2, 0).cpu().numpy())
+        axes[row][0].axis("off")
+        axes[row][0].set_title(f"true: {class_names[int(labels[i])]}", fontsize=8)
+        top = np.argsort(-probs[i], kind="stable")[:k]
+        axes[row][1].barh(range(k), probs[i][top][::-1], color=["tab:green" if c == int(labels[i]) else "tab:gray"
+                                                               for c in top[::-1]])
+        axes[row][1].set_yticks(range(k), [class_names[c] for c in top[::-1]], fontsize=8)
+        axes[row][1].set_xlim(0, 1)
+    axes[-1][1].set_xlabel(f"probability (top {k}; green: the true class)")
+    save_figure(fig, path)
+
+
 def plot_confusion_matrix(labels, predictions, class_names, title: str, path: Path) -> None:
     import seaborn as sns
     from sklearn.metrics import confusion_matrix   # used, as they are slow to import: --help needs neither

@@ -3,7 +3,9 @@ tools/ablate_prompts.py, tools/bench.py) and for the tests.
 
 An experiment is a script at the repository's root named E<number>_<name>.py that declares LEARNING_RATE (None
 when it trains nothing), STUDY_ACCURACY (the study's reported accuracy, or None), add_flags(parser) and
-build_model(clip, tokenizer, class_names, args). Nothing lists them: a new script is found by its name.
+build_model(clip, tokenizer, class_names, args). Nothing lists them: a new script is found by its name. A script
+may declare TASK (default "classification"); E8 is "captioning", and the tools that run classifiers on
+classification data take only classification_scripts().
 """
 
 import argparse
@@ -58,6 +60,10 @@ class ExperimentScript:
         return self.module.LEARNING_RATE is not None
 
     @property
+    def task(self) -> str:
+        return getattr(self.module, "TASK", "classification")
+
+    @property
     def study_accuracy(self) -> float | None:
         return self.module.STUDY_ACCURACY
 
@@ -79,6 +85,11 @@ def experiment_scripts(root: Path = REPO) -> list[ExperimentScript]:
     found = [path for path in Path(root).glob("E*.py") if SCRIPT_NAME.fullmatch(path.stem)]
     found.sort(key=lambda path: (int(SCRIPT_NAME.fullmatch(path.stem).group(1)), path.stem))
     return [ExperimentScript(path.stem, path) for path in found]
+
+
+def classification_scripts(root: Path = REPO) -> list[ExperimentScript]:
+    """The experiments that classify images (all but E8's captioning)."""
+    return [script for script in experiment_scripts(root) if script.task == "classification"]
 
 
 def experiment_names(root: Path = REPO) -> list[str]:

@@ -154,17 +154,42 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
+def brings_own_loss(model: torch.nn.Module) -> bool:
+    """A model with `own_loss = True` (the captioner) takes (inputs, targets) and returns (mean loss, number of
+    correct predictions) itself; any other model returns logits, scored by cross-entropy against class labels."""
+    for wrapper in ("module", "_orig_mod"):   # DistributedDataParallel, torch.compile
+        model = getattr(model, wrapper, model)
+    return getattr(model, "own_loss", False)
+
+
 def training_step(model, optimizer, inputs, labels, device, precision: str = "auto",
                   weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on `weight` × the mean loss (train() weighs each process's slice); returns the logits
-    and the mean loss. The benchmark times exactly this."""
+    """One optimiser step on `weight` × the mean loss (train() weighs each process's slice); returns the mean
+    loss and the number of correct predictions in the batch. The benchmark times exactly this."""
+    own_loss = brings_own_loss(model)
     with autocast(device, precision):
-        logits = model(inputs)
-    loss = F.cross_entropy(logits.float(), labels)
+        output = model(inputs, labels) if own_loss else model(inputs)
+    loss, correct = output if own_loss else (F.cross_entropy(output.float(), labels),
+                                             (output.argmax(1) == labels).sum())
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     optimizer.step()
-    return logits, loss
+    return loss, correct
+
+
+@torch.no_grad()
+def own_loss_and_accuracy(model: torch.nn.Module, split, batch_size: int, device: torch.device,
+                          precision: str = "auto") -> tuple[float, float]:
+    """Mean loss and accuracy on a split for a model that brings its own loss, batch by batch. Every process
+    evaluates the whole split (the same numbers on each)."""
+    model.eval()
+    loss_sum = correct = 0.0
+    for start in range(0, len(split), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(split)))
+        with autocast(device, precision):
+            loss, right = model(split.model_inputs(index, device), split.labels[index.to(split.labels.device)])
+        loss_sum, correct = loss_sum + loss.item() * len(index), correct + right.item()
+    return loss_sum / len(split), correct / len(split)
 
 
 class Schedule:
@@ -377,7 +402,9 @@ class ResumeState:
 def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, config: TrainConfig) -> TrainResult:
     """Trains the parameters with requires_grad until validation loss stops improving for `patience`
     epochs (at most `epochs`), then loads the weights of the best validation epoch into the model.
-    Test loss and accuracy are recorded every epoch for the curves; they never steer anything.
+    Test loss and accuracy are recorded every epoch for the curves; they never steer anything. A model that
+    brings its own loss (brings_own_loss: E8's captioner, next-token loss and accuracy) is trained and
+    evaluated on it, with the same schedule, early stopping, checkpoints and resume.
 
     The resume state (ResumeState) may be written mid-epoch; --resume then redraws that epoch's batch order
     and goes on from the next batch, so a resumed run equals an uninterrupted one.
@@ -463,11 +490,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 labels = train_split.labels[batch]
                 if config.augment:   # left-right flips, on the device: MRI slices are near-symmetric
                     inputs = torch.where(flips[batch].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-                logits, loss = training_step(stepped, optimizer, inputs, labels, device, config.precision, weight)
+                loss, right = training_step(stepped, optimizer, inputs, labels, device, config.precision, weight)
                 schedule.after_step()
                 if weight:   # a zero-weight stand-in image counts nowhere
                     loss_sum += loss.detach() * len(batch)
-                    correct += (logits.argmax(1) == labels).sum()
+                    correct += right
                 progress.batch += 1
                 checkpoint.stepped()
                 if processes == 1 and (stop or checkpoint.due()):
@@ -481,9 +508,11 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             try:   # a stop request is honoured between evaluation batches too: a large test set takes long
                 with timing.phase("evaluation"):
                     for name, split in (("val", val), ("test", test)):
-                        row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(predict_everywhere(
-                            model, split, 2 * config.batch_size, device, config.precision, accelerator,
-                            desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
+                        row[f"{name}_loss"], row[f"{name}_accuracy"] = own_loss_and_accuracy(
+                            model, split, 2 * config.batch_size, device, config.precision) if brings_own_loss(model) \
+                            else loss_and_accuracy(predict_everywhere(
+                                model, split, 2 * config.batch_size, device, config.precision, accelerator,
+                                desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
             except PassStopped:
                 save_mid_epoch()
                 stop_now("during its evaluation, its training done")

@@ -172,7 +172,9 @@ def test_e1_reports_each_template_and_the_ensemble(tmp_path, capsys):
     assert set(metrics["template_accuracy"]) == {"a photo of a {}.", "This is not a photo of {}"}
     assert float(rows[-1]["test_accuracy"]) == metrics["test_accuracy"]
     assert all(0 <= float(r["test_accuracy"]) <= 1 for r in rows)
-    assert {"a photo of a {}.", "This is a photo of {}", "This is not a photo of {}"} <= set(STUDY_TEMPLATES)
+    assert {"a photo of a {}.", "This is a photo of {}", "This is not a photo of {}", "No {}, no score."} \
+        <= set(STUDY_TEMPLATES)
+    assert (folder / "top_k_samples.png").read_bytes()[:4] == b"\x89PNG"
     templates.write_text("no placeholder here\n")
     capsys.readouterr()
     run_script("E1_zero_shot_clip.py", "--smoke", "--templates", templates, "--output-dir", tmp_path, expect_exit=2)

@@ -24,12 +24,12 @@ from clip_adapt.models import TINY_CLIP
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
 
-from clip_adapt.runner import experiment_scripts
+from clip_adapt.runner import classification_scripts
 
 # Every experiment script, found as run_all_experiments.py finds them: a new one is tested without an edit here.
-SCRIPTS = [script.path.name for script in experiment_scripts()]
-TRAINED = [script.path.name for script in experiment_scripts() if script.trains]
-ZERO_SHOT = [script.path.name for script in experiment_scripts() if not script.trains]
+SCRIPTS = [script.path.name for script in classification_scripts()]
+TRAINED = [script.path.name for script in classification_scripts() if script.trains]
+ZERO_SHOT = [script.path.name for script in classification_scripts() if not script.trains]
 
 
 def metrics_of(out_dir, script) -> dict:

@@ -8,7 +8,7 @@ from conftest import run_script, tiny_batch
 
 from clip_adapt.data import Split
 from clip_adapt.models import ImageClassifier, PromptedCLIP
-from clip_adapt.runner import experiment_scripts
+from clip_adapt.runner import classification_scripts
 from clip_adapt.training import TrainConfig, predict, train
 
 
@@ -38,7 +38,7 @@ def test_bench_smoke_writes_valid_json(tmp_path):
                "--output-dir", tmp_path, expect_exit=0)
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["experiment"]: r for r in result["experiments"]}
-    assert len(rows) == len(experiment_scripts()) and "train_images_per_s" not in rows["E1_zero_shot_clip"]
+    assert len(rows) == len(classification_scripts()) and "train_images_per_s" not in rows["E1_zero_shot_clip"]
     for name, row in rows.items():
         assert row["eval_images_per_s"] > 0 and 0 < row["eval_mfu"] < 1, name
     # Frozen backbone: backward computes input gradients only, so a step costs less than a full fine-tuning one.

@@ -32,7 +32,7 @@ import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
 from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import RANDOM_PREFIX, TINY_CLIP, load_clip, weights_of  # noqa: E402
-from clip_adapt.runner import experiment_scripts  # noqa: E402
+from clip_adapt.runner import classification_scripts  # noqa: E402
 from clip_adapt.training import batched, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
@@ -42,7 +42,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
-SCRIPTS = {script.name: script for script in experiment_scripts()}
+SCRIPTS = {script.name: script for script in classification_scripts()}
 
 
 def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:

@@ -1,0 +1,102 @@
+"""E8 — image captioning on a frozen CLIP vision tower: a GPT-2 decoder (--decoder) reads it through new
+cross-attention layers (transformers' VisionEncoderDecoderModel); CLIP and GPT-2's own weights stay frozen, and
+only the cross-attention and one parameter-efficient module train: --peft adapter (the study's bottleneck,
+354 wide for GPT-2, applied twice after cross-attention), prefix (peft, 20 tokens), lora (peft, self-attention)
+or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
+captions by greedy or beam search (--num-beams), scored by CIDEr-D, CLIPScore and RefCLIPScore.
+
+--data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`
+dataset with an image and a caption column. --smoke: a tiny random CLIP and GPT-2 on synthetic shape captions.
+See docs/captioning.md.
+"""
+
+import time
+
+import transformers
+
+import common
+from clip_adapt.base import UserError
+from clip_adapt.caption_report import finish_captioning
+from clip_adapt.captioning import (DEFAULT_DECODER, MAX_CAPTION_TOKENS, PEFT_METHODS, SMOKE_CAPTIONS, TINY_DECODER,
+                                   Captioner, load_captions, load_decoder, write_shape_captions)
+from clip_adapt.models import load_clip
+from clip_adapt.training import train
+
+TASK = "captioning"   # not run on classification data by run_all_experiments.py, bench.py or their tests
+LEARNING_RATE = 1e-4  # the study's AdamW rate
+STUDY_ACCURACY = None  # a captioner has no accuracy; the study's CIDEr / CLIPScore are in docs/captioning.md
+
+
+def add_flags(parser):
+    caption = parser.add_argument_group("captioning")
+    caption.add_argument("--decoder", help=f"causal language model (hub id or local directory) that gets "
+                                           f"cross-attention [default: {DEFAULT_DECODER}; with --smoke: a tiny "
+                                           f"random GPT-2]")
+    caption.add_argument("--peft", default="adapter", choices=PEFT_METHODS,
+                         help="what trains besides the cross-attention")
+    caption.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning's virtual tokens")
+    caption.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    caption.add_argument("--alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    caption.add_argument("--lora-dropout", type=float, default=0.1)
+    caption.add_argument("--adapter-dropout", type=float, default=0.1)
+    caption.add_argument("--caption-column", help="the dataset's caption column (one caption or a list per "
+                                                  "image) [default: caption, captions, text or its only text "
+                                                  "column]")
+    caption.add_argument("--max-caption-tokens", type=int, default=MAX_CAPTION_TOKENS,
+                         help="captions are cut to this many tokens for training; generation stops there too")
+    caption.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; more: beam search")
+    caption.add_argument("--clipscore-model", help="the CLIP that computes CLIPScore [default: --model]")
+    return parser
+
+
+def decoder_of(args) -> str:
+    return args.decoder or (TINY_DECODER if args.smoke else DEFAULT_DECODER)
+
+
+def build_model(clip, tokenizer, class_names, args):
+    decoder, decoder_tokenizer = load_decoder(decoder_of(args))
+    return Captioner(clip, decoder, decoder_tokenizer, args.peft, args.prefix_tokens, args.rank, args.alpha,
+                     args.lora_dropout, args.adapter_dropout)
+
+
+def check_flags(args) -> None:
+    if args.data is None and not args.smoke:
+        raise UserError("E8 needs --data: a COCO-format caption folder or a datasets dataset with images and "
+                        "captions (or --smoke for a synthetic set)")
+    for name in ("prefix_tokens", "rank", "max_caption_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def main():
+    args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
+
+    started = time.time()
+    check_flags(args)
+    args.data = args.data or SMOKE_CAPTIONS
+    args.decoder = decoder_of(args)
+    name = common.script_name(__file__)
+    args, out_dir, device, accelerator = common.open_run(name, args)
+    data_source = str(write_shape_captions(out_dir / "smoke_data")) if args.data == SMOKE_CAPTIONS else args.data
+    clip, image_processor, tokenizer = load_clip(args.model)
+    # transformers warns at every generate() that GPT-2's pad token is its end token (expected: targets pad with
+    # -100) and that the new cross-attention weights are untrained (they are what E8 trains).
+    transformers.logging.set_verbosity_error()
+    common.seed_everything(args.seed)   # the new layers' initial weights
+    model = build_model(clip, tokenizer, [], args)
+    data = load_captions(data_source, image_processor, model.tokenizer, args.val_fraction, args.seed,
+                         args.image_column, args.caption_column, args.test_split, args.max_caption_tokens)
+    print(f"{name}: {args.model} + {args.decoder} ({args.peft}) on {device}; data {args.data}: "
+          + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in data.report.items()))
+    exp = common.Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer,
+                            data.to(device), started, accelerator)
+    # No flips: they would turn "left" into "right" in the picture but not in its caption.
+    result = train(exp.maybe_compile(model), exp.data.train, exp.data.val, exp.data.test,
+                   exp.train_config(augment=False))
+    score_clip, score_processor, score_tokenizer = ((exp.clip, image_processor, tokenizer) if not args.clipscore_model
+                                                    else load_clip(args.clipscore_model))
+    finish_captioning(exp, model, result, score_clip.to(device), score_processor, score_tokenizer)
+
+
+if __name__ == "__main__":
+    common.run(main)

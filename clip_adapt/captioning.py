@@ -1,0 +1,539 @@
+"""E8's captioner: a frozen CLIP vision tower feeds a causal language model (GPT-2 by default) through new
+cross-attention layers, joined by transformers' VisionEncoderDecoderModel; only the cross-attention (with its
+layer norm, and a projection when the widths differ) and one parameter-efficient module train:
+
+- adapter: the study's bottleneck (width // 2 - 30 = 354 for GPT-2: down, GELU, up, residual, dropout, then the
+  same block again with the same weights), one per decoder layer, on the cross-attention's output before its
+  residual sum (so after cross-attention and before the MLP), attached by a forward hook;
+- prefix: peft's prefix tuning (learned keys and values in front of every self-attention layer's own);
+- lora: peft's LoRA on the decoder's self-attention input projection (GPT-2: attn.c_attn, peft's default
+  target for GPT-2; the cross-attention trains in full anyway);
+- none: cross-attention alone.
+
+peft's prefix tuning with GPT-2 and cross-attention works because GPT-2 wraps the prefix cache peft passes in
+an EncoderDecoderCache whenever use_cache is on (the default, kept on here): the prefix goes to the
+self-attention and the cross-attention gets its own cache. With use_cache off, GPT-2's cross-attention would
+read and write the prefix cache; so use_cache is never turned off.
+
+Also here: the caption data (COCO-format files or a `datasets` dataset), the tiny smoke models and data, and
+the scores (CIDEr-D from pycocoevalcap; CLIPScore and RefCLIPScore as Hessel et al. 2021 define them).
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from clip_adapt.base import UserError
+from clip_adapt.data import Split, is_saved_dataset, looks_like_hub_id, open_rgb, preprocess
+from clip_adapt.models import freeze
+
+DEFAULT_DECODER = "gpt2"
+TINY_DECODER = "tiny-random-gpt2"   # what --smoke loads
+SMOKE_CAPTIONS = "synthetic-shape-captions"   # what --smoke trains on: written into the output folder
+PEFT_METHODS = ("adapter", "prefix", "lora", "none")
+CROSS_ATTENTION_NAMES = ("crossattention", "ln_cross_attn")   # GPT-2's (and BERT-style decoders') names
+MAX_CAPTION_TOKENS = 40
+CLIPSCORE_WEIGHT = 2.5            # Hessel et al. 2021: w in CLIP-S = w * max(cos, 0)
+CLIPSCORE_PREFIX = "A photo depicts "   # their prompt in front of every candidate caption
+
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces, no space before a full stop (the study's cleaning)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+\.", ".", text)
+
+
+def cider_tokens(text: str) -> str:
+    """The tokenisation CIDEr scores: lower case, every character but letters, digits and apostrophes a space.
+    COCO's PTBTokenizer (which needs Java) also splits punctuation off; for plain captions the two agree."""
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+# --------------------------------------------------------------------------- the model
+
+class BottleneckAdapter(nn.Module):
+    """down, GELU, up, residual, dropout; applied twice with the same weights (the study's adapter)."""
+
+    def __init__(self, width: int, bottleneck: int, dropout: float = 0.1, repeats: int = 2):
+        super().__init__()
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        self.dropout, self.repeats = nn.Dropout(dropout), repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeats):
+            x = self.dropout(x + self.up(F.gelu(self.down(x))))
+        return x
+
+
+def adapter_width(decoder_width: int) -> int:
+    return decoder_width // 2 - 30   # 354 for GPT-2's 768, as in the study
+
+
+def is_cross_attention(name: str) -> bool:
+    return any(part in name.split(".") for part in CROSS_ATTENTION_NAMES)
+
+
+class Captioner(nn.Module):
+    """pixels -> caption. forward(pixels, targets) gives (mean next-token loss, summed per-caption next-token
+    accuracy), the `own_loss` that clip_adapt.training.train() trains and evaluates on. targets: the token ids
+    [start, caption..., end], padded with -100."""
+    own_loss = True
+
+    def __init__(self, clip, decoder, decoder_tokenizer, peft: str = "adapter", prefix_tokens: int = 20,
+                 rank: int = 8, alpha: float = 16, lora_dropout: float = 0.1, adapter_dropout: float = 0.1):
+        from transformers import VisionEncoderDecoderModel
+        super().__init__()
+        if peft not in PEFT_METHODS:
+            raise UserError(f"--peft must be one of {', '.join(PEFT_METHODS)}")
+        if not any(is_cross_attention(name) for name, _ in decoder.named_parameters()):
+            raise UserError(f"the decoder ({decoder.config.model_type}) has no cross-attention layers: pass "
+                            f"--decoder a causal language model that supports add_cross_attention, such as gpt2")
+        self.peft, self.tokenizer = peft, decoder_tokenizer
+        encoder = freeze(clip.vision_model)
+        decoder.requires_grad_(False)
+        if peft in ("prefix", "lora"):
+            from peft import get_peft_model
+            decoder = get_peft_model(decoder, peft_config(peft, decoder.config, prefix_tokens, rank, alpha,
+                                                          lora_dropout))
+        for name, parameter in decoder.named_parameters():
+            if is_cross_attention(name):
+                parameter.requires_grad_(True)
+        self.model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)   # adds enc_to_dec_proj if needed
+        config = self.model.config
+        start = decoder_tokenizer.bos_token_id
+        end = decoder_tokenizer.eos_token_id
+        config.decoder_start_token_id, config.eos_token_id = start, end
+        config.pad_token_id = decoder_tokenizer.pad_token_id if decoder_tokenizer.pad_token_id is not None else end
+        self.model.generation_config.update(decoder_start_token_id=start, eos_token_id=end,
+                                            pad_token_id=config.pad_token_id, bos_token_id=start)
+        self.adapters = nn.ModuleList()
+        if peft == "adapter":
+            width = decoder.config.hidden_size
+            for module_name, module in decoder.named_modules():
+                if module_name.split(".")[-1] == "crossattention":
+                    adapter = BottleneckAdapter(width, adapter_width(width), adapter_dropout)
+                    self.adapters.append(adapter)
+                    module.register_forward_hook(adapt_first_output(adapter))
+
+    @property
+    def encoder(self):
+        return self.model.encoder
+
+    def train(self, mode: bool = True):
+        """The frozen CLIP tower stays in eval mode; the decoder, which holds the trained layers, follows `mode`
+        (its dropout on while training, as in the study)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = targets[:, :-1].masked_fill(targets[:, :-1] < 0, self.model.config.pad_token_id)
+        labels = targets[:, 1:]
+        logits = self.model(pixel_values=pixels, decoder_input_ids=inputs).logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        counted = labels >= 0
+        right = ((logits.argmax(-1) == labels) & counted).sum(1) / counted.sum(1).clamp(min=1)
+        return loss, right.sum()
+
+    @torch.no_grad()
+    def generate(self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int = MAX_CAPTION_TOKENS,
+                 **kwargs):
+        self.eval()
+        return self.model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   do_sample=False, **kwargs)
+
+    def captions(self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int = MAX_CAPTION_TOKENS
+                 ) -> list[str]:
+        sequences = self.generate(pixels, num_beams, max_new_tokens)
+        return [clean_caption(text) for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def word_attention(self, pixels: torch.Tensor, max_new_tokens: int = MAX_CAPTION_TOKENS
+                       ) -> list[tuple[list[str], torch.Tensor]]:
+        """For each image, greedy decoding's tokens and, for each, the last decoder layer's cross-attention
+        averaged over heads, on the encoder's patch grid: ([token], [tokens, rows, columns]). The class token's
+        share is left out. Needs eager attention (sdpa returns no weights), switched on for this call only."""
+        language_model = self.model.decoder
+        language_model = getattr(language_model, "get_base_model", lambda: language_model)()   # under peft
+        previous = language_model.config._attn_implementation
+        language_model.set_attn_implementation("eager")
+        try:
+            out = self.generate(pixels, 1, max_new_tokens, output_attentions=True, return_dict_in_generate=True)
+        finally:
+            language_model.set_attn_implementation(previous)
+        # out.cross_attentions: per generated step, per layer, [images, heads, queries, encoder tokens]
+        steps = torch.stack([layers[-1][:, :, -1].float().mean(1) for layers in out.cross_attentions], 1)
+        patches = steps[..., 1:]
+        side = math.isqrt(patches.shape[-1])
+        grids = patches.reshape(*patches.shape[:2], side, side).cpu()
+        results = []
+        for sequence, grid in zip(out.sequences[:, 1:], grids):   # sequences start with the start token
+            ends = (sequence == self.model.config.eos_token_id).nonzero()
+            length = int(ends[0]) if len(ends) else len(sequence)
+            words = [self.tokenizer.decode([token]).strip() or "␣" for token in sequence[:length].tolist()]
+            results.append((words, grid[:length]))
+        return results
+
+    def trainable_counts(self) -> dict[str, int]:
+        """Trainable parameters by part: cross_attention, encoder_projection, and the --peft module."""
+        counts = {"cross_attention": 0, "encoder_projection": 0, self.peft: 0}
+        for name, parameter in self.named_parameters():
+            if parameter.requires_grad:
+                part = ("cross_attention" if is_cross_attention(name) else
+                        "encoder_projection" if "enc_to_dec_proj" in name else self.peft)
+                counts[part] += parameter.numel()
+        return counts
+
+
+def adapt_first_output(adapter: nn.Module):
+    def hook(module, inputs, output):
+        return (adapter(output[0]), *output[1:]) if isinstance(output, tuple) else adapter(output)
+    return hook
+
+
+def peft_config(method: str, decoder_config, prefix_tokens: int, rank: int, alpha: float, dropout: float):
+    from peft import LoraConfig, PrefixTuningConfig
+    if method == "prefix":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_tokens)
+    # GPT-2: the self-attention's input projection only (peft's default target for GPT-2 also matches the
+    # cross-attention's c_attn, which trains in full); other decoders: peft's default targets.
+    targets = r".*\.attn\.c_attn" if decoder_config.model_type == "gpt2" else None
+    return LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=targets, fan_in_fan_out=decoder_config.model_type == "gpt2")
+
+
+def expected_trainable(decoder_width: int, decoder_layers: int, encoder_width: int, peft: str,
+                       prefix_tokens: int = 20, rank: int = 8) -> dict[str, int]:
+    """The trainable counts of a GPT-2 decoder by formula (d: decoder width, L: layers, e: encoder width):
+    cross-attention L·(4d² + 6d) (query d×d, key and value d×2d, output d×d, with biases, and a layer norm);
+    the encoder projection e·d + d when e ≠ d; adapter L·(2·d·b + b + d) with b = d // 2 - 30;
+    prefix 2·L·d per prefix token; LoRA L·r·(d + 3d) on the d → 3d self-attention projection."""
+    d, layers, b = decoder_width, decoder_layers, adapter_width(decoder_width)
+    module = {"adapter": layers * (2 * d * b + b + d), "prefix": prefix_tokens * 2 * layers * d,
+              "lora": layers * rank * 4 * d, "none": 0}[peft]
+    return {"cross_attention": layers * (4 * d * d + 6 * d),
+            "encoder_projection": encoder_width * d + d if encoder_width != d else 0, peft: module}
+
+
+# --------------------------------------------------------------------------- loading the decoder
+
+def byte_tokenizer():
+    """A GPT-2-style byte-level tokenizer with no merges: 256 byte tokens and <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_decoder(seed: int = 0, tokenizer=None):
+    """A small random GPT-2 with cross-attention and the byte-level tokenizer: seconds on a CPU."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = tokenizer or byte_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=96, n_layer=2, n_head=2,
+                        add_cross_attention=True, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config), tokenizer
+
+
+def load_decoder(name: str):
+    """(causal LM with cross-attention added, its tokenizer) from a hub id, a local directory or TINY_DECODER.
+    The cross-attention layers are new, randomly initialised: they are what E8 trains."""
+    if name == TINY_DECODER:
+        return tiny_decoder()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_hub_id(name):
+        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
+                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
+    source = str(path) if path.exists() else name
+    try:
+        decoder = AutoModelForCausalLM.from_pretrained(source, add_cross_attention=True)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        if path.exists():
+            raise UserError(f"{name} is not a causal language model directory ({type(error).__name__}): save "
+                            f"one with save_pretrained (model and tokenizer)") from None
+        raise UserError(f"could not load decoder '{name}': the Hugging Face hub cannot be reached and it is not "
+                        f"cached; pass --decoder a local directory saved with save_pretrained") from None
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of {name} has no start or end token: E8 needs both (GPT-2's is "
+                        f"<|endoftext|>)")
+    return decoder, tokenizer
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class CaptionSplit:
+    """One split: the images once (uint8 pixels in `images`) and one row per (image, caption) pair:
+    `image_of` the pair's image, `labels` its target token ids (what train() calls labels). `references`
+    holds every image's captions, for scoring."""
+    images: Split
+    references: list[list[str]]
+    image_of: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def files(self) -> list[str]:
+        return self.images.files
+
+    def model_inputs(self, index=None, device=None) -> torch.Tensor:
+        image_index = self.image_of if index is None else self.image_of[index.to(self.image_of.device)
+                                                                        if torch.is_tensor(index) else index]
+        return self.images.model_inputs(image_index, device)
+
+    def to(self, device) -> "CaptionSplit":
+        return CaptionSplit(self.images.to(device), self.references, self.image_of.to(device),
+                            self.labels.to(device))
+
+
+@dataclass
+class CaptionData:
+    train: CaptionSplit
+    val: CaptionSplit
+    test: CaptionSplit
+    report: dict
+
+    def splits(self) -> dict[str, CaptionSplit]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def to(self, device) -> "CaptionData":
+        return CaptionData(self.train.to(device), self.val.to(device), self.test.to(device), self.report)
+
+
+class LazyImages:
+    """Image files opened only when preprocess() takes a chunk of them: a large set is never all open at once."""
+
+    def __init__(self, sources: list):
+        self.sources = sources
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, index: slice) -> list[Image.Image]:
+        return [open_rgb(source) for source in self.sources[index]]
+
+
+def tokenize_captions(references: list[list[str]], tokenizer, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image of each pair, [start, tokens..., end] padded with -100), captions cut at max_tokens tokens."""
+    rows, image_of = [], []
+    for image, captions in enumerate(references):
+        for caption in captions:
+            ids = tokenizer(caption, add_special_tokens=False)["input_ids"][:max_tokens]
+            rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
+            image_of.append(image)
+    labels = torch.full((len(rows), max(map(len, rows), default=2)), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, :len(row)] = torch.tensor(row)
+    return torch.tensor(image_of, dtype=torch.long), labels
+
+
+def read_coco_split(json_path: Path, root: Path) -> tuple[list[str], list[list[str]]]:
+    """(image files, their captions) from one COCO-format caption file: images with id and file_name,
+    annotations with image_id and caption. Files are found under root/images/ or root/."""
+    try:
+        coco = json.loads(json_path.read_text(encoding="utf-8"))
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        captions = {image_id: [] for image_id in names}
+        for annotation in coco["annotations"]:
+            captions[annotation["image_id"]].append(clean_caption(annotation["caption"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{json_path} is not a COCO-format caption file ({type(error).__name__}: {error}): it "
+                        f"needs 'images' (id, file_name) and 'annotations' (image_id, caption)") from None
+    files, references = [], []
+    for image_id, name in names.items():
+        if not captions[image_id]:
+            continue   # an image without a caption has nothing to learn or score
+        path = next((p for p in (root / "images" / name, root / name) if p.is_file()), None)
+        if path is None:
+            raise UserError(f"image {name} listed in {json_path} is neither in {root / 'images'} nor in {root}")
+        files.append(str(path))
+        references.append(captions[image_id])
+    if not files:
+        raise UserError(f"{json_path} has no captioned image")
+    return files, references
+
+
+def pick_caption_column(features, asked: str | None, data: str) -> str:
+    from datasets import Sequence, Value
+    def is_text(feature):
+        return (isinstance(feature, Value) and feature.dtype == "string") or (
+            isinstance(feature, (Sequence, list)) and is_text(getattr(feature, "feature", None) or feature[0]))
+    candidates = [name for name, feature in features.items() if is_text(feature)]
+    if asked:
+        if asked not in candidates:
+            raise UserError(f"--caption-column {asked} is not a text column of {data}: its text columns are "
+                            f"{', '.join(candidates) or 'none'}")
+        return asked
+    for preferred in ("caption", "captions", "text", "sentences"):
+        if preferred in candidates:
+            return preferred
+    if len(candidates) == 1:
+        return candidates[0]
+    raise UserError(f"{data} has {len(candidates)} text columns ({', '.join(candidates)}): name the captions "
+                    f"with --caption-column")
+
+
+def read_dataset_splits(data: str, image_column: str | None, caption_column: str | None, test_split: str
+                        ) -> dict[str, tuple[list, list[list[str]]]]:
+    """{split: (image sources, captions)} from a `datasets` dataset (save_to_disk folder or hub id)."""
+    import datasets
+    try:
+        path = Path(data).expanduser()
+        loaded = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(data)
+    except Exception as error:   # datasets raises many kinds; the user needs the one line
+        raise UserError(f"could not load caption dataset {data} ({type(error).__name__}): pass --data a COCO-format "
+                        f"folder, a save_to_disk folder or a reachable hub id") from None
+    if isinstance(loaded, datasets.Dataset):
+        raise UserError(f"{data} is a single split: E8 needs a train and a '{test_split}' split")
+    for needed in ("train", test_split):
+        if needed not in loaded:
+            raise UserError(f"{data} has no '{needed}' split (it has {', '.join(loaded)}); see --test-split")
+    features = loaded["train"].features
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    image = image_column or (images[0] if len(images) == 1 else None)
+    if image not in features:
+        raise UserError(f"{data}: name its image column with --image-column (image columns: "
+                        f"{', '.join(images) or 'none'})")
+    caption = pick_caption_column(features, caption_column, data)
+    result = {}
+    for name in ("train", "validation", test_split):
+        if name in loaded:
+            split = loaded[name].cast_column(image, datasets.Image(decode=False))
+            captions = [[clean_caption(c) for c in ([value] if isinstance(value, str) else value)]
+                        for value in split[caption]]
+            result[name] = (split[image], captions)
+    return result
+
+
+def read_caption_sources(data: str, image_column=None, caption_column=None, test_split="test") -> dict:
+    """{"train", "test", optionally "validation": (image sources, captions)} from --data."""
+    root = Path(data).expanduser()
+    if root.is_dir() and (root / "train.json").is_file():
+        if not (root / "test.json").is_file():
+            raise UserError(f"{root} has train.json but no test.json: a COCO-format caption folder needs both "
+                            f"(and optionally val.json)")
+        found = {"train": "train.json", test_split: "test.json", "validation": "val.json"}
+        splits = {split: read_coco_split(root / name, root) for split, name in found.items()
+                  if (root / name).is_file()}
+        return {split: ([{"path": file} for file in files], captions) for split, (files, captions) in splits.items()}
+    if (root.exists() and is_saved_dataset(root)) or (not root.exists() and looks_like_hub_id(data)):
+        return read_dataset_splits(data, image_column, caption_column, test_split)
+    raise UserError(f"--data {data} is neither a COCO-format caption folder (train.json, test.json, images/), a "
+                    f"save_to_disk dataset folder, nor a hub id")
+
+
+def load_captions(data: str, image_processor, tokenizer, val_fraction: float = 0.15, seed: int = 0,
+                  image_column=None, caption_column=None, test_split="test",
+                  max_tokens: int = MAX_CAPTION_TOKENS) -> CaptionData:
+    """Train / validation / test caption splits; without a validation split, val_fraction of the train images
+    (with all their captions) is held out, drawn with `seed`."""
+    sources = read_caption_sources(data, image_column, caption_column, test_split)
+    if "validation" not in sources:
+        images, captions = sources["train"]
+        order = np.random.default_rng(seed).permutation(len(images))
+        cut = max(1, round(val_fraction * len(images)))
+        if len(images) - cut < 1:
+            raise UserError(f"{data}: too few train images ({len(images)}) to hold out a validation share")
+        pick = lambda idx: ([images[i] for i in sorted(idx)], [captions[i] for i in sorted(idx)])  # noqa: E731
+        sources["validation"], sources["train"] = pick(order[:cut]), pick(order[cut:])
+    mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+    splits = {}
+    for name, key in (("train", "train"), ("val", "validation"), ("test", test_split)):
+        images, captions = sources[key]
+        pixels = preprocess(LazyImages(list(images)), image_processor)
+        files = [source.get("path") or f"{name}/{i}" for i, source in enumerate(images)]
+        image_of, labels = tokenize_captions(list(captions), tokenizer, max_tokens)
+        splits[name] = CaptionSplit(Split(pixels, torch.arange(len(files)), files, mean, std), list(captions),
+                                    image_of, labels)
+    report = {f"{name}_{what}": count for name, split in splits.items()
+              for what, count in (("images", len(split.files)), ("captions", len(split)))}
+    return CaptionData(splits["train"], splits["val"], splits["test"], report)
+
+
+# --------------------------------------------------------------------------- the smoke data
+
+SMOKE_COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235)}
+SMOKE_POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def write_shape_captions(root: Path, images_per_split=(24, 8), size: int = 32, seed: int = 0) -> Path:
+    """A tiny COCO-format caption folder: a coloured square in one quadrant of a noisy image, captioned
+    "a red square in the top left." and "there is a red square at the top left."."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, count in zip(("train", "test"), images_per_split):
+        images, annotations = [], []
+        for i in range(count):
+            colour = list(SMOKE_COLOURS)[rng.integers(len(SMOKE_COLOURS))]
+            position = SMOKE_POSITIONS[rng.integers(len(SMOKE_POSITIONS))]
+            pixels = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+            row = 0 if position.startswith("top") else size // 2
+            column = 0 if position.endswith("left") else size // 2
+            pixels[row + 3:row + size // 2 - 3, column + 3:column + size // 2 - 3] = SMOKE_COLOURS[colour]
+            name = f"{split}_{i:03d}.png"
+            Image.fromarray(pixels).save(root / "images" / name)
+            images.append({"id": i, "file_name": name})
+            annotations += [{"image_id": i, "caption": f"a {colour} square in the {position}."},
+                            {"image_id": i, "caption": f"there is a {colour} square at the {position}."}]
+        (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+# --------------------------------------------------------------------------- scores
+
+def cider_d(references: list[list[str]], candidates: list[str]) -> tuple[float, list[float]]:
+    """CIDEr-D (pycocoevalcap's Cider: n-grams 1-4, sigma 6, clipped counts, x10), with document frequencies
+    from these references, as COCO's evaluation computes them. (corpus score, per-image scores)"""
+    from pycocoevalcap.cider.cider import Cider
+    refs = {i: [cider_tokens(r) for r in rs] for i, rs in enumerate(references)}
+    cands = {i: [cider_tokens(c)] for i, c in enumerate(candidates)}
+    score, per_image = Cider().compute_score(refs, cands)
+    return float(score), [float(s) for s in per_image]
+
+
+@torch.no_grad()
+def clip_text_embeddings(clip, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    device = clip.logit_scale.device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                           max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
+        out.append(F.normalize(clip.get_text_features(**tokens.to(device)).pooler_output.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def clip_scores(image_embeddings: torch.Tensor, clip, tokenizer, candidates: list[str],
+                references: list[list[str]] | None = None) -> dict[str, list[float]]:
+    """Per image: CLIPScore = 2.5·max(cos(image, "A photo depicts " + caption), 0), and with references
+    RefCLIPScore = harmonic mean of CLIPScore and max(max over references of cos(caption, reference), 0)
+    (Hessel et al. 2021, as their code computes them)."""
+    text = clip_text_embeddings(clip, tokenizer, [CLIPSCORE_PREFIX + c for c in candidates])
+    clip_s = CLIPSCORE_WEIGHT * (image_embeddings.float().cpu() * text).sum(1).clamp(min=0)
+    scores = {"clipscore": clip_s.tolist()}
+    if references is not None:
+        plain = clip_text_embeddings(clip, tokenizer, candidates)
+        flat = [r for rs in references for r in rs]
+        ref_embeddings = clip_text_embeddings(clip, tokenizer, flat).split([len(rs) for rs in references])
+        text_text = torch.stack([(refs @ c).max().clamp(min=0) for refs, c in zip(ref_embeddings, plain)])
+        scores["refclipscore"] = torch.where(clip_s + text_text > 0, 2 * clip_s * text_text /
+                                             (clip_s + text_text).clamp(min=1e-12), 0.0).tolist()
+    return scores
