@@ -14,7 +14,7 @@ from clip_adapt.base import UserError
 from clip_adapt.data import Split
 from clip_adapt.models import (TINY_CLIP, ImageClassifier, PromptedCLIP, ZeroShot, count_params, load_clip,
                                normalized_image_embeddings, tiny_tokenizer, vit_b16_config, weights_of)
-from clip_adapt.runner import experiment_scripts
+from clip_adapt.runner import classification_scripts
 from clip_adapt.training import TrainConfig, predict, train
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
@@ -129,8 +129,8 @@ def test_random_vit_b16_counts_what_the_readme_says_through_every_script():
     clip, _, tokenizer = load_clip("random:vit-b16", device="meta")
     clip.set_attn_implementation("eager")
     counted = {script.name: count_params(script.build_model(copy.deepcopy(clip), tokenizer, CLASS_NAMES))[0]
-               for script in experiment_scripts()}
-    assert counted == readme_trainable_counts()
+               for script in classification_scripts()}   # E8's counts: tests/test_captioning.py
+    assert counted == {name: count for name, count in readme_trainable_counts().items() if not name.startswith("E8")}
     assert counted["E6_full_finetune"] == 86_194_692
 
 
