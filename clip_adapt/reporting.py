@@ -95,6 +95,8 @@ def save_figure(fig, path: Path) -> None:
 
 def learning_rate_cuts(history: list[dict]) -> list[int]:
     """The epochs whose learning rate is below the one before, after the peak (warm-up raises it)."""
+    if not history or "lr" not in history[0]:   # a history without rates: nothing to mark
+        return []
     rates = [row["lr"] for row in history]
     peak = int(np.argmax(rates)) if rates else 0
     return [history[i]["epoch"] for i in range(peak + 1, len(rates)) if rates[i] < rates[i - 1] * (1 - 1e-6)]
