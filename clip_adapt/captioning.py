@@ -300,6 +300,14 @@ class CaptionSplit:
                                                                         if torch.is_tensor(index) else index]
         return self.images.model_inputs(image_index, device)
 
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.images.inputs   # train() asks whether they are pinned
+
+    def batches(self, indices: list, device):
+        """model_inputs for each batch of pairs, in order (the pairs' images are gathered as they are asked for)."""
+        yield from (self.model_inputs(index, device) for index in indices)
+
     def to(self, device) -> "CaptionSplit":
         return CaptionSplit(self.images.to(device), self.references, self.image_of.to(device),
                             self.labels.to(device))
