@@ -80,11 +80,15 @@ def slurm_extra_options(text: str) -> dict[str, str]:
     return options
 
 
+def script_command(script: str, argv: list[str], out_dir: str, root: str | Path = REPO) -> list[str]:
+    """The command line that runs one experiment script into out_dir, as a process of its own."""
+    return [sys.executable, str(Path(root) / f"{script}.py"), *argv, "--output-dir", out_dir]
+
+
 def run_as_process(script: str, argv: list[str], out_dir: str, root: str = str(REPO)) -> str:
     """One run in a process of its own (a local slot or a submitit job). Raises when the run fails, so that the
     scheduler records the job as failed."""
-    command = [sys.executable, str(Path(root) / f"{script}.py"), *argv, "--output-dir", out_dir]
-    code = subprocess.run(command, cwd=root).returncode
+    code = subprocess.run(script_command(script, argv, out_dir, root), cwd=root).returncode
     if code != 0:
         raise RuntimeError(f"{script} exited with code {code}")
     return str(Path(out_dir) / script / "metrics.json")
@@ -122,9 +126,8 @@ def launch_local_processes(runs: list[Run], slots: int) -> list[tuple[dict | Non
         started = time.time()
         try:
             with open(log, "w") as output:
-                code = subprocess.run([sys.executable, str(REPO / f"{run.script}.py"), *run.argv, "--output-dir",
-                                       str(run.out_dir)], cwd=REPO, env=env, stdout=output,
-                                      stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(script_command(run.script, run.argv, str(run.out_dir)), cwd=REPO, env=env,
+                                      stdout=output, stderr=subprocess.STDOUT).returncode
         finally:
             free_slots.append(slot)
         metrics = read_metrics(run.out_dir / run.script / "metrics.json", started) if code == 0 else None

@@ -482,8 +482,9 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             shared = [share(batch) for batch in batches]
             # Inputs held on the host are gathered by host indices (Split.batches): reading indices back from the
             # device would stall every step.
-            host_batches = host_order.split(config.batch_size) if train_split.inputs.is_pinned() else batches
-            feed = train_split.batches([share(batch)[0] for batch in host_batches[progress.batch:]], device)
+            gathered = ([share(batch)[0] for batch in host_order.split(config.batch_size)]
+                        if train_split.inputs.is_pinned() else [batch for batch, _ in shared])
+            feed = train_split.batches(gathered[progress.batch:], device)
             bar = progress_bar(shared[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
                                total=len(batches))
             for (batch, weight), inputs in zip(bar, feed):

@@ -23,6 +23,7 @@ the real ViT-B/16.
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clip_adapt.models import clip_image_processor  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
@@ -90,9 +96,7 @@ def known_answer_config(tokenizer) -> CLIPConfig:
 
 
 def image_processor():
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return clip_image_processor(IMAGE_SIZE)
 
 
 # --------------------------------------------------------------------------- pretraining
