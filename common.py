@@ -54,6 +54,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     data.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
                                                        "without names, or to replace the dataset's")
     data.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
+    data.add_argument("--split-seed", type=int, default=0, help="draws the validation split; fixed by default, so "
+                                                                "that --seed varies only initialisation and order")
     data.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     data.add_argument("--duplicates", default="near", choices=["exact", "near"],
                       help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
@@ -78,7 +80,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
     optimisation.add_argument("--weight-decay", type=float, default=0.01)
     optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
-    optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--seed", type=int, default=0, help="initial weights, batch order and augmentation "
+                                                                  "(the validation split: --split-seed)")
     optimisation.add_argument("--precision", default="auto", choices=PRECISIONS,
                               help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision "
                                    "path")
@@ -248,7 +251,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
         set_quiet(args.quiet or not is_main_process())   # one progress log, not one per process
     check_data_early(args.data)
     clip, image_processor, tokenizer = load_clip(args.model)
-    data = load_data(args.data, image_processor, args.val_fraction, args.seed,
+    data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
                      skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                      image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
                      class_names=args.class_names, duplicates=args.duplicates)
@@ -306,7 +309,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "model": args.model, "data": args.data, "seed": args.seed,
+        "model": args.model, "data": args.data, "seed": args.seed, "split_seed": args.split_seed,
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
         "class_names": data.class_names,

@@ -23,8 +23,9 @@ SCRIPTS = {script.name: script for script in experiment_scripts()}
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of this script alone; every other flag goes on to the experiments."""
     group = p.add_argument_group("this run")
-    group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: "
-                                                            "mean ± std")
+    group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per training seed (--seed: "
+                                                            "initialisation and batch order; the validation split "
+                                                            "stays --split-seed's); summary: mean ± std")
     group.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS),
                        help="a subset to run, in number order")
     return p
@@ -47,9 +48,10 @@ def study_accuracy(name: str) -> str:
     return "–" if reported is None else f"{reported:.2f}"
 
 
-def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str) -> str:
+def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str, split_seed: int = 0) -> str:
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
-    interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
+    interval = (f"mean ± std over training seeds {seeds} (initialisation and batch order; one validation split, "
+                f"--split-seed {split_seed})" if len(seeds) > 1 else "[95% bootstrap interval over test images]")
     lines = ["# Summary\n", f"`{command}`\n",
              f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
              f"reported (convergence speed). 'Study' is the accuracy the reproduced study reported, not measured "
@@ -143,7 +145,7 @@ def main():
         write_csv(out_dir / "summary.csv", rows)
         plot_summary(rows, out_dir)
     command = " ".join(["python", *sys.argv])
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command) + figure_links(out_dir, finished))
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, args.split_seed) + figure_links(out_dir, finished))
     print(f"\nsummary written to {out_dir / 'summary.md'}")
     print(f"report written to {write_html_report(out_dir, finished, command)}")
     if failed:

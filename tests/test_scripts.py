@@ -297,3 +297,13 @@ def test_run_all_resets_torch_compile_between_experiments(tmp_path, monkeypatch)
     run_script("run_all_experiments.py", "--smoke", "--experiments", "E1_zero_shot_clip", "E2_linear_probe",
                "--output-dir", tmp_path, expect_exit=0)
     assert len(resets) == 2
+
+
+def test_split_seed_draws_the_validation_split_and_seed_the_training(tmp_path, monkeypatch):
+    import common
+    seeds_seen, real_load = [], common.load_data
+    monkeypatch.setattr(common, "load_data", lambda *a, **k: (seeds_seen.append(a[3]), real_load(*a, **k))[1])
+    run_script("E3_shallow_vpt.py", "--smoke", "--split-seed", 0, "--seed", 1, "--epochs", 1, "--output-dir",
+               tmp_path, expect_exit=0)
+    metrics = metrics_of(tmp_path, "E3_shallow_vpt.py")
+    assert (metrics["seed"], metrics["split_seed"]) == (1, 0) and seeds_seen == [0]
