@@ -11,7 +11,7 @@ S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for
 """
 
 import common
-from clip_adapt.models import ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates
+from clip_adapt.models import ImageClassifier
 from clip_adapt.prompts import PIXEL_PROMPTERS, scaled_prompt_size
 from clip_adapt.training import train
 
@@ -30,8 +30,7 @@ def add_flags(parser):
     prompts.add_argument("--pad-size", type=int, help="padding width in pixels [default: 30 at 224 px, scaled "
                                                       "with the model's image size, e.g. 4 at 32 px]")
     prompts.add_argument("--patch-size", type=int, help="patch side in pixels [default: as --pad-size]")
-    prompts.add_argument("--head", choices=["clip", "linear"], help="clip: CLIP's text classifier (no trained "
-                         "head); linear: a linear head [default: clip for pixel prompts, linear for tokens]")
+    common.add_head_flag(prompts, default="clip for pixel prompts, linear for tokens")
     parser.set_defaults(lr=None)   # chosen by --prompt-type in main: LEARNING_RATE or PIXEL_LEARNING_RATE
     return parser
 
@@ -46,10 +45,7 @@ def pixel_prompt_size(args, image_size: int) -> int:
 
 
 def build_model(clip, tokenizer, class_names, args):
-    text_head = None
-    if head_of(args) == "clip":
-        templates = load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
-        text_head = TextHead(clip, tokenizer, class_names, templates)
+    text_head = common.text_head(clip, tokenizer, class_names, args, head_of(args))
     if args.prompt_type == "token":
         return ImageClassifier(clip, len(class_names), num_prompts=args.num_prompts, prompt_layers=[0],
                                prompt_dropout=args.prompt_dropout, head=text_head, **common.prompt_options(args))

@@ -25,7 +25,8 @@ import torch
 from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import describe_copies
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, load_data
-from clip_adapt.models import DEFAULT_MODEL, TINY_CLIP, count_params, load_clip, load_templates, model_dims
+from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead, count_params, load_clip,
+                               load_templates, model_dims)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
@@ -34,6 +35,9 @@ from clip_adapt.training import (PRECISIONS, TrainConfig, TrainingInterrupted, T
                                  predict_everywhere, summary_writer_class)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
+# Early stopping counts optimiser steps, not epochs: an epoch of a small data set is a few steps, and a patience
+# of 10 epochs on 136 images (50 steps) halted runs that were still improving (docs/how-a-run-works.md).
+PATIENCE_STEPS, MIN_STEPS = 200, 300
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
 # a resumed run may differ in them.
 NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
@@ -67,14 +71,18 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
     model.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the "
-                       "class name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's "
-                       "--head clip (the other scripts use no class text) [default: the MRI templates]")
+                       "class name, or 'study' for the built-in template study: E1's zero-shot classifier and the "
+                       "--head clip of E3, E4 and E7 (the other scripts use no class text) [default: the MRI "
+                       "templates]")
 
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, help=f"most epochs to train [default: 500; with --smoke: "
                                                          f"{SMOKE_EPOCHS}]")
-    optimisation.add_argument("--patience", type=int, help="stop when validation loss has not improved for this "
-                                                           f"many epochs [default: 10; with --smoke: {SMOKE_PATIENCE}]")
+    optimisation.add_argument("--patience", type=int, help="stop when the smoothed validation loss has made no new "
+                              f"low for this many optimiser steps and the training loss no longer falls fast "
+                              f"[default: {PATIENCE_STEPS}; with --smoke: {SMOKE_PATIENCE}]")
+    optimisation.add_argument("--min-steps", type=int, help=f"never stop early before this many optimiser steps "
+                                                            f"[default: {MIN_STEPS}; with --smoke: 0]")
     optimisation.add_argument("--batch-size", type=int, default=32)
     optimisation.add_argument("--lr", type=float, default=lr,
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
@@ -130,6 +138,21 @@ def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N
     return p
 
 
+def add_head_flag(group: argparse._ArgumentGroup, default: str = "linear") -> None:
+    group.add_argument("--head", choices=["clip", "linear"],
+                       help=f"clip: CLIP's frozen text classifier from E1's templates (--templates), which learns "
+                            f"nothing, so that only what the method adds is credited; linear: a trained linear "
+                            f"head [default: {default}]")
+
+
+def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace, head: str) -> TextHead | None:
+    """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
+    if head != "clip":
+        return None
+    return TextHead(clip, tokenizer, class_names, load_templates(args.templates) if args.templates
+                    else ZERO_SHOT_TEMPLATES)
+
+
 def prompt_options(args: argparse.Namespace) -> dict:
     """The VisualPrompts keyword arguments chosen on the command line."""
     return {"position": args.prompt_position, "entry": args.prompt_entry, "init": args.prompt_init}
@@ -153,17 +176,23 @@ class Experiment:
         return Path(self.args.output_dir) / "cache"
 
     def train_config(self, augment: bool = True) -> TrainConfig:
-        a = self.args
-        settings = {k: v for k, v in sorted(vars(a).items()) if k not in NOT_SETTINGS}
-        return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
-                           weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
-                           device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
-                           resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           checkpoint_every=a.checkpoint_every, settings=settings, accelerator=self.accelerator,
-                           tensorboard_dir=self.out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
+        return train_config(self.args, self.device, self.out_dir, augment, self.accelerator)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
+
+
+def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, augment: bool = True,
+                 accelerator=None) -> TrainConfig:
+    """The training loop's settings from the command line; checkpoints go to out_dir/checkpoint."""
+    settings = {k: v for k, v in sorted(vars(a).items()) if k not in NOT_SETTINGS}
+    return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
+                       weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
+                       device=device, checkpoint_dir=out_dir / "checkpoint", augment=augment,
+                       resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
+                       checkpoint_every=a.checkpoint_every, settings=settings, accelerator=accelerator,
+                       min_steps=a.min_steps,
+                       tensorboard_dir=out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -174,13 +203,15 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = SMOKE_EPOCHS if args.smoke else 500
     if args.patience is None:
-        args.patience = SMOKE_PATIENCE if args.smoke else 10
+        args.patience = SMOKE_PATIENCE if args.smoke else PATIENCE_STEPS
+    if args.min_steps is None:
+        args.min_steps = 0 if args.smoke else MIN_STEPS
     def flag(name):
         return "--" + name.replace("_", "-")
     for name in ("epochs", "patience", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"{flag(name)} must be at least 1")
-    for name in ("num_prompts", "num_text_prompts", "weight_decay"):
+    for name in ("num_prompts", "num_text_prompts", "weight_decay", "min_steps"):
         if getattr(args, name, 0) < 0:
             raise UserError(f"{flag(name)} must not be negative")
     if args.report_to == "tensorboard":
@@ -306,6 +337,8 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "test_accuracy_ci95": bootstrap_interval(correct, args.seed),
         "best_epoch": result.best_epoch if result else 0,
         "epochs_run": result.epochs_run if result else 0,
+        "converged": result.converged if result else True,
+        "convergence_reason": result.convergence_reason if result else "nothing is trained",
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

@@ -178,6 +178,45 @@ def build(output_dir: Path, steps: int = 300, seed: int = 0, verbose: bool = Tru
             "caption_retrieval_accuracy": caption_retrieval_accuracy(clip, processor, tokenizer)}
 
 
+# --------------------------------------------------------------------------- methods trained in-process
+
+def load_task(output_dir: Path, split_seed: int = 0):
+    """The shapes task as the scripts load it (validation: 0.15 of train, drawn by split_seed)."""
+    from clip_adapt.data import load_data
+    from clip_adapt.models import load_clip
+    _, processor, _ = load_clip(str(output_dir / "clip"))
+    return load_data(str(output_dir / "shapes"), processor, 0.15, split_seed)
+
+
+def train_method(output_dir: Path, data, name: str, *argv: str, seed: int = 0, precision: str = "fp32"):
+    """(model, TrainResult or None) for experiment `name` with its command-line flags argv, built by the script's
+    own build_model on a freshly loaded known-answer CLIP and trained by the project's loop, without the
+    script's outputs (figures, robustness, reports): what the known-answer tests and their measurement need."""
+    import common
+    from clip_adapt.models import load_clip
+    from clip_adapt.runner import experiment_scripts
+    from clip_adapt.training import train
+    script = next(s for s in experiment_scripts() if s.name == name)
+    args = script.default_args("--model", str(output_dir / "clip"), "--data", str(output_dir / "shapes"),
+                               "--seed", str(seed), "--precision", precision, "--device", "cpu", *argv)
+    args.lr = args.lr or script.learning_rate
+    clip, _, tokenizer = load_clip(args.model)
+    common.seed_everything(seed)
+    model = script.build_model(clip, tokenizer, data.class_names, args)
+    if not script.trains:
+        return model, None
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        config = common.train_config(args, torch.device("cpu"), Path(folder))
+        return model, train(model, data.train, data.val, data.test, config)
+
+
+def accuracy(model, split, precision: str = "fp32") -> float:
+    from clip_adapt.training import predict
+    logits = predict(model, split, 64, torch.device("cpu"), precision)
+    return (logits.argmax(1) == split.labels.cpu()).float().mean().item()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="known_answer", help="writes clip/, shapes/ and templates.txt here")
