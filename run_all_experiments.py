@@ -48,6 +48,12 @@ def study_accuracy(name: str) -> str:
     return "–" if reported is None else f"{reported:.2f}"
 
 
+def converged(row: dict) -> str:
+    if not row["not_converged"]:
+        return "yes"
+    return "**no**" if row["runs"] == 1 else f"**no** in {row['not_converged']} of {row['runs']}"
+
+
 def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str, split_seed: int = 0) -> str:
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = (f"mean ± std over training seeds {seeds} (initialisation and batch order; one validation split, "
@@ -57,14 +63,18 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
              f"reported (convergence speed). 'Study' is the accuracy the reproduced study reported, not measured "
              f"here.\n",
              "| experiment | test accuracy | study | macro-F1 | balanced acc. | ECE | train acc. | best epoch | "
-             "epochs run | trainable params | share of total | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "epochs run | converged | trainable params | share of total | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | {study_accuracy(r['experiment'])} | "
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
-                     f"{r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
+                     f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
+    unconverged = [r for r in rows if r["not_converged"]]
+    if unconverged:
+        lines.append("\n**Not converged** (compare these with care; more --epochs, or see the reason):")
+        lines += [f"- {r['experiment']}: {r['convergence_reasons']}" for r in unconverged]
     if noise:
         lines += ["\n## Test accuracy under Gaussian pixel noise (sigma on [0, 1] pixels)\n",
                   "| experiment | " + " | ".join(f"sigma {k.rsplit('_', 1)[1]}" for k in noise) + " |",

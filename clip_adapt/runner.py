@@ -118,7 +118,10 @@ def run_for_metrics(name: str, argv: list[str], out_dir: Path, label: str) -> di
 def aggregate(name: str, runs: list[dict]) -> dict:
     """One summary row from the metrics of one experiment's runs (one per seed): mean and std of each metric."""
     row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
-           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"]}
+           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"],
+           "not_converged": sum(not r.get("converged", True) for r in runs),
+           "convergence_reasons": " | ".join(sorted({r["convergence_reason"] for r in runs
+                                                     if not r.get("converged", True)}))}
     for metric in METRICS:
         values = np.array([r[metric] for r in runs], dtype=float)
         row[f"{metric}_mean"] = float(values.mean())

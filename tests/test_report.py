@@ -250,3 +250,19 @@ def test_pixel_noise_is_added_batch_by_batch_and_reproducibly():
     assert torch.allclose(noisy(0.0), predict(model, pixels, 4, torch.device("cpu")), atol=1e-6)
     assert torch.equal(noisy(0.1), noisy(0.1)) and not torch.equal(noisy(0.1), noisy(0.1, seed=1))
     assert not torch.allclose(noisy(0.1), noisy(0.0))
+
+
+def test_summary_and_report_flag_every_run_that_did_not_converge(smoke_run):
+    """A smoke run's 3 epochs are too few to tell that the training loss stopped falling: E3 is flagged."""
+    import json
+    out_dir, _ = smoke_run
+    metrics = {name: json.loads((out_dir / name / "metrics.json").read_text()) for name in RUN}
+    assert metrics["E3_shallow_vpt"]["converged"] is False and metrics["E1_zero_shot_clip"]["converged"] is True
+    summary, page = (out_dir / "summary.md").read_text(), (out_dir / "report.html").read_text()
+    rows = {r["experiment"]: r for r in csv.DictReader(open(out_dir / "summary.csv"))}
+    for name, m in metrics.items():
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {name} |"))
+        assert ("| **no** |" in row) == (not m["converged"]) and int(rows[name]["not_converged"]) == (not m["converged"])
+        if not m["converged"]:
+            assert f"- {name}: {m['convergence_reason']}" in summary
+    assert page.count("NOT CONVERGED") == sum(not m["converged"] for m in metrics.values())
