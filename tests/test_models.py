@@ -345,3 +345,15 @@ def test_a_disabled_adapter_leaves_the_frozen_tower(clip_parts):
         assert not torch.allclose(model.embed(pixels), plain, atol=1e-4)
         with model.disabled():
             torch.testing.assert_close(model.embed(pixels), plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["E3_shallow_vpt", "E4_deep_vpt", "E7_lora"])
+def test_with_the_frozen_clip_head_only_the_prompts_or_adapter_train(clip_parts, name):
+    from clip_adapt.models import TextHead
+    from clip_adapt.runner import experiment_scripts
+    clip, _, tokenizer = clip_parts
+    script = next(s for s in experiment_scripts() if s.name == name)
+    model = script.build_model(clip, tokenizer, list(CLASS_NAMES), script.default_args("--smoke", "--head", "clip"))
+    assert isinstance(model.head, TextHead) and not list(model.head.parameters())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("prompts" in n or "lora_" in n for n in trainable), trainable
