@@ -86,6 +86,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     optimisation.add_argument("--batch-size", type=int, default=32)
     optimisation.add_argument("--lr", type=float, default=lr,
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
+    optimisation.add_argument("--head-lr", type=float, help="the linear head's own peak learning rate where a "
+                              "method trains a head and prompts or adapters (E3, E4, E7) [default: --lr]")
     optimisation.add_argument("--weight-decay", type=float, default=0.01)
     optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
     optimisation.add_argument("--seed", type=int, default=0, help="initial weights, batch order and augmentation "
@@ -191,7 +193,7 @@ def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, aug
                        device=device, checkpoint_dir=out_dir / "checkpoint", augment=augment,
                        resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
                        checkpoint_every=a.checkpoint_every, settings=settings, accelerator=accelerator,
-                       min_steps=a.min_steps,
+                       min_steps=a.min_steps, head_lr=a.head_lr,
                        tensorboard_dir=out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
 
@@ -218,8 +220,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         summary_writer_class()   # missing tensorboard: say so now, not after the data is read
     if args.checkpoint_every < 0:
         raise UserError("--checkpoint-every must not be negative")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError("--lr must be positive")
+    for name in ("lr", "head_lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"{flag(name)} must be positive")
     if not 0 <= getattr(args, "prompt_dropout", 0) < 1:
         raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:

@@ -46,6 +46,7 @@ class TrainConfig:
     settings: dict = field(default_factory=dict)   # what a resumed run must share with the one it continues
     accelerator: object = None   # an accelerate.Accelerator: with several processes, each trains on its shard
     min_steps: int = 0                       # no early stop before this many optimiser steps
+    head_lr: float | None = None             # the rate of parameters under `head.` when it differs from `lr`
 
 
 @dataclass
@@ -127,6 +128,17 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def parameter_groups(model: torch.nn.Module, head_lr: float | None) -> list:
+    """The trainable parameters, for the optimiser; with head_lr, a model's `head` gets its own rate: a linear
+    head and prompts or adapters may want different ones."""
+    trainable = [(name, p) for name, p in getattr(model, "_orig_mod", model).named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [p for _, p in trainable]
+    head = [p for name, p in trainable if name.startswith("head.")]
+    rest = [p for name, p in trainable if not name.startswith("head.")]
+    return [group for group in ({"params": rest}, {"params": head, "lr": head_lr}) if group["params"]]
 
 
 def training_step(model, optimizer, inputs, labels, device,
@@ -390,7 +402,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     model.to(device)
     stepped = accelerator.prepare(model) if processes > 1 else model   # the DDP wrapper; `model` stays bare
     train_split = train_split.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.head_lr), lr=config.lr,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch),

@@ -138,3 +138,22 @@ def test_an_old_resume_state_is_refused_with_a_message(tmp_path):
     train_split, val = noisy_task()
     with pytest.raises(UserError, match="older version.*without --resume"):
         train(Head(), train_split, val, val, config(tmp_path, resume=True))
+
+
+class Prompted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_head_lr_gives_the_head_its_own_rate(tmp_path):
+    train_split, val = noisy_task()
+    model = Prompted()
+    head, body = model.head.weight.detach().clone(), model.body.weight.detach().clone()
+    train(model, train_split, val, val, config(tmp_path, epochs=2, head_lr=0.0, weight_decay=0.01))
+    assert torch.equal(model.head.weight, head)   # a rate of 0: not one step, weight decay included
+    assert not torch.equal(model.body.weight, body)
