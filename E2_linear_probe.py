@@ -8,8 +8,10 @@ the sweep goes to metrics.json. --solver adamw trains the head by gradient steps
 reproduced study did. Augmentation is off either way: a flipped image would need the tower again.
 """
 
+import time
+
 import common
-from clip_adapt.base import is_main_process
+from clip_adapt.base import UserError, is_main_process
 from clip_adapt.models import ImageClassifier, fingerprint
 from clip_adapt.probe import fit_probe_head
 from clip_adapt.training import cached_embeddings, predict, train
@@ -33,13 +35,20 @@ def build_model(clip, tokenizer, class_names, args):
 def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
+    if args.tune and args.solver == "adamw":
+        raise UserError("--tune tunes E2 by its default --solver lbfgs (L2 strength on validation); with "
+                        "--solver adamw, pass --lr and --weight-decay yourself")
     exp = common.start(common.script_name(__file__), args)
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
                                    fingerprint(model.vision, model.projection), 2 * args.batch_size, exp.device,
                                    args.precision, write=is_main_process())
     if args.solver == "lbfgs":
+        started = time.time()
         result, fitted = fit_probe_head(model.head, embeddings, exp.out_dir / "checkpoint")
+        if args.tune:   # the C sweep on validation is this method's tuning
+            fitted["tune"] = {"grid": fitted["c_sweep"], "choice": {"l2_c": fitted["l2_c"]},
+                              "seconds": round(time.time() - started, 2)}
     else:
         result, fitted = train(model.head, embeddings["train"], embeddings["val"], embeddings["test"],
                                exp.train_config(augment=False)), {"solver": "adamw"}

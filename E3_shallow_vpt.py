@@ -60,6 +60,7 @@ def main():
         args.lr = LEARNING_RATE if args.prompt_type == "token" else PIXEL_LEARNING_RATE
 
     exp = common.start(common.script_name(__file__), args)
+    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     if args.prompt_type == "token":
         extra = dict(num_prompts=args.num_prompts, prompt_layers=[0],
@@ -72,7 +73,7 @@ def main():
               f"parameters")
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    common.finish(exp, model, result, prompt_type=args.prompt_type, head=head_of(args), **extra)
+    common.finish(exp, model, result, prompt_type=args.prompt_type, head=head_of(args), **extra, **tuned)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def main():
 
     config_of(args)   # bad adapter flags fail here, before the model and data load
     exp = common.start(common.script_name(__file__), args)
+    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
@@ -52,7 +53,7 @@ def main():
         model.save_adapter(exp.out_dir / "adapter")
         if args.save_merged:
             model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)
-    common.finish(exp, model, result, head=args.head or "linear", **adapter_settings(args))
+    common.finish(exp, model, result, head=args.head or "linear", **adapter_settings(args), **tuned)
 
 
 if __name__ == "__main__":

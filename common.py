@@ -32,12 +32,15 @@ from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
                                   plot_closest_pairs, write_report)
 from clip_adapt.training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                                 predict_everywhere, summary_writer_class)
+                                 predict_everywhere, summary_writer_class, train)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # Early stopping counts optimiser steps, not epochs: an epoch of a small data set is a few steps, and a patience
 # of 10 epochs on 136 images (50 steps) halted runs that were still improving (docs/how-a-run-works.md).
 PATIENCE_STEPS, MIN_STEPS = 200, 300
+# --tune: VPT searched rate x weight decay per task on validation; a small grid around each method's own
+# default rate, each point a short run (at most TUNE_EPOCHS, and never more than --epochs).
+TUNE_LR_FACTORS, TUNE_WEIGHT_DECAYS, TUNE_EPOCHS = (0.1, 1.0, 10.0), (0.0, 0.01), 20
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
 # a resumed run may differ in them.
 NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
@@ -90,6 +93,11 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                               "method trains a head and prompts or adapters (E3, E4, E7) [default: --lr]")
     optimisation.add_argument("--weight-decay", type=float, default=0.01)
     optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    optimisation.add_argument("--tune", action="store_true",
+                              help="first choose --lr and --weight-decay on the validation split: a grid of "
+                                   f"{len(TUNE_LR_FACTORS)} rates (the default x {TUNE_LR_FACTORS}) x "
+                                   f"{len(TUNE_WEIGHT_DECAYS)} weight decays {TUNE_WEIGHT_DECAYS}, each trained "
+                                   f"for at most {TUNE_EPOCHS} epochs; the lowest validation loss wins")
     optimisation.add_argument("--seed", type=int, default=0, help="initial weights, batch order and augmentation "
                                                                   "(the validation split: --split-seed)")
     optimisation.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -300,6 +308,37 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
                       started, accelerator)
+
+
+def tune(exp: Experiment, build, augment: bool = True) -> dict:
+    """With --tune, trains `build(clip)` (a fresh copy of the CLIP each time) at every point of the grid for a
+    short budget, sets args.lr and args.weight_decay to the point of lowest validation loss, and returns what
+    metrics.json records: the grid, the choice and the seconds it took. Test data steers nothing: it is
+    recorded by the loop but never read here. Without --tune: {}."""
+    args = exp.args
+    if not args.tune:
+        return {}
+    started, rows = time.time(), []
+    for factor in TUNE_LR_FACTORS:
+        for weight_decay in TUNE_WEIGHT_DECAYS:
+            point = argparse.Namespace(**{**vars(args), "lr": args.lr * factor, "weight_decay": weight_decay,
+                                          "epochs": min(args.epochs, TUNE_EPOCHS), "resume": False,
+                                          "stop_after_epochs": None, "report_to": "none"})
+            clip = load_clip(args.model)[0].to(exp.device)
+            seed_everything(args.seed)
+            out_dir = exp.out_dir / "tune" / f"lr{point.lr:g}_wd{weight_decay:g}"
+            result = train(build(clip), exp.data.train, exp.data.val, exp.data.test,
+                           train_config(point, exp.device, out_dir, augment, exp.accelerator))
+            best = min(result.history, key=lambda row: row["val_loss"])
+            rows.append({"lr": point.lr, "weight_decay": weight_decay, "val_loss": best["val_loss"],
+                         "val_accuracy": best["val_accuracy"], "epochs_run": result.epochs_run})
+    choice = min(rows, key=lambda row: row["val_loss"])
+    args.lr, args.weight_decay = choice["lr"], choice["weight_decay"]
+    if is_main_process():
+        print(f"tuned on validation: --lr {args.lr:g} --weight-decay {args.weight_decay:g} "
+              f"({len(rows)} short runs, {time.time() - started:.1f} s)")
+    return {"tune": {"grid": rows, "choice": {"lr": args.lr, "weight_decay": args.weight_decay},
+                     "seconds": round(time.time() - started, 2)}}
 
 
 def zero_shot_history(scores: dict) -> list[dict]:

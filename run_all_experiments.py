@@ -71,6 +71,14 @@ def markdown(rows: list[dict], failed: list[str], seeds: list[int], command: str
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.4g}% | {spread(r, 'wall_time_s', 1)} |")
+    tuned = [r for r in rows if r["tune_choice"]]
+    if tuned:
+        lines += ["\n## Tuned on the validation split (--tune)\n",
+                  "Each method's grid point of lowest validation loss, chosen before its full run; the tuning "
+                  "time is part of the wall time above. Every grid point: `tune` in each metrics.json.\n",
+                  "| experiment | choice | grid points | tuning (s) | wall time in all (s) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['experiment']} | {r['tune_choice']} | {r['tune_grid_points']} | {r['tune_seconds']:.1f} | "
+                  f"{spread(r, 'wall_time_s', 1)} |" for r in tuned]
     unconverged = [r for r in rows if r["not_converged"]]
     if unconverged:
         lines.append("\n**Not converged** (compare these with care; more --epochs, or see the reason):")

@@ -309,3 +309,23 @@ def test_split_seed_draws_the_validation_split_and_seed_the_training(tmp_path, m
                tmp_path, expect_exit=0)
     metrics = metrics_of(tmp_path, "E3_shallow_vpt.py")
     assert (metrics["seed"], metrics["split_seed"]) == (1, 0) and seeds_seen == [0]
+
+
+def test_run_all_smoke_tune_records_each_methods_grid_and_choice(tmp_path):
+    """Three of the methods (every one passed this once, 144 s on a loaded 2-core machine): the probe, whose C
+    sweep is its grid, prompts with a linear head, and prompts in both towers."""
+    tuned = ["E2_linear_probe.py", "E3_shallow_vpt.py", "E5_clip_vpt.py"]
+    run_script("run_all_experiments.py", "--smoke", "--tune", "--quiet", "--noise-levels", 0, "--output-dir",
+               tmp_path, "--experiments", *(name.removesuffix(".py") for name in tuned), expect_exit=0)
+    summary = (tmp_path / "summary.md").read_text()
+    for script in tuned:
+        metrics = metrics_of(tmp_path, script)
+        tune = metrics["tune"]
+        assert tune["grid"] and tune["seconds"] >= 0, script
+        if script == "E2_linear_probe.py":
+            assert tune["choice"] == {"l2_c": metrics["l2_c"]}
+        else:
+            best = min(tune["grid"], key=lambda row: row["val_loss"])
+            assert tune["choice"] == {"lr": best["lr"], "weight_decay": best["weight_decay"]}
+            assert metrics["settings"]["lr"] == best["lr"]
+        assert f"| {script.removesuffix('.py')} | " in summary.split("## Tuned on the validation split")[1]
