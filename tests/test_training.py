@@ -73,7 +73,7 @@ def test_early_stopping_waits_while_the_training_loss_still_falls_fast(tmp_path)
     would have stopped at epoch 2; the run goes on while the training loss falls fast."""
     train_split, val = noisy_task()
     flipped = Split(val.inputs, 1 - val.labels, [])
-    result = train(Head(), train_split, flipped, flipped, config(tmp_path, patience=1, lr=3e-3, warmup_epochs=0))
+    result = train(Head(), train_split, flipped, flipped, config(tmp_path, patience=1, lr=3e-2, warmup_epochs=0))
     assert result.best_epoch == 1 and result.epochs_run > training.FALL_WINDOW + 1
     if result.epochs_run < 60:
         assert training.training_loss_fall(result.history) < training.FAST_FALL
