@@ -12,7 +12,7 @@ S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for
 
 import common
 from clip_adapt.base import is_main_process
-from clip_adapt.models import ZERO_SHOT_TEMPLATES, ImageClassifier, TextHead, load_templates
+from clip_adapt.models import ImageClassifier
 from clip_adapt.prompts import PIXEL_PROMPTERS, scaled_prompt_size
 from clip_adapt.training import train
 
@@ -31,8 +31,7 @@ def add_flags(parser):
     prompts.add_argument("--pad-size", type=int, help="padding width in pixels [default: 30 at 224 px, scaled "
                                                       "with the model's image size, e.g. 4 at 32 px]")
     prompts.add_argument("--patch-size", type=int, help="patch side in pixels [default: as --pad-size]")
-    prompts.add_argument("--head", choices=["clip", "linear"], help="clip: CLIP's text classifier (no trained "
-                         "head); linear: a linear head [default: clip for pixel prompts, linear for tokens]")
+    common.add_head_flag(prompts, default="clip for pixel prompts, linear for tokens")
     parser.set_defaults(lr=None)   # chosen by --prompt-type in main: LEARNING_RATE or PIXEL_LEARNING_RATE
     return parser
 
@@ -47,10 +46,7 @@ def pixel_prompt_size(args, image_size: int) -> int:
 
 
 def build_model(clip, tokenizer, class_names, args):
-    text_head = None
-    if head_of(args) == "clip":
-        templates = load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
-        text_head = TextHead(clip, tokenizer, class_names, templates)
+    text_head = common.text_head(clip, tokenizer, class_names, args, head_of(args))
     if args.prompt_type == "token":
         return ImageClassifier(clip, len(class_names), num_prompts=args.num_prompts, prompt_layers=[0],
                                prompt_dropout=args.prompt_dropout, head=text_head, **common.prompt_options(args))
@@ -65,6 +61,7 @@ def main():
         args.lr = LEARNING_RATE if args.prompt_type == "token" else PIXEL_LEARNING_RATE
 
     exp = common.start(common.script_name(__file__), args)
+    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     if args.prompt_type == "token":
         extra = dict(num_prompts=args.num_prompts, prompt_layers=[0],
@@ -78,7 +75,7 @@ def main():
                   f"parameters")
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    common.finish(exp, model, result, prompt_type=args.prompt_type, head=head_of(args), **extra)
+    common.finish(exp, model, result, prompt_type=args.prompt_type, head=head_of(args), **extra, **tuned)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,11 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
+    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
-    common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts)
+    common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts, **tuned)
 
 
 if __name__ == "__main__":

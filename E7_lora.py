@@ -3,7 +3,8 @@ head on the projected embedding; the text tower is untouched. Default rank 8, al
 and v_proj: 12·2·r·(768 + 768) + 2,052 = 296,964 trainable for ViT-B/16. --adapter loha|lokr|ia3 runs peft's
 other adapters on the same layers ((IA)^3: k_proj v_proj fc2 unless --target-modules says otherwise).
 The adapter is saved in peft's format to <output-dir>/E7_lora/adapter/ (with head.safetensors), and with
---save-merged a plain CLIP with the adapter merged in goes to merged/.
+--save-merged a plain CLIP with the adapter merged in goes to merged/. --head clip classifies by CLIP's frozen
+text classifier instead of a trained linear head: then only the adapter trains.
 """
 
 import common
@@ -26,6 +27,7 @@ def add_flags(parser):
                          help="the vision encoder's linear layers that get adapters "
                               "[default: q_proj v_proj; ia3: k_proj v_proj fc2]")
     adapter.add_argument("--save-merged", action="store_true", help="also save a CLIP with the adapter merged in")
+    common.add_head_flag(adapter)
     return parser
 
 
@@ -34,7 +36,8 @@ def config_of(args):
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return AdapterClassifier(clip, len(class_names), config_of(args))
+    return AdapterClassifier(clip, len(class_names), config_of(args),
+                             head=common.text_head(clip, tokenizer, class_names, args, args.head or "linear"))
 
 
 def main():
@@ -42,6 +45,7 @@ def main():
 
     config_of(args)   # bad adapter flags fail here, before the model and data load
     exp = common.start(common.script_name(__file__), args)
+    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     data = exp.data
     result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
@@ -49,7 +53,7 @@ def main():
         model.save_adapter(exp.out_dir / "adapter")
         if args.save_merged:
             model.save_merged(exp.out_dir / "merged", exp.image_processor, exp.tokenizer)
-    common.finish(exp, model, result, **adapter_settings(args))
+    common.finish(exp, model, result, head=args.head or "linear", **adapter_settings(args), **tuned)
 
 
 if __name__ == "__main__":

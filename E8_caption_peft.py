@@ -63,6 +63,9 @@ def check_flags(args) -> None:
     if args.data is None and not args.smoke:
         raise UserError("E8 needs --data: a COCO-format caption folder or a datasets dataset with images and "
                         "captions (or --smoke for a synthetic set)")
+    if args.tune:
+        raise UserError("E8 has no --tune yet: set --lr and --weight-decay yourself (its default is the study's "
+                        "recipe)")
     for name in ("prefix_tokens", "rank", "max_caption_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -84,7 +87,7 @@ def main():
     transformers.logging.set_verbosity_error()
     common.seed_everything(args.seed)   # the new layers' initial weights
     model = build_model(clip, tokenizer, [], args)
-    data = load_captions(data_source, image_processor, model.tokenizer, args.val_fraction, args.seed,
+    data = load_captions(data_source, image_processor, model.tokenizer, args.val_fraction, args.split_seed,
                          args.image_column, args.caption_column, args.test_split, args.max_caption_tokens)
     print(f"{name}: {args.model} + {args.decoder} ({args.peft}) on {device}; data {args.data}: "
           + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in data.report.items()))

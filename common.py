@@ -12,6 +12,7 @@ add_flags(common.parser(__doc__, LEARNING_RATE)), then start(), build_model, tra
 
 import argparse
 import atexit
+import copy
 import os
 import random
 import sys
@@ -27,16 +28,22 @@ from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
-from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, check_model, count_params, is_random, load_clip,
-                               load_templates, model_dims, weights_of)
+from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead, check_model, count_params,
+                               is_random, load_clip, load_templates, model_dims, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
                                   plot_closest_pairs, write_report)
 from clip_adapt.training import (PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                                 precision_used, predict_everywhere, summary_writer_class)
+                                 precision_used, predict_everywhere, summary_writer_class, train)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
+# Early stopping counts optimiser steps, not epochs: an epoch of a small data set is a few steps, and a patience
+# of 10 epochs on 136 images (50 steps) halted runs that were still improving (docs/how-a-run-works.md).
+PATIENCE_STEPS, MIN_STEPS = 200, 300
+# --tune: VPT searched rate x weight decay per task on validation; a small grid around each method's own
+# default rate, each point a short run (at most TUNE_EPOCHS, and never more than --epochs).
+TUNE_LR_FACTORS, TUNE_WEIGHT_DECAYS, TUNE_EPOCHS = (0.1, 1.0, 10.0), (0.0, 0.01), 20
 # Flags that change where or how fast a run goes, or only what its final evaluation adds, not what it trains:
 # a resumed run may differ in them.
 NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile", "checkpoint_every", "quiet",
@@ -57,6 +64,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     data.add_argument("--class-names", nargs="+", help="readable class names in label order: for integer labels "
                                                        "without names, or to replace the dataset's")
     data.add_argument("--val-fraction", type=float, default=0.15, help="share of train held out for validation")
+    data.add_argument("--split-seed", type=int, default=0, help="draws the validation split; fixed by default, so "
+                                                                "that --seed varies only initialisation and order")
     data.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images and list them")
     data.add_argument("--duplicates", default="near", choices=["exact", "near"],
                       help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
@@ -70,20 +79,32 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                                        f"architecture with random weights, the real cost without a download "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
     model.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the "
-                       "class name, or 'study' for the built-in template study: E1's zero-shot classifier and E3's "
-                       "--head clip (the other scripts use no class text) [default: the MRI templates]")
+                       "class name, or 'study' for the built-in template study: E1's zero-shot classifier and the "
+                       "--head clip of E3, E4 and E7 (the other scripts use no class text) [default: the MRI "
+                       "templates]")
 
     optimisation = p.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=int, help=f"most epochs to train [default: 500; with --smoke: "
                                                          f"{SMOKE_EPOCHS}]")
-    optimisation.add_argument("--patience", type=int, help="stop when validation loss has not improved for this "
-                                                           f"many epochs [default: 10; with --smoke: {SMOKE_PATIENCE}]")
+    optimisation.add_argument("--patience", type=int, help="stop when the smoothed validation loss has made no new "
+                              f"low for this many optimiser steps and the training loss no longer falls fast "
+                              f"[default: {PATIENCE_STEPS}; with --smoke: {SMOKE_PATIENCE}]")
+    optimisation.add_argument("--min-steps", type=int, help=f"never stop early before this many optimiser steps "
+                                                            f"[default: {MIN_STEPS}; with --smoke: 0]")
     optimisation.add_argument("--batch-size", type=int, default=32)
     optimisation.add_argument("--lr", type=float, default=lr,
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
+    optimisation.add_argument("--head-lr", type=float, help="the linear head's own peak learning rate where a "
+                              "method trains a head and prompts or adapters (E3, E4, E7) [default: --lr]")
     optimisation.add_argument("--weight-decay", type=float, default=0.01)
     optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
-    optimisation.add_argument("--seed", type=int, default=0)
+    optimisation.add_argument("--tune", action="store_true",
+                              help="first choose --lr and --weight-decay on the validation split: a grid of "
+                                   f"{len(TUNE_LR_FACTORS)} rates (the default x {TUNE_LR_FACTORS}) x "
+                                   f"{len(TUNE_WEIGHT_DECAYS)} weight decays {TUNE_WEIGHT_DECAYS}, each trained "
+                                   f"for at most {TUNE_EPOCHS} epochs; the lowest validation loss wins")
+    optimisation.add_argument("--seed", type=int, default=0, help="initial weights, batch order and augmentation "
+                                                                  "(the validation split: --split-seed)")
     optimisation.add_argument("--precision", default="auto", choices=PRECISIONS,
                               help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU runs the GPU's precision "
                                    "path")
@@ -135,6 +156,21 @@ def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N
     return p
 
 
+def add_head_flag(group: argparse._ArgumentGroup, default: str = "linear") -> None:
+    group.add_argument("--head", choices=["clip", "linear"],
+                       help=f"clip: CLIP's frozen text classifier from E1's templates (--templates), which learns "
+                            f"nothing, so that only what the method adds is credited; linear: a trained linear "
+                            f"head [default: {default}]")
+
+
+def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace, head: str) -> TextHead | None:
+    """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
+    if head != "clip":
+        return None
+    return TextHead(clip, tokenizer, class_names, load_templates(args.templates) if args.templates
+                    else ZERO_SHOT_TEMPLATES)
+
+
 def prompt_options(args: argparse.Namespace) -> dict:
     """The VisualPrompts keyword arguments chosen on the command line."""
     return {"position": args.prompt_position, "entry": args.prompt_entry, "init": args.prompt_init}
@@ -158,17 +194,23 @@ class Experiment:
         return Path(self.args.output_dir) / "cache"
 
     def train_config(self, augment: bool = True) -> TrainConfig:
-        a = self.args
-        settings = {k: v for k, v in sorted(vars(a).items()) if k not in NOT_SETTINGS}
-        return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
-                           weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
-                           device=self.device, checkpoint_dir=self.out_dir / "checkpoint", augment=augment,
-                           resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
-                           checkpoint_every=a.checkpoint_every, settings=settings, accelerator=self.accelerator,
-                           tensorboard_dir=self.out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
+        return train_config(self.args, self.device, self.out_dir, augment, self.accelerator)
 
     def maybe_compile(self, model: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(model) if self.args.compile else model
+
+
+def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, augment: bool = True,
+                 accelerator=None) -> TrainConfig:
+    """The training loop's settings from the command line; checkpoints go to out_dir/checkpoint."""
+    settings = {k: v for k, v in sorted(vars(a).items()) if k not in NOT_SETTINGS}
+    return TrainConfig(epochs=a.epochs, patience=a.patience, batch_size=a.batch_size, lr=a.lr,
+                       weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs, seed=a.seed,
+                       device=device, checkpoint_dir=out_dir / "checkpoint", augment=augment,
+                       resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
+                       checkpoint_every=a.checkpoint_every, settings=settings, accelerator=accelerator,
+                       min_steps=a.min_steps, head_lr=a.head_lr,
+                       tensorboard_dir=out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -179,13 +221,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.epochs is None:
         args.epochs = SMOKE_EPOCHS if args.smoke else 500
     if args.patience is None:
-        args.patience = SMOKE_PATIENCE if args.smoke else 10
+        args.patience = SMOKE_PATIENCE if args.smoke else PATIENCE_STEPS
+    if args.min_steps is None:
+        args.min_steps = 0 if args.smoke else MIN_STEPS
+
     def flag(name):
         return "--" + name.replace("_", "-")
     for name in ("epochs", "patience", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"{flag(name)} must be at least 1")
-    for name in ("num_prompts", "num_text_prompts", "weight_decay"):
+    for name in ("num_prompts", "num_text_prompts", "weight_decay", "min_steps"):
         if getattr(args, name, 0) < 0:
             raise UserError(f"{flag(name)} must not be negative")
     if args.report_to == "tensorboard":
@@ -194,8 +239,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--threads must be at least 1")
     if args.checkpoint_every < 0:
         raise UserError("--checkpoint-every must not be negative")
-    if args.lr is not None and args.lr <= 0:
-        raise UserError("--lr must be positive")
+    for name in ("lr", "head_lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"{flag(name)} must be positive")
     if not 0 <= getattr(args, "prompt_dropout", 0) < 1:
         raise UserError("--prompt-dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
@@ -294,7 +340,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
         hub.notice_offline()
     clip, image_processor, tokenizer = load_clip(args.model, device)
     with timing.phase("loading"):
-        data = load_data(args.data, image_processor, args.val_fraction, args.seed,
+        data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
                          skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                          image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
                          class_names=args.class_names, duplicates=args.duplicates)
@@ -309,6 +355,37 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
                       started, accelerator)
+
+
+def tune(exp: Experiment, build, augment: bool = True) -> dict:
+    """With --tune, trains `build(clip)` (a fresh copy of the CLIP each time) at every point of the grid for a
+    short budget, sets args.lr and args.weight_decay to the point of lowest validation loss, and returns what
+    metrics.json records: the grid, the choice and the seconds it took. Test data steers nothing: it is
+    recorded by the loop but never read here. Without --tune: {}."""
+    args = exp.args
+    if not args.tune:
+        return {}
+    started, rows = time.time(), []
+    for factor in TUNE_LR_FACTORS:
+        for weight_decay in TUNE_WEIGHT_DECAYS:
+            point = argparse.Namespace(**{**vars(args), "lr": args.lr * factor, "weight_decay": weight_decay,
+                                          "epochs": min(args.epochs, TUNE_EPOCHS), "resume": False,
+                                          "stop_after_epochs": None, "report_to": "none"})
+            clip = copy.deepcopy(exp.clip)   # every point starts from the same weights (random:<arch> too)
+            seed_everything(args.seed)
+            out_dir = exp.out_dir / "tune" / f"lr{point.lr:g}_wd{weight_decay:g}"
+            result = train(build(clip), exp.data.train, exp.data.val, exp.data.test,
+                           train_config(point, exp.device, out_dir, augment, exp.accelerator))
+            best = min(result.history, key=lambda row: row["val_loss"])
+            rows.append({"lr": point.lr, "weight_decay": weight_decay, "val_loss": best["val_loss"],
+                         "val_accuracy": best["val_accuracy"], "epochs_run": result.epochs_run})
+    choice = min(rows, key=lambda row: row["val_loss"])
+    args.lr, args.weight_decay = choice["lr"], choice["weight_decay"]
+    if is_main_process():
+        print(f"tuned on validation: --lr {args.lr:g} --weight-decay {args.weight_decay:g} "
+              f"({len(rows)} short runs, {time.time() - started:.1f} s)")
+    return {"tune": {"grid": rows, "choice": {"lr": args.lr, "weight_decay": args.weight_decay},
+                     "seconds": round(time.time() - started, 2)}}
 
 
 def zero_shot_history(scores: dict) -> list[dict]:
@@ -355,10 +432,13 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "test_accuracy_ci95": bootstrap_interval(correct, args.seed),
         "best_epoch": result.best_epoch if result else 0,
         "epochs_run": result.epochs_run if result else 0,
+        "converged": result.converged if result else True,
+        "convergence_reason": result.convergence_reason if result else "nothing is trained",
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "weights": weights_of(args.model), "data": args.data, "seed": args.seed,
+        "split_seed": args.split_seed,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),

@@ -43,8 +43,9 @@ def experiment_name(name: str) -> str:
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of this script alone; every other flag goes on to the experiments."""
     group = p.add_argument_group("this run")
-    group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per seed; summary: "
-                                                            "mean ± std")
+    group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per training seed (--seed: "
+                                                            "initialisation and batch order; the validation split "
+                                                            "stays --split-seed's); summary: mean ± std")
     group.add_argument("--experiments", nargs="+", type=experiment_name, default=list(SCRIPTS),
                        metavar="NAME", help=f"a subset to run, by name or number (E4): {', '.join(SCRIPTS)}")
     return add_launcher_flags(p)
@@ -72,10 +73,18 @@ def random_weights_banner(model: str) -> str:
             f"nothing about CLIP.\n")
 
 
+def converged(row: dict) -> str:
+    if not row["not_converged"]:
+        return "yes"
+    return "**no**" if row["runs"] == 1 else f"**no** in {row['not_converged']} of {row['runs']}"
+
+
 def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command: str, run: dict) -> str:
-    """run: what run.json records (model, data, weights, study_data)."""
+    """run: what run.json records (model, data, weights, study_data, split_seed)."""
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
-    interval = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else "[95% bootstrap interval over test images]"
+    interval = (f"mean ± std over training seeds {seeds} (initialisation and batch order; one validation split, "
+                f"--split-seed {run['split_seed']})" if len(seeds) > 1
+                else "[95% bootstrap interval over test images]")
     study = run["study_data"] and run["weights"] != "random"
     lines = [f"# Summary: `{run['model']}` on `{run['data']}`\n", f"`{command}`\n"]
     if run["weights"] == "random":
@@ -84,15 +93,29 @@ def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command
               f"reported (convergence speed)." + (" 'Study' is the accuracy the reproduced study reported, not "
                                                    "measured here." if study else "") + "\n",
               "| experiment | test accuracy | " + ("study | " if study else "") + "macro-F1 | balanced acc. | ECE | "
-              "train acc. | best epoch | epochs run | trainable params | share of total | wall time (s) |",
-              "|---|" + "---|" * (11 if study else 10)]
+              "train acc. | best epoch | epochs run | converged | trainable params | share of total | "
+              "wall time (s) |",
+              "|---|" + "---|" * (12 if study else 11)]
     for r in rows:
         lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | " +
                      (f"{study_accuracy(r['experiment'])} | " if study else "") +
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
-                     f"{r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | {spread(r, 'wall_time_s', 1)} |")
+                     f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | "
+                     f"{spread(r, 'wall_time_s', 1)} |")
+    tuned = [r for r in rows if r["tune_choice"]]
+    if tuned:
+        lines += ["\n## Tuned on the validation split (--tune)\n",
+                  "Each method's grid point of lowest validation loss, chosen before its full run; the tuning "
+                  "time is part of the wall time above. Every grid point: `tune` in each metrics.json.\n",
+                  "| experiment | choice | grid points | tuning (s) | wall time in all (s) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['experiment']} | {r['tune_choice']} | {r['tune_grid_points']} | {r['tune_seconds']:.1f} | "
+                  f"{spread(r, 'wall_time_s', 1)} |" for r in tuned]
+    unconverged = [r for r in rows if r["not_converged"]]
+    if unconverged:
+        lines.append("\n**Not converged** (compare these with care; more --epochs, or see the reason):")
+        lines += [f"- {r['experiment']}: {r['convergence_reasons']}" for r in unconverged]
     if noise:
         lines += ["\n## Test accuracy under Gaussian pixel noise (sigma on [0, 1] pixels)\n",
                   "| experiment | " + " | ".join(f"sigma {k.rsplit('_', 1)[1]}" for k in noise) + " |",
@@ -200,7 +223,7 @@ def main():
     command = " ".join(["python", *sys.argv])
     run = {"command": command, "model": args.model, "data": args.data,
            "weights": weights_of(args.model),
-           "study_data": is_study_data(args.data),
+           "study_data": is_study_data(args.data), "split_seed": args.split_seed,
            "experiments": [folder.relative_to(out_dir).as_posix() for folder in finished], "failed": failed}
     if rows:
         write_csv(out_dir / "summary.csv", rows)

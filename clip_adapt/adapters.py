@@ -78,9 +78,11 @@ class AdapterClassifier(Classifier):
     Base weights are frozen and, like the frozen towers of E2–E4, stay in eval mode while training; only the
     adapter layers follow train()/eval(), so that their own dropout is on in training and off in evaluation."""
 
-    def __init__(self, clip: CLIPModel, num_classes: int, config=None, adapter_dir: Path | None = None):
+    def __init__(self, clip: CLIPModel, num_classes: int, config=None, adapter_dir: Path | None = None,
+                 head: torch.nn.Module | None = None):
         """Fresh adapters from `config` (peft_config() by default), or, with `adapter_dir`, the adapter and head
-        that save_adapter wrote, loaded with PeftModel.from_pretrained for predictions (nothing trainable)."""
+        that save_adapter wrote, loaded with PeftModel.from_pretrained for predictions (nothing trainable).
+        head: in place of the linear head (TextHead: CLIP's frozen text classifier, which learns nothing)."""
         from peft import PeftModel, get_peft_model
         super().__init__()
         freeze(clip)
@@ -92,7 +94,7 @@ class AdapterClassifier(Classifier):
         # Not a registered submodule: it holds the text tower too, which this classifier does not use.
         object.__setattr__(self, "peft_model", peft_model)
         self.vision, self.projection = clip.vision_model, clip.visual_projection
-        self.head = Fp32Linear(clip.config.projection_dim, num_classes)
+        self.head = head if head is not None else Fp32Linear(clip.config.projection_dim, num_classes)
         if adapter_dir is not None:
             from safetensors.torch import load_file
             self.head.load_state_dict(load_file(Path(adapter_dir) / "head.safetensors"))
@@ -108,6 +110,10 @@ class AdapterClassifier(Classifier):
                 module.train(mode)
                 module.get_base_layer().eval()
         return self
+
+    def disabled(self):
+        """A context without the adapters: the frozen tower as it was (peft's disable_adapter)."""
+        return self.peft_model.disable_adapter()
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.projection(self.vision(pixel_values=pixels).pooler_output)

@@ -131,12 +131,13 @@ def finish_captioning(exp, model: Captioner, result, score_clip, score_processor
         "val_loss": best.get("val_loss"), "test_loss": best.get("test_loss"),
         "val_token_accuracy": best.get("val_accuracy"), "test_token_accuracy": best.get("test_accuracy"),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "converged": result.converged, "convergence_reason": result.convergence_reason,
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "trainable_by_part": model.trainable_counts(),
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "decoder": args.decoder, "clipscore_model": args.clipscore_model or args.model,
-        "data": args.data, "seed": args.seed, "num_beams": args.num_beams, **exp.data.report, **extra,
+        "data": args.data, "seed": args.seed, "split_seed": args.split_seed, "num_beams": args.num_beams, **exp.data.report, **extra,
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
     if not is_main_process():

@@ -42,6 +42,9 @@ class VisualPrompts(nn.Module):
 
     init: "normal" draws N(0, 0.02) as MaPLe and IVLP do (the default); "xavier" is VPT's uniform bound
     sqrt(6 / (3·patch² + width)).
+
+    removed(): a context in which the hooks pass every layer's input through untouched, so the tower computes
+    exactly what it computes without prompts (a zero prompt would still take part in attention).
     """
 
     def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
@@ -65,6 +68,7 @@ class VisualPrompts(nn.Module):
             nn.init.uniform_(prompts, -bound, bound)
         self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)
+        self._removed = False
         for index, layer in enumerate(self.layers):
             if index == 0 and self.entry == "pre-ln":
                 vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
@@ -72,7 +76,17 @@ class VisualPrompts(nn.Module):
                 vision_model.encoder.layers[layer].register_forward_pre_hook(
                     partial(self._put_prompts, index, index == 0), with_kwargs=True)
 
+    @contextlib.contextmanager
+    def removed(self):
+        self._removed = True
+        try:
+            yield
+        finally:
+            self._removed = False
+
     def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
+        if self._removed:
+            return None
         hidden = args[0]
         # Expanded before dropout, so that every image draws its own mask, as in VPT.
         prompts = self.dropout(self.prompts[index].expand(hidden.shape[0], -1, -1)).to(hidden.dtype)

@@ -133,6 +133,13 @@ def csv_table(path: Path) -> str:
             "</table>")
 
 
+def convergence_text(metrics: dict) -> str:
+    """'yes' or 'NOT CONVERGED', with the reason; runs from before the flag existed say 'not recorded'."""
+    if "converged" not in metrics:
+        return "not recorded"
+    return f"{'yes' if metrics['converged'] else 'NOT CONVERGED'}: {metrics['convergence_reason']}"
+
+
 def run_section(folder: Path, title: str) -> str:
     m = json.loads((folder / "metrics.json").read_text())
     low, high = m["test_accuracy_ci95"]
@@ -141,6 +148,7 @@ def run_section(folder: Path, title: str) -> str:
              ("ECE", f"{m['test_ece']:.4f}"),
              ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
              ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}"),
+             ("converged", convergence_text(m)),
              ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,}"),
              ("wall time", f"{m['wall_time_s']:.1f} s on {m['device']}"), ("model", m["model"])]
     parts = [f'<h2 id="{html.escape(title)}">{html.escape(title)}</h2>',

@@ -186,13 +186,21 @@ def error_line():
 def aggregate(name: str, runs: list[dict]) -> dict:
     """One summary row from the metrics of one experiment's runs (one per seed): mean and std of each metric."""
     row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
-           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"]}
+           "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"],
+           "not_converged": sum(not r.get("converged", True) for r in runs),
+           "convergence_reasons": " | ".join(sorted({r["convergence_reason"] for r in runs
+                                                     if not r.get("converged", True)}))}
     for metric in METRICS:
         values = np.array([r[metric] for r in runs], dtype=float)
         row[f"{metric}_mean"] = float(values.mean())
         row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""
     row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] = (runs[0]["test_accuracy_ci95"]
                                                                      if len(runs) == 1 else ("", ""))
+    tuned = [r["tune"] for r in runs if "tune" in r]
+    row["tune_choice"] = " | ".join(dict.fromkeys(", ".join(f"{k} {v:g}" for k, v in t["choice"].items())
+                                                  for t in tuned))
+    row["tune_grid_points"] = len(tuned[0]["grid"]) if tuned else ""
+    row["tune_seconds"] = float(np.mean([t["seconds"] for t in tuned])) if tuned else ""
     for sigma in runs[0]["robustness"]:
         row[f"test_accuracy_noise_{sigma}"] = float(np.mean([r["robustness"][sigma] for r in runs]))
     return row

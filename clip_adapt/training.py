@@ -1,5 +1,5 @@
-"""The training loop shared by E2–E7: validation-based early stopping, timed checkpoints, exact resume (mid-epoch
-included)."""
+"""The training loop shared by E2–E7: validation-based early stopping that lets a still-learning run go on, a
+verdict on whether it converged, timed checkpoints, exact resume (mid-epoch included)."""
 
 import contextlib
 import hashlib
@@ -20,7 +20,7 @@ from clip_adapt.data import Split
 from clip_adapt.progress import progress_bar, say
 
 
-RESUME_FORMAT = 2   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
+RESUME_FORMAT = 3   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
 
 
 class TrainingStopped(Exception):
@@ -30,7 +30,7 @@ class TrainingStopped(Exception):
 @dataclass
 class TrainConfig:
     epochs: int
-    patience: int
+    patience: int                            # optimiser steps without improvement of the smoothed validation loss
     batch_size: int
     lr: float
     weight_decay: float
@@ -46,6 +46,8 @@ class TrainConfig:
     tensorboard_dir: Path | None = None      # --report-to tensorboard: per-epoch scalars go here
     settings: dict = field(default_factory=dict)   # what a resumed run must share with the one it continues
     accelerator: object = None   # an accelerate.Accelerator: with several processes, each trains on its shard
+    min_steps: int = 0                       # no early stop before this many optimiser steps
+    head_lr: float | None = None             # the rate of parameters under `head.` when it differs from `lr`
 
 
 @dataclass
@@ -53,6 +55,8 @@ class TrainResult:
     history: list[dict]
     best_epoch: int
     epochs_run: int
+    converged: bool = True
+    convergence_reason: str = ""
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -154,6 +158,17 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
             params[name].copy_(value)
 
 
+def parameter_groups(model: torch.nn.Module, head_lr: float | None) -> list:
+    """The trainable parameters, for the optimiser; with head_lr, a model's `head` gets its own rate: a linear
+    head and prompts or adapters may want different ones."""
+    trainable = [(name, p) for name, p in getattr(model, "_orig_mod", model).named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [p for _, p in trainable]
+    head = [p for name, p in trainable if name.startswith("head.")]
+    rest = [p for name, p in trainable if not name.startswith("head.")]
+    return [group for group in ({"params": rest}, {"params": head, "lr": head_lr}) if group["params"]]
+
+
 def brings_own_loss(model: torch.nn.Module) -> bool:
     """A model with `own_loss = True` (the captioner) takes (inputs, targets) and returns (mean loss, number of
     correct predictions) itself; any other model returns logits, scored by cross-entropy against class labels."""
@@ -194,7 +209,7 @@ def own_loss_and_accuracy(model: torch.nn.Module, split, batch_size: int, device
 
 class Schedule:
     """Linear warm-up over `warmup_steps` optimiser steps, then the rate is cut by PLATEAU_FACTOR whenever the
-    validation loss has not improved for a third of the early-stopping patience.
+    validation loss has not improved for `plateau_epochs` (a third of the early-stopping patience).
 
     Why not a cosine over --epochs: with early stopping, a run stops long before the cosine's horizon (30–50
     of 500 epochs), so it trained at 97–99% of the peak rate throughout, and changing --epochs changed the
@@ -203,11 +218,11 @@ class Schedule:
     """
     PLATEAU_FACTOR = 0.3
 
-    def __init__(self, optimizer, warmup_steps: int, patience: int):
+    def __init__(self, optimizer, warmup_steps: int, plateau_epochs: int):
         self.warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps)
                        if warmup_steps else None)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=self.PLATEAU_FACTOR, patience=max(1, patience // 3), threshold=0)
+            optimizer, factor=self.PLATEAU_FACTOR, patience=max(1, plateau_epochs), threshold=0)
 
     def after_step(self):
         if self.warmup is not None:
@@ -268,7 +283,48 @@ class Progress:
     best_state: dict | None = None
     best_val_loss: float = math.inf
     best_epoch: int = 0
-    bad_epochs: int = 0
+    steps: int = 0                      # optimiser steps taken
+    smoothed_val_loss: float | None = None
+    best_smoothed_val_loss: float = math.inf
+    improved_at_step: int = 0           # when the smoothed validation loss last reached a new low
+
+
+# Early stopping watches a smoothed validation loss, so that one lucky or unlucky epoch on a small validation
+# split neither resets nor ends the wait, and never stops a run whose training loss still falls fast.
+SMOOTHING = 0.3          # the newest epoch's weight in the exponential moving average of the validation loss
+FAST_FALL = 0.01         # a fall of more than 1% of the first epoch's training loss per epoch: still learning
+FALL_WINDOW = 3          # epochs over which that fall is measured
+
+
+def training_loss_fall(history: list[dict]) -> float:
+    """How fast the training loss still falls: per epoch over the last FALL_WINDOW epochs, as a share of the
+    first epoch's; infinite while there are too few epochs to tell."""
+    losses = [row["train_loss"] for row in history]
+    if len(losses) <= FALL_WINDOW or losses[0] <= 0:
+        return math.inf
+    return (losses[-1 - FALL_WINDOW] - losses[-1]) / FALL_WINDOW / losses[0]
+
+
+def plateaued(progress: Progress, config: TrainConfig) -> bool:
+    return progress.steps - progress.improved_at_step >= config.patience
+
+
+def should_stop(progress: Progress, config: TrainConfig) -> bool:
+    return (progress.steps >= config.min_steps and plateaued(progress, config)
+            and training_loss_fall(progress.history) < FAST_FALL)
+
+
+def convergence(progress: Progress, config: TrainConfig) -> tuple[bool, str]:
+    """Whether the run ended because it stopped learning, and why it did or did not."""
+    fall, waited = training_loss_fall(progress.history), progress.steps - progress.improved_at_step
+    falling = "still falling" if fall >= FAST_FALL else "falling"
+    if not plateaued(progress, config):
+        return False, (f"hit the epoch cap ({config.epochs}) while the smoothed validation loss still fell (last new "
+                       f"low {waited} of a patience of {config.patience} optimiser steps before the end)")
+    if fall >= FAST_FALL:
+        return False, f"hit the epoch cap ({config.epochs}) with the training loss {falling} {fall:.1%} per epoch"
+    return True, (f"the smoothed validation loss made no new low for {waited} optimiser steps (patience "
+                  f"{config.patience}); training loss {falling} {max(fall, 0):.2%} per epoch")
 
 
 class ResumeState:
@@ -367,15 +423,19 @@ class ResumeState:
         self.last_write = time.monotonic()
 
     def end_epoch(self, row: dict) -> None:
-        """The epoch's row joins the history; the best validation loss so far keeps its weights."""
+        """The epoch's row joins the history; the best validation loss so far keeps its weights; the smoothed
+        validation loss dates the last improvement that early stopping waits on."""
         progress = self.progress
         progress.history.append(row)
         if row["val_loss"] < progress.best_val_loss:
             progress.best_state, progress.best_val_loss, progress.best_epoch = (trainable_state(self.model),
                                                                                 row["val_loss"], row["epoch"])
-            progress.bad_epochs, self.best_is_current = 0, True
-        else:
-            progress.bad_epochs += 1
+            self.best_is_current = True
+        previous = progress.smoothed_val_loss
+        progress.smoothed_val_loss = (row["val_loss"] if previous is None
+                                      else SMOOTHING * row["val_loss"] + (1 - SMOOTHING) * previous)
+        if progress.smoothed_val_loss < progress.best_smoothed_val_loss:
+            progress.best_smoothed_val_loss, progress.improved_at_step = progress.smoothed_val_loss, progress.steps
         progress.epoch, progress.batch, progress.loss_sum, progress.correct = row["epoch"] + 1, 0, 0.0, 0.0
 
     def write_best(self) -> None:
@@ -400,11 +460,12 @@ class ResumeState:
 
 
 def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, config: TrainConfig) -> TrainResult:
-    """Trains the parameters with requires_grad until validation loss stops improving for `patience`
-    epochs (at most `epochs`), then loads the weights of the best validation epoch into the model.
-    Test loss and accuracy are recorded every epoch for the curves; they never steer anything. A model that
-    brings its own loss (brings_own_loss: E8's captioner, next-token loss and accuracy) is trained and
-    evaluated on it, with the same schedule, early stopping, checkpoints and resume.
+    """Trains the parameters with requires_grad until the smoothed validation loss has made no new low for
+    `patience` optimiser steps, after at least `min_steps`, while the training loss no longer falls fast (or
+    until `epochs`), then loads the weights of the best validation epoch into the model and says whether the
+    run converged. Test loss and accuracy are recorded every epoch for the curves; they never steer anything.
+    A model that brings its own loss (brings_own_loss: E8's captioner, next-token loss and accuracy) is trained
+    and evaluated on it, with the same schedule, early stopping, checkpoints and resume.
 
     The resume state (ResumeState) may be written mid-epoch; --resume then redraws that epoch's batch order
     and goes on from the next batch, so a resumed run equals an uninterrupted one.
@@ -427,13 +488,14 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         from accelerate.utils import set_seed
         set_seed(config.seed, device_specific=True)
     train_split = train_split.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise UserError("nothing to train: every parameter of this model is frozen (e.g. --num-prompts 0 with "
                         "--head clip); give it prompts, a trainable head or an adapter")
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.head_lr), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
-    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch), config.patience)
+    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch),
+                        round(config.patience / 3 / steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
     checkpoint = ResumeState(config, model, optimizer, schedule, generator)
     progress = checkpoint.restore()
@@ -457,7 +519,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         if config.tensorboard_dir and checkpoint.is_main else None
     with (stop_requests() if processes == 1 else contextlib.nullcontext([])) as stop, \
             contextlib.closing(board) if board else contextlib.nullcontext(), timing.phase("training"):
-        while progress.epoch <= config.epochs and progress.bad_epochs < config.patience:
+        while progress.epoch <= config.epochs and not should_stop(progress, config):
             epoch = progress.epoch
             if progress.batch == 0:
                 progress.epoch_generator = generator.get_state()
@@ -497,6 +559,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                     loss_sum += loss.detach() * len(batch)
                     correct += right
                 progress.batch += 1
+                progress.steps += 1
                 checkpoint.stepped()
                 if processes == 1 and (stop or checkpoint.due()):
                     save_mid_epoch()
@@ -527,7 +590,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             schedule.after_epoch(row["val_loss"])
             epochs_this_run += 1
 
-            finished = progress.epoch > config.epochs or progress.bad_epochs >= config.patience
+            finished = progress.epoch > config.epochs or should_stop(progress, config)
             stop_asked = config.stop_after_epochs and epochs_this_run >= config.stop_after_epochs
             if finished or stop_asked or checkpoint.due():
                 checkpoint.write()
@@ -536,7 +599,10 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                                       f"rerun with --resume to continue")
 
     checkpoint.load_best()
-    return TrainResult(progress.history, progress.best_epoch, len(progress.history))
+    converged, reason = convergence(progress, config)
+    if not converged:
+        say(f"not converged: {reason}")
+    return TrainResult(progress.history, progress.best_epoch, len(progress.history), converged, reason)
 
 
 def summary_writer_class():

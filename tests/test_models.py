@@ -209,9 +209,11 @@ def test_zero_prompts_give_exactly_the_frozen_embeddings(clip_parts):
         prompted = ImageClassifier(copy.deepcopy(clip), 4)
         from clip_adapt.prompts import VisualPrompts
         VisualPrompts(prompted.vision, 0, layers)
-        assert torch.equal(prompted.embed(pixels), plain_image)
+        # Through the hooks' concatenations, another path: equal to float rounding (bit for bit on one CPU only).
+        torch.testing.assert_close(prompted.embed(pixels), plain_image, rtol=1e-6, atol=1e-6)
         e5 = PromptedCLIP(clip, tokenizer, CLASS_NAMES, num_prompts=0, num_text_prompts=2)
-        assert torch.equal(clip.get_image_features(pixel_values=pixels).pooler_output, plain_image)
+        torch.testing.assert_close(clip.get_image_features(pixel_values=pixels).pooler_output, plain_image,
+                                   rtol=1e-6, atol=1e-6)
         # Outside E5's own forward, the text tower is CLIP's own.
         assert torch.equal(clip.get_text_features(**tokenizer(CLASS_NAMES, padding=True, return_tensors="pt"))
                            .pooler_output, plain_text)
@@ -361,3 +363,46 @@ def test_prompt_dropout_draws_a_mask_per_image(clip_parts):
     torch.manual_seed(0)
     logits = model(pixels)
     assert len({tuple(row.tolist()) for row in logits.detach()}) > 1
+
+
+@pytest.mark.parametrize("layers", [[0], [0, 1, 2]])
+def test_removed_prompts_leave_exactly_the_frozen_tower_and_come_back(clip_parts, layers):
+    """Removed, not zeroed: a zero prompt still takes part in attention; a removed one is not there at all."""
+    clip, image_processor, _ = clip_parts
+    pixels = tiny_batch(image_processor)
+    with torch.no_grad():
+        plain = clip.get_image_features(pixel_values=pixels).pooler_output
+        model = ImageClassifier(clip, 4, num_prompts=2, prompt_layers=layers).eval()
+        model.prompts.prompts.zero_()
+        zeroed = model.embed(pixels)
+        with model.prompts.removed():
+            torch.testing.assert_close(model.embed(pixels), plain, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(zeroed, plain, atol=1e-4)
+        assert torch.equal(model.embed(pixels), zeroed)   # back after the context: same path, same inputs
+
+
+def test_a_disabled_adapter_leaves_the_frozen_tower(clip_parts):
+    from clip_adapt.adapters import AdapterClassifier
+    clip, image_processor, _ = clip_parts
+    pixels = tiny_batch(image_processor)
+    with torch.no_grad():
+        plain = clip.get_image_features(pixel_values=pixels).pooler_output
+        model = AdapterClassifier(clip, 4).eval()
+        for name, p in model.vision.named_parameters():
+            if "lora_B" in name:
+                p.normal_()   # peft starts B at zero: make the adapter change something
+        assert not torch.allclose(model.embed(pixels), plain, atol=1e-4)
+        with model.disabled():
+            torch.testing.assert_close(model.embed(pixels), plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["E3_shallow_vpt", "E4_deep_vpt", "E7_lora"])
+def test_with_the_frozen_clip_head_only_the_prompts_or_adapter_train(clip_parts, name):
+    from clip_adapt.models import TextHead
+    from clip_adapt.runner import experiment_scripts
+    clip, _, tokenizer = clip_parts
+    script = next(s for s in experiment_scripts() if s.name == name)
+    model = script.build_model(clip, tokenizer, list(CLASS_NAMES), script.default_args("--smoke", "--head", "clip"))
+    assert isinstance(model.head, TextHead) and not list(model.head.parameters())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("prompts" in n or "lora_" in n for n in trainable), trainable

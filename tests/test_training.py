@@ -45,7 +45,7 @@ class Head(torch.nn.Module):
 
 
 def config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(epochs=60, patience=9, batch_size=8, lr=0.05, weight_decay=0.0, warmup_epochs=2, seed=0,
+    values = dict(epochs=60, patience=54, batch_size=8, lr=0.05, weight_decay=0.0, warmup_epochs=2, seed=0,
                   device=torch.device("cpu"), checkpoint_dir=tmp_path, augment=False)
     return TrainConfig(**{**values, **overrides})
 
@@ -69,6 +69,33 @@ def test_learning_rate_decays_on_plateau_and_does_not_depend_on_the_epoch_cap(tm
     cuts = learning_rate_cuts(history)
     assert cuts and all(by_epoch[e] == pytest.approx(by_epoch[e - 1] * training.Schedule.PLATEAU_FACTOR) for e in cuts)
     assert cuts == [e for e in by_epoch if e - 1 in by_epoch and by_epoch[e] < by_epoch[e - 1]]
+    assert results[60].converged and "no new low" in results[60].convergence_reason
+
+
+def test_a_run_stopped_by_the_epoch_cap_while_improving_says_it_did_not_converge(tmp_path):
+    train_split, val = noisy_task()
+    result = train(Head(), train_split, val, val, config(tmp_path, epochs=3, lr=1e-3))
+    assert result.epochs_run == 3 and not result.converged
+    assert "hit the epoch cap (3)" in result.convergence_reason
+
+
+def test_early_stopping_waits_while_the_training_loss_still_falls_fast(tmp_path):
+    """Validation labels flipped: the validation loss rises as the model learns, so a patience of one step
+    would have stopped at epoch 2; the run goes on while the training loss falls fast."""
+    train_split, val = noisy_task()
+    flipped = Split(val.inputs, 1 - val.labels, [])
+    result = train(Head(), train_split, flipped, flipped, config(tmp_path, patience=1, lr=3e-2, warmup_epochs=0))
+    assert result.best_epoch == 1 and result.epochs_run > training.FALL_WINDOW + 1
+    if result.epochs_run < 60:
+        assert training.training_loss_fall(result.history) < training.FAST_FALL
+    else:
+        assert not result.converged and "training loss still falling" in result.convergence_reason
+
+
+def test_no_early_stop_before_the_minimum_number_of_steps(tmp_path):
+    train_split, val = noisy_task()
+    result = train(Head(), train_split, val, val, config(tmp_path, patience=6, min_steps=20 * 6))
+    assert result.epochs_run >= 20
 
 
 def test_resume_state_is_written_on_the_interval_not_every_epoch(tmp_path, monkeypatch):
@@ -118,6 +145,7 @@ def test_sigterm_mid_epoch_writes_a_resume_state_that_continues_exactly(tmp_path
     model = Head()
     resumed = train(model, train_split, val, val, config(tmp_path / "parts", epochs=8, patience=8, resume=True))
     assert resumed.history == whole.history and resumed.best_epoch == whole.best_epoch
+    assert (resumed.converged, resumed.convergence_reason) == (whole.converged, whole.convergence_reason)
 
 
 def test_an_old_resume_state_is_refused_with_a_message(tmp_path):
@@ -125,3 +153,22 @@ def test_an_old_resume_state_is_refused_with_a_message(tmp_path):
     train_split, val = noisy_task()
     with pytest.raises(UserError, match="older version.*without --resume"):
         train(Head(), train_split, val, val, config(tmp_path, resume=True))
+
+
+class Prompted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_head_lr_gives_the_head_its_own_rate(tmp_path):
+    train_split, val = noisy_task()
+    model = Prompted()
+    head, body = model.head.weight.detach().clone(), model.body.weight.detach().clone()
+    train(model, train_split, val, val, config(tmp_path, epochs=2, head_lr=0.0, weight_decay=0.01))
+    assert torch.equal(model.head.weight, head)   # a rate of 0: not one step, weight decay included
+    assert not torch.equal(model.body.weight, body)
