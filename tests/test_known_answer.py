@@ -30,13 +30,6 @@ RUN_FLAGS = ("--noise-levels", "0", "--device", "cpu", "--epochs", "60")
 FULL_FINETUNE_LR = "3e-4"
 
 
-@pytest.fixture(scope="session")
-def known_answer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("known_answer")
-    measured = known_answer.build(directory, verbose=False)
-    return directory, measured
-
-
 # bf16 autocast on a CPU is about three times slower than fp32; its subset covers each path where precision
 # matters: CLIP's similarities (E1, E5), an fp32 head on a frozen tower (E2) and a whole tower trained (E6).
 RUNS = {"fp32": TRAINED, "bf16": ("E2_linear_probe", "E5_clip_vpt", "E6_full_finetune")}
