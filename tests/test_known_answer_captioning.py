@@ -16,7 +16,7 @@ import pytest
 
 from tools import known_answer
 
-CIDER_AT_LEAST = 6.0   # CIDEr-D on pycocoevalcap's scale (x10); measured 6.72-7.12 over seeds 0-4, every method
+CIDER_AT_LEAST = 6.0   # CIDEr-D (pycocoevalcap; at most 10); measured 6.72-7.12 over seeds 0-4, every method
 FAR_ABOVE = 3          # times the better baseline of the same run; both baselines measured 1.37
 NAMED_RIGHT_AT_LEAST = {"shape": 0.8, "colour": 0.8}   # measured 0.91-1.0 and 1.0; position: chance (the docs)
 
