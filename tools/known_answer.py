@@ -20,7 +20,7 @@ position random): CLIP saw shapes only inside whole captions and was never train
 For captioning it also writes a COCO-format caption set of the same world ("a red circle in the top left"; a
 quarter of the combinations only in test) and a tiny GPT-2 pretrained on caption text, for E8:
 
-    python E8_caption_peft.py --model known_answer/clip --decoder known_answer/decoder \
+    python E8_caption_peft.py --model known_answer/clip --decoder known_answer/decoder \\
         --data known_answer/captions --peft adapter --epochs 10 --lr 3e-3 --patience 1000
 
 What it proves: each method learns from features that carry signal (zero-shot above chance; prompts, heads,
