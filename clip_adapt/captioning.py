@@ -60,11 +60,19 @@ def cider_tokens(text: str) -> str:
 # --------------------------------------------------------------------------- the model
 
 class BottleneckAdapter(nn.Module):
-    """down, GELU, up, residual, dropout; applied twice with the same weights (the study's adapter)."""
+    """down, GELU, up, residual, dropout; applied twice with the same weights (the study's adapter).
+
+    The up-projection starts at zero, so that the untrained adapter is the identity and the decoder starts as the
+    language model it was: Houlsby et al. 2019's near-identity initialisation (as LoRA zeroes B). With PyTorch's
+    default initialisation instead, the up-projection's random bias shifted every layer's residual stream: on
+    the known-answer decoder (width 64, bottleneck 2) the untrained captioner wrote empty captions, and training
+    needed three times the epochs to recover (docs/captioning.md)."""
 
     def __init__(self, width: int, bottleneck: int, dropout: float = 0.1, repeats: int = 2):
         super().__init__()
         self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
         self.dropout, self.repeats = nn.Dropout(dropout), repeats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

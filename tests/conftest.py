@@ -43,6 +43,26 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def known_answer_dir(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+    """(folder, what its build measured): the known-answer CLIP, shapes task and templates of
+    tools/known_answer.py, for the classification and the captioning known-answer tests. Built once per run:
+    under xdist each worker has its own session, so the first to ask builds it in the run's shared temporary
+    folder while the others wait (filelock, a dependency of transformers), as pytest-xdist's docs show."""
+    import json
+    from filelock import FileLock
+    from tools import known_answer
+    if worker_id == "master":   # no xdist
+        directory = tmp_path_factory.mktemp("known_answer")
+        return directory, known_answer.build(directory, verbose=False)
+    shared = tmp_path_factory.getbasetemp().parent   # this run's folder, above every worker's own
+    directory, measured = shared / "known_answer", shared / "known_answer.json"
+    with FileLock(str(shared / "known_answer.lock")):
+        if not measured.exists():
+            measured.write_text(json.dumps(known_answer.build(directory, verbose=False)))
+    return directory, json.loads(measured.read_text())
+
+
 @pytest.fixture
 def clip_parts(tiny_clip_dir):
     """A fresh (CLIPModel, image processor, tokenizer) loaded from the saved fixture, through the project's loader."""

@@ -12,8 +12,8 @@ from transformers import CLIPModel, GPT2Config, GPT2LMHeadModel
 
 from clip_adapt import models
 from clip_adapt.base import UserError
-from clip_adapt.captioning import (PEFT_METHODS, Captioner, byte_tokenizer, clean_caption, cider_tokens,
-                                   clip_scores, expected_trainable, load_captions, tiny_decoder,
+from clip_adapt.captioning import (PEFT_METHODS, BottleneckAdapter, Captioner, byte_tokenizer, clean_caption,
+                                   cider_tokens, clip_scores, expected_trainable, load_captions, tiny_decoder,
                                    write_shape_captions)
 from clip_adapt.training import TrainConfig, TrainingInterrupted, tensor_hash, train
 
@@ -195,3 +195,12 @@ def test_a_captioner_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tmp_p
     with pytest.raises(TrainingInterrupted):
         run("parts", stop_at_step=2)
     assert run("parts", resume=True).history == whole.history
+
+
+def test_an_untrained_adapter_is_the_identity_and_still_learns():
+    """Near-identity initialisation (Houlsby et al. 2019): the decoder starts as the language model it was."""
+    adapter = BottleneckAdapter(16, 4).eval()
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(adapter(x), x)
+    adapter(x).square().sum().backward()
+    assert adapter.up.weight.grad.abs().sum() > 0   # the zero up-projection gets gradients: it can move

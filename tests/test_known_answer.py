@@ -51,13 +51,6 @@ RUNS = {"fp32": ("E2_linear_probe", "E6_full_finetune"), "bf16": ("E2_linear_pro
 
 
 @pytest.fixture(scope="session")
-def known_answer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("known_answer")
-    measured = known_answer.build(directory, verbose=False)
-    return directory, measured
-
-
-@pytest.fixture(scope="session")
 def task(known_answer_dir):
     return known_answer.load_task(known_answer_dir[0])
 

@@ -17,12 +17,19 @@ position random): CLIP saw shapes only inside whole captions and was never train
 (E6's default rate is meant for ViT-B/16; this tower needs a higher one to converge in 60 epochs.
 `--templates known_answer/templates.txt` gives E1 the task's own templates.)
 
+For captioning it also writes a COCO-format caption set of the same world ("a red circle in the top left"; a
+quarter of the combinations only in test) and a tiny GPT-2 pretrained on caption text, for E8:
+
+    python E8_caption_peft.py --model known_answer/clip --decoder known_answer/decoder \\
+        --data known_answer/captions --peft adapter --epochs 10 --lr 3e-3 --patience 1000
+
 What it proves: each method learns from features that carry signal (zero-shot above chance; prompts, heads,
 the text context, fine-tuning and LoRA above zero-shot). What it does not: anything about accuracy on MRI, or about
 the real ViT-B/16.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -276,23 +283,246 @@ def measure_credit(output_dir: Path, seeds: list[int], precision: str) -> None:
                 + f" ({time.time() - started:.0f} s)", flush=True)
 
 
+# --------------------------------------------------------------------------- captioning (E8)
+
+# Two phrasings per image, as COCO has several captions per image.
+CAPTIONS = ("a {colour} {shape} in the {position}", "there is a {colour} {shape} in the {position} of the picture")
+CAPTIONING_LM_STEPS = 100
+# E8's flags for the known-answer runs: a fixed ten epochs (no early stop, no rate cut) at a rate for this tiny
+# decoder; the best validation epoch is kept (docs/captioning.md, "Known-answer figures").
+CAPTIONING_FLAGS = ("--epochs", "10", "--lr", "3e-3", "--patience", "1000")
+PEFT_MEASURED = ("adapter", "prefix", "lora")
+
+
+def held_out(shape: str, colour: str, position: str) -> bool:
+    """A quarter of the shape × colour × position combinations, shown only in test. Each pair of attributes
+    (red circle, circle top left, red top left) is still seen in training, with three of its four partners."""
+    return (SHAPES.index(shape) + list(COLOURS).index(colour) + POSITIONS.index(position)) % len(SHAPES) == 0
+
+
+def write_caption_task(root: Path, per_seen: int = 4, per_held_out: int = 2, seed: int = 0) -> Path:
+    """A COCO-format caption folder (train.json, test.json, images/) as E8 reads it: train holds the 48 seen
+    combinations (per_seen images each), test only the 16 held-out ones, so every test caption describes a
+    combination no training image showed."""
+    rng = np.random.default_rng(seed + 20_000)   # never the pretraining or the shapes-task images
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", per_seen), ("test", per_held_out)):
+        images, annotations = [], []
+        for combo in combinations():
+            if held_out(*combo) != (split == "test"):
+                continue
+            shape, colour, position = combo
+            for _ in range(count):
+                image_id = len(images)
+                name = f"{split}_{image_id:04d}.png"
+                Image.fromarray(render(shape, colour, position, rng)).save(root / "images" / name)
+                images.append({"id": image_id, "file_name": name})
+                annotations += [{"image_id": image_id, "caption": text.format(shape=shape, colour=colour,
+                                                                              position=position)}
+                                for text in CAPTIONS]
+        (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def caption_tokenizer():
+    """A word-level tokenizer over this world's words, GPT-2's <|endoftext|> as start, end and padding: it works
+    offline and saves with the language model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({word for text in (*CAPTIONS, *SHAPES, *COLOURS, *POSITIONS) for word in text.split()
+                    if not word.startswith("{")})
+    vocab = {word: i for i, word in enumerate(["<|endoftext|>", "<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def pretrain_language_model(captions: list[str], steps: int = CAPTIONING_LM_STEPS, seed: int = 0,
+                            lr: float = 1e-2, batch_size: int = 64):
+    """(GPT2LMHeadModel, tokenizer): a tiny GPT-2 (2 layers, width 64) trained on caption text alone with next-token
+    loss, as GPT-2 was on web text, so that E8's decoder knows the words before it sees an image. No
+    cross-attention: E8 adds it (--decoder DIR), new and untrained, as it does to GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tokenizer = caption_tokenizer()
+    inputs, labels = caption_tokens(captions, tokenizer)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(labels), (batch_size,), generator=generator)
+        loss = model(input_ids=inputs[batch], attention_mask=labels[batch] >= 0, labels=labels[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval(), tokenizer
+
+
+def world_captions() -> list[str]:
+    """Every caption the shapes world can say: each combination in each phrasing."""
+    return [text.format(shape=shape, colour=colour, position=position)
+            for shape, colour, position in combinations() for text in CAPTIONS]
+
+
+def build_captioning(output_dir: Path, seed: int = 0, lm_steps: int = CAPTIONING_LM_STEPS) -> dict:
+    """Writes output_dir/captions (COCO format) and output_dir/decoder: the tiny GPT-2 and its tokenizer,
+    pretrained on the world's caption text, every combination held out of the images included, as GPT-2 read
+    text about red circles in top left corners without their pictures. A language model that never read a
+    held-out combination would all but forbid its caption, and the held-out test would measure that, not whether
+    the captioner reads the image. Returns what it measured."""
+    write_caption_task(output_dir / "captions", seed=seed)
+    text = world_captions()
+    started = time.time()
+    model, tokenizer = pretrain_language_model(text, lm_steps, seed)
+    seconds = time.time() - started
+    model.save_pretrained(output_dir / "decoder")
+    tokenizer.save_pretrained(output_dir / "decoder")
+    return {"language_model_seconds": round(seconds, 1),
+            "language_model_loss": language_model_loss(model, tokenizer, text)}
+
+
+def caption_tokens(captions: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, labels) as E8 trains on them: <|endoftext|>, the caption, <|endoftext|>; labels padded with -100."""
+    from clip_adapt.captioning import MAX_CAPTION_TOKENS, tokenize_captions
+    _, labels = tokenize_captions([[text] for text in captions], tokenizer, MAX_CAPTION_TOKENS)
+    return labels.masked_fill(labels < 0, tokenizer.pad_token_id), labels
+
+
+@torch.no_grad()
+def language_model_loss(model, tokenizer, captions: list[str]) -> float:
+    """Mean next-token loss on these captions."""
+    inputs, labels = caption_tokens(captions, tokenizer)
+    return model(input_ids=inputs, attention_mask=labels >= 0, labels=labels).loss.item()
+
+
+def load_caption_task(output_dir: Path, split_seed: int = 0):
+    """E8's caption splits as the script loads them (validation: 0.15 of the train images, drawn by split_seed),
+    tokenised by the known-answer decoder's tokenizer."""
+    from transformers import AutoTokenizer
+    from clip_adapt.captioning import load_captions
+    from clip_adapt.models import load_clip
+    _, processor, _ = load_clip(str(output_dir / "clip"))
+    tokenizer = AutoTokenizer.from_pretrained(str(output_dir / "decoder"))
+    return load_captions(str(output_dir / "captions"), processor, tokenizer, 0.15, split_seed)
+
+
+def captioner(output_dir: Path, peft: str, *argv: str, seed: int = 0):
+    """(E8's Captioner, its parsed flags): the known-answer CLIP's tower and the known-answer decoder with new
+    cross-attention, built by E8's own build_model from its command line (argv: more flags), untrained."""
+    import transformers
+    import common
+    from clip_adapt.models import load_clip
+    from clip_adapt.runner import experiment_scripts
+    script = next(s for s in experiment_scripts() if s.task == "captioning")
+    args = script.default_args("--model", str(output_dir / "clip"), "--data", str(output_dir / "captions"),
+                               "--decoder", str(output_dir / "decoder"), "--peft", peft, "--seed", str(seed),
+                               "--device", "cpu", *argv)
+    clip, _, tokenizer = load_clip(args.model)
+    transformers.logging.set_verbosity_error()   # "newly initialised cross-attention": what E8 trains
+    common.seed_everything(seed)   # the new layers' initial weights, as E8's main() draws them
+    return script.build_model(clip, tokenizer, [], args), args
+
+
+def train_captioner(output_dir: Path, data, peft: str, *argv: str, seed: int = 0):
+    """(Captioner, TrainResult): E8's model trained by the project's loop on `data`, in-process and without the
+    script's outputs (scores, gallery, attention maps): what the known-answer tests and their measurement need."""
+    import tempfile
+    import common
+    from clip_adapt.training import train
+    model, args = captioner(output_dir, peft, *argv, seed=seed)
+    with tempfile.TemporaryDirectory() as folder:
+        run = common.Experiment("E8_caption_peft", args, torch.device("cpu"), Path(folder), None, None, None,
+                                data, time.time())
+        return model, train(model, data.train, data.val, data.test, run.train_config(augment=False))
+
+
+def greedy_captions(model, split) -> tuple[list[str], float]:
+    """(the model's greedy captions for the split's images, their CIDEr-D), as E8 writes and scores them."""
+    from clip_adapt.caption_report import generate_captions
+    from clip_adapt.captioning import cider_d
+    captions = generate_captions(model, split, 64, torch.device("cpu"), "fp32", 1)
+    return captions, cider_d(split.references, captions)[0]
+
+
+def most_frequent_caption(data) -> tuple[str, float]:
+    """The most frequent training caption (the first of the most frequent, in training order), given for every
+    test image, and its test CIDEr-D."""
+    from collections import Counter
+    from clip_adapt.captioning import cider_d
+    caption = Counter(c for captions in data.train.references for c in captions).most_common(1)[0][0]
+    return caption, cider_d(data.test.references, [caption] * len(data.test.references))[0]
+
+
+def named(caption: str) -> tuple:
+    """(shape, colour, position) a caption names; None for each it does not."""
+    return (next((s for s in SHAPES if f" {s} " in f" {caption} "), None),
+            next((c for c in COLOURS if f" {c} " in f" {caption} "), None),
+            next((p for p in POSITIONS if f" {p}" in f" {caption}"), None))
+
+
+def captioning_scores(output_dir: Path, data, seed: int = 0, flags: tuple = CAPTIONING_FLAGS) -> dict:
+    """Test CIDEr-D of each PEFT method trained with `flags` (E8's command line) from `seed`, and of the two
+    baselines: the most frequent training caption for every image, and the same model untrained (fresh
+    cross-attention and PEFT module: the decoder's language model with the image barely let through). Also what
+    the right caption in the first phrasing scores, and the share of test images whose caption names each
+    attribute right."""
+    from clip_adapt.captioning import cider_d
+    test = data.test
+    truth = [named(references[0]) for references in test.references]
+    caption, cider = most_frequent_caption(data)
+    scores = {"seed": seed, "most_frequent": {"caption": caption, "cider": cider},
+              "right_caption": cider_d(test.references, [references[0] for references in test.references])[0]}
+    for peft in PEFT_MEASURED:
+        untrained_captions, untrained_cider = greedy_captions(captioner(output_dir, peft, *flags, seed=seed)[0], test)
+        model, result = train_captioner(output_dir, data, peft, *flags, seed=seed)
+        captions, cider = greedy_captions(model, test)
+        right = np.array([[a == b for a, b in zip(named(c), t)] for c, t in zip(captions, truth)]).mean(0)
+        scores[peft] = {"cider": cider, "untrained_cider": untrained_cider,
+                        "untrained_captions": sorted(set(untrained_captions)),
+                        "val_cider": greedy_captions(model, data.val)[1], "best_epoch": result.best_epoch,
+                        "named_right": dict(zip(("shape", "colour", "position"), right.round(3).tolist()))}
+    return scores
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="known_answer", help="writes clip/, shapes/ and templates.txt here")
+    p.add_argument("--output-dir", default="known_answer",
+                   help="writes clip/, shapes/, templates.txt, captions/ and decoder/ here")
     p.add_argument("--steps", type=int, default=300, help="contrastive pretraining steps (64 pairs each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--credit-seeds", type=int, nargs="+", metavar="SEED",
                    help="instead of building: measure, on the CLIP already in --output-dir, what E3, E4, E7 and E5 "
                         "add to E1 through a frozen head (CREDITED, credit_run) for these training seeds")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for --credit-seeds")
+    p.add_argument("--captioning-seeds", type=int, default=0, metavar="N",
+                   help="then train E8's adapter, prefix and LoRA on captions/ from seeds 0..N-1 and print their "
+                        "test CIDEr-D and the baselines', one JSON line per seed (docs/captioning.md)")
     args = p.parse_args()
+    output_dir = Path(args.output_dir)
     if args.credit_seeds:
-        measure_credit(Path(args.output_dir), args.credit_seeds, args.precision)
+        measure_credit(output_dir, args.credit_seeds, args.precision)
         return
-    result = build(Path(args.output_dir), args.steps, args.seed)
+    result = build(output_dir, args.steps, args.seed)
     print(f"pretrained in {result['pretraining_seconds']} s; each image finds its own caption among all 64 "
           f"{100 * result['caption_retrieval_accuracy']:.0f}% of the time; wrote {args.output_dir}/clip, "
           f"{args.output_dir}/shapes and {args.output_dir}/templates.txt")
+    captioning = build_captioning(output_dir, args.seed)
+    print(f"wrote {args.output_dir}/captions and {args.output_dir}/decoder: a tiny GPT-2 pretrained on the "
+          f"captions' text in {captioning['language_model_seconds']} s (next-token loss "
+          f"{captioning['language_model_loss']:.3f})", flush=True)
+    if args.captioning_seeds:
+        from clip_adapt import progress
+        progress.set_quiet(True)   # one line per seed, not per epoch
+        data = load_caption_task(output_dir)
+        for seed in range(args.captioning_seeds):
+            print(json.dumps(captioning_scores(output_dir, data, seed)), flush=True)
 
 
 if __name__ == "__main__":
