@@ -199,21 +199,28 @@ def load_task(output_dir: Path, split_seed: int = 0):
     return load_data(str(output_dir / "shapes"), processor, 0.15, split_seed)
 
 
+def scripted_model(output_dir: Path, script, class_names: list[str], *argv: str, seed: int = 0):
+    """(model, parsed flags): `script`'s own build_model from its command line (argv: the data and more flags) on
+    a freshly loaded known-answer CLIP, with the new layers' initial weights drawn as its main() draws them."""
+    import common
+    from clip_adapt.models import load_clip
+    args = script.default_args("--model", str(output_dir / "clip"), "--seed", str(seed), "--device", "cpu", *argv)
+    args.lr = args.lr or script.learning_rate
+    clip, _, tokenizer = load_clip(args.model)
+    common.seed_everything(seed)
+    return script.build_model(clip, tokenizer, class_names, args), args
+
+
 def train_method(output_dir: Path, data, name: str, *argv: str, seed: int = 0, precision: str = "fp32"):
     """(model, TrainResult or None) for experiment `name` with its command-line flags argv, built by the script's
     own build_model on a freshly loaded known-answer CLIP and trained by the project's loop, without the
     script's outputs (figures, robustness, reports): what the known-answer tests and their measurement need."""
     import common
-    from clip_adapt.models import load_clip
     from clip_adapt.runner import experiment_scripts
     from clip_adapt.training import train
     script = next(s for s in experiment_scripts() if s.name == name)
-    args = script.default_args("--model", str(output_dir / "clip"), "--data", str(output_dir / "shapes"),
-                               "--seed", str(seed), "--precision", precision, "--device", "cpu", *argv)
-    args.lr = args.lr or script.learning_rate
-    clip, _, tokenizer = load_clip(args.model)
-    common.seed_everything(seed)
-    model = script.build_model(clip, tokenizer, data.class_names, args)
+    model, args = scripted_model(output_dir, script, data.class_names, "--data", str(output_dir / "shapes"),
+                                 "--precision", precision, *argv, seed=seed)
     if not script.trains:
         return model, None
     import tempfile
@@ -417,17 +424,11 @@ def captioner(output_dir: Path, peft: str, *argv: str, seed: int = 0):
     """(E8's Captioner, its parsed flags): the known-answer CLIP's tower and the known-answer decoder with new
     cross-attention, built by E8's own build_model from its command line (argv: more flags), untrained."""
     import transformers
-    import common
-    from clip_adapt.models import load_clip
     from clip_adapt.runner import experiment_scripts
     script = next(s for s in experiment_scripts() if s.task == "captioning")
-    args = script.default_args("--model", str(output_dir / "clip"), "--data", str(output_dir / "captions"),
-                               "--decoder", str(output_dir / "decoder"), "--peft", peft, "--seed", str(seed),
-                               "--device", "cpu", *argv)
-    clip, _, tokenizer = load_clip(args.model)
     transformers.logging.set_verbosity_error()   # "newly initialised cross-attention": what E8 trains
-    common.seed_everything(seed)   # the new layers' initial weights, as E8's main() draws them
-    return script.build_model(clip, tokenizer, [], args), args
+    return scripted_model(output_dir, script, [], "--data", str(output_dir / "captions"), "--decoder",
+                          str(output_dir / "decoder"), "--peft", peft, *argv, seed=seed)
 
 
 def train_captioner(output_dir: Path, data, peft: str, *argv: str, seed: int = 0):
