@@ -50,3 +50,15 @@ def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
                                cwd=copy, capture_output=True, text=True, timeout=300).stdout
     assert "E9_example.py" in collected
 
+
+
+def test_no_file_in_the_repository_holds_an_unresolved_merge():
+    """A conflict left in a page or a module once landed unnoticed (README.md): the markers never pass."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:   # not a git checkout (an exported copy): look at the text files on disk instead
+        tracked = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".txt", ".toml")]
+    conflicted = [name for name in tracked if (REPO / name).is_file() and (REPO / name).suffix in
+                  (".py", ".md", ".txt", ".toml", ".sh", ".cfg", "") and any(
+                      line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in
+                      (REPO / name).read_text(errors="replace").splitlines())]
+    assert not conflicted, conflicted
