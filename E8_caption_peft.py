@@ -81,7 +81,7 @@ def main():
     name = common.script_name(__file__)
     args, out_dir, device, accelerator = common.open_run(name, args)
     data_source = str(write_shape_captions(out_dir / "smoke_data")) if args.data == SMOKE_CAPTIONS else args.data
-    clip, image_processor, tokenizer = load_clip(args.model)
+    clip, image_processor, tokenizer = load_clip(args.model, image_processor=args.image_processor)
     # transformers warns at every generate() that GPT-2's pad token is its end token (expected: targets pad with
     # -100) and that the new cross-attention weights are untrained (they are what E8 trains).
     transformers.logging.set_verbosity_error()

@@ -28,8 +28,8 @@ from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
-from clip_adapt.models import (DEFAULT_MODEL, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead, check_model, count_params,
-                               is_random, load_clip, load_templates, model_dims, weights_of)
+from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead, check_model,
+                               check_torchvision, count_params, is_random, load_clip, load_templates, model_dims, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
@@ -78,6 +78,9 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                                        f"(also random:vit-b32, random:vit-l14, random:vit-l14-336): that "
                                        f"architecture with random weights, the real cost without a download "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
+    model.add_argument("--image-processor", default="pil", choices=IMAGE_PROCESSORS,
+                       help="CLIP's preprocessing by PIL, or by torchvision (needs a torchvision built for your "
+                            "torch; measured in docs/speed-and-memory.md)")
     model.add_argument("--templates", metavar="FILE", help="class-text templates, one per line with {} for the "
                        "class name, or 'study' for the built-in template study: E1's zero-shot classifier and the "
                        "--head clip of E3, E4 and E7 (the other scripts use no class text) [default: the MRI "
@@ -266,6 +269,8 @@ def check_sources(args: argparse.Namespace) -> None:
     if not is_local(args.data):
         load_source(args.data, args.image_column, args.label_column, args.test_split, args.class_names)
     check_model(args.model)
+    if args.image_processor == "fast":
+        check_torchvision()
 
 
 def pick_device(name: str) -> torch.device:
@@ -338,7 +343,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
     check_data_early(args.data)
     if needs_hub(args):
         hub.notice_offline()
-    clip, image_processor, tokenizer = load_clip(args.model, device)
+    clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
     with timing.phase("loading"):
         data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
                          skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_adapt.base import atomic_save, is_main_process, write_csv, write_json
-from clip_adapt.captioning import Captioner, CaptionSplit, cider_d, clip_scores
+from clip_adapt.captioning import MAX_CAPTION_TOKENS, Captioner, CaptionSplit, cider_d, clip_scores
 from clip_adapt.models import count_params, normalized_image_embeddings
 from clip_adapt.reporting import plot_curves, plt
 from clip_adapt.training import autocast
@@ -20,12 +20,12 @@ MAX_WORD_PANELS = 12    # attention panels per image
 
 
 def generate_captions(model: Captioner, split: CaptionSplit, batch_size: int, device, precision: str,
-                      num_beams: int) -> list[str]:
+                      num_beams: int, max_new_tokens: int = MAX_CAPTION_TOKENS) -> list[str]:
     captions = []
     for start in range(0, len(split.files), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split.files)))
         with autocast(device, precision):
-            captions += model.captions(split.images.model_inputs(index, device), num_beams)
+            captions += model.captions(split.images.model_inputs(index, device), num_beams, max_new_tokens)
     return captions
 
 
@@ -78,12 +78,13 @@ def wrap(text: str, width: int = 38) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3]) or "(empty)"
 
 
-def plot_attention(model: Captioner, split: CaptionSplit, indices: list[int], device, path: Path) -> None:
+def plot_attention(model: Captioner, split: CaptionSplit, indices: list[int], device, path: Path,
+                   max_new_tokens: int = MAX_CAPTION_TOKENS) -> None:
     """One row per image: the image, then one panel per generated token with the last decoder layer's
     cross-attention (mean over heads) upsampled onto it, scaled within each panel (red: that panel's most
     attended patch). Drawn as one mosaic with labels: a hundred separate axes take matplotlib seconds."""
     pixels = split.images.model_inputs(torch.tensor(indices), device)
-    maps = model.word_attention(pixels)
+    maps = model.word_attention(pixels, max_new_tokens)
     columns = 1 + min(MAX_WORD_PANELS, max((len(words) for words, _ in maps), default=0))
     size = split.images.inputs.shape[-1]
     stride = size + size // 4   # a white gap above each row for its labels
@@ -118,7 +119,7 @@ def finish_captioning(exp, model: Captioner, result, score_clip, score_processor
     """Captions for the test images, their scores, and every output file (main process only writes)."""
     args, device, test = exp.args, exp.device, exp.data.test
     batch = 2 * args.batch_size
-    captions = generate_captions(model, test, batch, device, args.precision, args.num_beams)
+    captions = generate_captions(model, test, batch, device, args.precision, args.num_beams, args.max_caption_tokens)
     cider, cider_per_image = cider_d(test.references, captions)
     images = score_image_embeddings(score_clip, score_processor, test, device, batch)
     scores = clip_scores(images, score_clip, score_tokenizer, captions, test.references)
@@ -155,7 +156,8 @@ def finish_captioning(exp, model: Captioner, result, score_clip, score_processor
     k = max(1, min(GALLERY_SIZE, len(order) // 2))
     picks = {"best": order[::-1][:k].tolist(), "worst": order[:k].tolist()}
     plot_gallery(test, captions, scores["clipscore"], picks, out / "gallery.png")
-    plot_attention(model, test, picks["best"] + picks["worst"], device, out / "attention_maps.png")
+    plot_attention(model, test, picks["best"] + picks["worst"], device, out / "attention_maps.png",
+                   args.max_caption_tokens)
     write_json(out / "metrics.json", metrics)
     print(f"{exp.name} ({args.peft}): test CIDEr-D {cider:.4f}, CLIPScore {metrics['test_clipscore']:.4f}, "
           f"RefCLIPScore {metrics['test_refclipscore']:.4f}; best epoch {result.best_epoch} of {result.epochs_run}, "

@@ -116,7 +116,7 @@ def tiny_tokenizer(vocab_size: int | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
 
 
-def tiny_clip(image_size: int = 32, seed: int = 0):
+def tiny_clip(image_size: int = 32, seed: int = 0, image_processor: str = "pil"):
     """A small random CLIP with a real tokenizer and image processor: the whole pipeline in seconds on a CPU.
     Text and vision widths differ on purpose so that a mixed-up dimension fails loudly."""
     from transformers import CLIPConfig, CLIPModel
@@ -131,7 +131,7 @@ def tiny_clip(image_size: int = 32, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         clip = CLIPModel(config)
-    return clip.eval(), clip_image_processor(image_size), tokenizer
+    return clip.eval(), clip_image_processor(image_size, image_processor), tokenizer
 
 
 def is_random(name: str) -> bool:
@@ -172,14 +172,35 @@ def check_model(name: str) -> None:
 
 
 
-def clip_image_processor(image_size: int):
-    """CLIP's own preprocessing (resize the short side, centre crop, OpenAI's mean and std) at image_size."""
+IMAGE_PROCESSORS = ("pil", "fast")   # transformers' PIL backend, and its torchvision one
+
+
+def clip_image_processor(image_size: int, kind: str = "pil"):
+    """CLIP's own preprocessing (resize the short side, centre crop, OpenAI's mean and std) at image_size, by
+    PIL or (kind "fast") by torchvision."""
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    if kind == "fast":
+        check_torchvision()
+        from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+        return CLIPImageProcessor(**sizes)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                                 crop_size={"height": image_size, "width": image_size})
+    return CLIPImageProcessorPil(**sizes)
 
 
-def random_clip(architecture: str, seed: int = 0, device: torch.device | str | None = None):
+def check_torchvision() -> None:
+    """--image-processor fast needs a torchvision built for this torch; transformers would quietly fall back to
+    PIL without one, and the run would not be what it says."""
+    import importlib
+    try:
+        importlib.import_module("torchvision")
+    except Exception as error:   # missing, or built for another torch (its operators fail to register)
+        raise UserError(f"--image-processor fast needs torchvision built for torch {torch.__version__} "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'not importable'}): "
+                        f"install the matching torchvision, or use --image-processor pil") from None
+
+
+def random_clip(architecture: str, seed: int = 0, device: torch.device | str | None = None,
+                image_processor: str = "pil"):
     """A published CLIP's architecture (clip_config) with random weights, CLIP's image processor at its size and
     a byte-level tokenizer padded to its vocabulary: the real model's compute and memory, no download.
     device: where to draw the weights (on a GPU in a blink; ViT-B/16's take seconds on one CPU core)."""
@@ -194,7 +215,7 @@ def random_clip(architecture: str, seed: int = 0, device: torch.device | str | N
         torch.manual_seed(seed)
         clip = CLIPModel(config)
     clip.set_attn_implementation("sdpa")
-    return clip.eval(), clip_image_processor(config.vision_config.image_size), tokenizer
+    return clip.eval(), clip_image_processor(config.vision_config.image_size, image_processor), tokenizer
 
 
 def weights_of(name: str) -> str:
@@ -203,17 +224,20 @@ def weights_of(name: str) -> str:
     return "random" if is_random(name) else "pretrained"
 
 
-def load_clip(name: str, device: torch.device | str | None = None):
+def load_clip(name: str, device: torch.device | str | None = None, image_processor: str = "pil"):
     """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, TINY_CLIP, or
-    random:<architecture> (one of CLIP_ARCHITECTURES with random weights, drawn on `device`)."""
+    random:<architecture> (one of CLIP_ARCHITECTURES with random weights, drawn on `device`). image_processor:
+    "pil" (transformers' PIL backend) or "fast" (its torchvision backend), with the model's own settings."""
+    if image_processor == "fast":
+        check_torchvision()
     if name == TINY_CLIP:
-        return tiny_clip()
+        return tiny_clip(image_processor=image_processor)
     if name.startswith(RANDOM_PREFIX):
         architecture = name.removeprefix(RANDOM_PREFIX)
         if architecture not in CLIP_ARCHITECTURES:
             raise UserError(f"--model {name}: unknown architecture '{architecture}'; choose one of "
                             f"{', '.join(RANDOM_PREFIX + a for a in CLIP_ARCHITECTURES)}")
-        return random_clip(architecture, device=device)
+        return random_clip(architecture, device=device, image_processor=image_processor)
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     transformers.logging.disable_progress_bar()
@@ -221,13 +245,14 @@ def load_clip(name: str, device: torch.device | str | None = None):
     source = model_source(name)
     try:
         clip = CLIPModel.from_pretrained(source, attn_implementation="sdpa")
-        # The PIL backend everywhere: the torchvision one resizes slightly differently, and results
-        # should not depend on whether torchvision happens to be installed.
-        image_processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        # The PIL backend unless asked: the torchvision one resizes slightly differently (docs/speed-and-memory.md),
+        # and results should not depend on whether torchvision happens to be installed.
+        processor = AutoImageProcessor.from_pretrained(source, backend="torchvision" if image_processor == "fast"
+                                                       else "pil")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise not_loadable(name, error) from None
-    return clip.eval(), image_processor, tokenizer
+    return clip.eval(), processor, tokenizer
 
 
 def model_dims(clip: CLIPModel) -> dict:

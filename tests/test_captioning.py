@@ -70,8 +70,8 @@ def test_only_the_new_parts_train_and_the_frozen_weights_stay_bit_identical(peft
 
 @pytest.mark.parametrize("peft", PEFT_METHODS)
 def test_smoke_writes_every_output(peft, tmp_path):
-    run_script(SCRIPT, "--smoke", "--peft", peft, "--epochs", 1, "--batch-size", 16, "--output-dir", tmp_path,
-               "--quiet", expect_exit=0)
+    run_script(SCRIPT, "--smoke", "--peft", peft, "--epochs", 1, "--batch-size", 16, "--max-caption-tokens", 4,
+               "--output-dir", tmp_path, "--quiet", expect_exit=0)
     folder = tmp_path / "E8_caption_peft"
     assert OUTPUTS <= {p.name for p in folder.iterdir()}
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -81,6 +81,7 @@ def test_smoke_writes_every_output(peft, tmp_path):
     assert sum(metrics["trainable_by_part"].values()) == metrics["trainable_params"]
     predictions = json.loads((folder / "predictions.json").read_text())
     assert len(predictions) == metrics["test_images"] == 8
+    assert max(len(caption.split()) for caption in predictions.values()) <= 4   # generation stops at the limit
 
 
 def write_coco_folder(root, images=20, captions_per_image=2, test_images=6):

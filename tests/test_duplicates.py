@@ -10,9 +10,9 @@ import pytest
 from conftest import SAMPLE_DATA, SHARED_DATA, run_script
 from PIL import Image, ImageEnhance
 
-from clip_adapt.copies import (CANDIDATE_BITS, NEAR_COPY_SCORE, NEAREST_CANDIDATES, all_pairs_candidates,
-                               describe_near_copies, find_near_copies, multi_index_candidates,
-                               near_copy_report, nearest_candidates, pixel_hash, standardised)
+from clip_adapt.copies import (CANDIDATE_BITS, MINI_FLOOR, NEAR_COPY_SCORE, NEAREST_CANDIDATES, Fingerprints,
+                               all_pairs_candidates, describe_near_copies, find_near_copies, multi_index_candidates,
+                               near_copy_report, nearest_candidates, pixel_hash, standardised, unique_pairs)
 from clip_adapt.data import grouped_val_indices, image_files, load_data, open_rgb
 from clip_adapt.models import tiny_clip
 
@@ -238,3 +238,21 @@ def test_multi_index_hash_candidates_equal_all_pairs(size):
     found = multi_index_candidates(hashes, most_at_once=5000)   # small slices: the slicing is exercised too
     assert np.array_equal(found, expected)
     assert np.array_equal(np.unique(all_pairs_candidates(hashes, block=64), axis=0), expected)
+
+
+def test_candidate_pairs_are_merged_as_numpy_merges_rows():
+    rng = np.random.default_rng(0)
+    lists = [np.sort(rng.integers(0, 50, (size, 2)), axis=1) for size in (0, 1, 400, 30)]
+    assert np.array_equal(unique_pairs(lists, 50), np.unique(np.concatenate(lists), axis=0))
+
+
+def test_the_8_px_screen_keeps_every_copy_and_drops_most_lookalikes(sample_images):
+    """The cheapest look stops pairs that are no copies (here: every pair of distinct samples) and passes the
+    copies, down to the weakest kind the tests make (gamma 1.15)."""
+    copies = [COPY_KINDS["gamma 1.15"](img) for img in sample_images]
+    fingerprints = Fingerprints.of(sample_images + copies)
+    n = len(sample_images)
+    twins = np.array([[i, n + i] for i in range(n)])
+    distinct = np.array([[i, j] for i in range(n) for j in range(i + 1, n)])
+    assert (fingerprints.mini_score(twins) >= MINI_FLOOR).all()
+    assert (fingerprints.mini_score(distinct) < MINI_FLOOR).mean() > 0.9

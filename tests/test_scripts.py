@@ -1,6 +1,7 @@
 """The scripts as a user runs them: complete outputs, one-line errors, exact resume, same seed same result."""
 
 import csv
+import importlib.util
 import json
 import re
 import shutil
@@ -149,6 +150,9 @@ def broken_folder(kind, root):
     ("dataset hub offline", ["--data", "aggr8/brain_mri_train_test_split"], "could not load dataset"),
     ("output not writable", ["--output-dir", "{tmp}/file/sub"], "cannot write to output folder"),
     ("bad epochs", ["--epochs", "0"], "--epochs must be at least 1"),
+    pytest.param("no torchvision", ["--image-processor", "fast"], "--image-processor fast needs torchvision built for",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                                          reason="torchvision is installed here")),
 ])
 def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, capsys):
     (tmp_path / "file").write_text("a file, not a folder")

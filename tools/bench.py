@@ -13,10 +13,12 @@ run every epoch. Writes <output-dir>/bench.json and prints a table.
 import argparse
 import copy
 import platform
+import random
 import re
 import resource
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -183,21 +185,69 @@ def bench_e2_cache(clip, args, device) -> dict:
 
 
 DUPLICATE_SIZES = (7_000, 28_000, 60_000)
+PLANTED_EVERY = 50   # one image in 50 of the benchmark set is a planted near copy of an earlier one
+TILE = 256   # side of each scan in a mosaic of the benchmark set
+
+_small_originals: list = []   # per worker process: the originals reduced to TILE px, decoded once
 
 
-def copy_of(job: tuple) -> None:
-    """Writes image number i of the benchmark set: the original itself on the first pass over the originals,
-    afterwards a copy re-encoded at a random quality, resized and re-contrasted, as a real release holds."""
-    import random
+def read_originals(originals: list[str]) -> None:
+    _small_originals[:] = [Image.open(path).convert("RGB").resize((TILE, TILE)) for path in originals]
 
+
+def mosaic(j: int) -> Image.Image:
+    """A distinct image built from four scans: four originals drawn by image number j, each turned by a multiple
+    of 90 degrees and maybe mirrored, on a 2 x 2 grid."""
+    rng = random.Random(j)
+    canvas = Image.new("RGB", (2 * TILE, 2 * TILE))
+    for cell in range(4):
+        tile = rng.choice(_small_originals).rotate(90 * rng.randrange(4))
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        canvas.paste(tile, (TILE * (cell % 2), TILE * (cell // 2)))
+    return canvas
+
+
+def planted_source(i: int, num_originals: int) -> int | None:
+    """The earlier mosaic that image i is a planted copy of, or None where image i is no planted copy."""
+    if i < num_originals + PLANTED_EVERY or i % PLANTED_EVERY:
+        return None
+    rng = random.Random(-i)
+    while True:   # a mosaic, never another planted copy: a cluster is one mosaic and its planted copies
+        j = rng.randrange(num_originals, i)
+        if j % PLANTED_EVERY:
+            return j
+
+
+def planted_pairs(size: int, num_originals: int) -> set[tuple[int, int]]:
+    """The copy pairs planted among the first `size` images: each planted copy with its source, and two planted
+    copies of the same source with each other."""
+    groups = defaultdict(list)
+    for i in range(size):
+        source = planted_source(i, num_originals)
+        if source is not None:
+            groups[source].append(i)
+    return {(a, b) for source, copies in groups.items() for members in [[source, *copies]]
+            for x, a in enumerate(members) for b in members[x + 1:]}
+
+
+def write_benchmark_image(job: tuple) -> None:
+    """Writes image i of the benchmark set as a JPEG at a random quality: the originals first (re-encoded, with
+    the copies they hold), then distinct mosaics of them (mosaic), and in every PLANTED_EVERY a planted copy
+    of an earlier mosaic: resized to 60-100% and re-contrasted, as a real release holds copies."""
     from PIL import ImageEnhance
-    i, original, target, first_pass = job
+    i, original, target, num_originals = job
     rng = random.Random(i)
-    with Image.open(original) as opened:
-        image = opened.convert("RGB")
-    if not first_pass:
+    source = planted_source(i, num_originals)
+    if i < num_originals:
+        with Image.open(original) as opened:
+            image = opened.convert("RGB")
+    elif source is None:
+        image = mosaic(i)
+    else:
+        image = mosaic(source)
         scale = rng.uniform(0.6, 1.0)
-        image = image.resize((max(32, int(image.width * scale)), max(32, int(image.height * scale))))
+        image = image.resize((int(image.width * scale), int(image.height * scale)))
         image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.8, 1.2))
     image.save(target, quality=rng.randint(50, 95))
 
@@ -206,29 +256,35 @@ def load_once(folder: str, mode: str, queue) -> None:
     """In a fresh process, so that its peak memory is this load's alone: load_data as the experiments call it."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+    from clip_adapt import timing
     from clip_adapt.data import load_data
     from clip_adapt.progress import set_quiet
     set_quiet(True)
+    timing.reset()
     started = time.perf_counter()
-    data = load_data(folder, CLIPImageProcessorPil(), duplicates=mode)   # ViT-B/16's processor: 224 px
+    with timing.phase("loading"):
+        data = load_data(folder, CLIPImageProcessorPil(), duplicates=mode)   # ViT-B/16's processor: 224 px
     seconds = time.perf_counter() - started
     splits = (data.train, data.val, data.test)
-    queue.put({"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    queue.put({"seconds": seconds, "pairs_stage_s": timing.seconds()["copy_check"],
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "uint8_gib": sum(s.inputs.numel() for s in splits) / 2**30,
-               "copy_pairs": len(data.report.get("copy_pairs", [])),
+               "copy_pairs": [(int(Path(p["a"]).stem), int(Path(p["b"]).stem))
+                              for p in data.report.get("copy_pairs", [])],
                "cross_split_clusters": len(data.report["train_test_duplicates"])})
 
 
-def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
+def bench_duplicates(num_images: int, source: Path, out_dir: Path, sizes=DUPLICATE_SIZES) -> dict:
     """Times the near-copy check against loading, at 7,000, 28,000 and 60,000 images (those up to num_images,
-    and num_images), on JPEGs written from the source folder's images: the originals, then copies of them (see
-    copy_of). 80% go to train, 20% to test, in class folders. Each size is loaded twice by load_data, each
-    time in a fresh process: with the exact check only (loading: decoding, hashing, CLIP's 224 px
-    preprocessing) and with the near-copy check. The check's cost is the difference, in time and in the
-    process's peak memory."""
+    and num_images), on JPEGs written from the source folder's images (write_benchmark_image): the originals,
+    then distinct mosaics of them, one in PLANTED_EVERY a planted near copy of an earlier mosaic. 80% go to
+    train, 20% to test, in class folders. Each size is loaded twice by load_data, each time in a fresh process:
+    with the exact check only (loading: decoding, hashing, CLIP's 224 px preprocessing) and with the near-copy
+    check. The check's cost is the difference, in time and in the process's peak memory; it also says how many
+    planted copy pairs the check found (planted_pairs), and how many other pairs among the mosaics it called
+    copies."""
     import multiprocessing
     import os
-    import random
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
@@ -236,63 +292,81 @@ def bench_duplicates(num_images: int, source: Path, out_dir: Path) -> dict:
 
     def summary(rows):
         return {"source": str(source), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-                "cpu": platform.processor() or platform.machine(), "sizes": rows}
+                "cpu": platform.processor() or platform.machine(), "image_set": write_benchmark_image.__doc__,
+                "sizes": rows}
 
     originals = [path for paths in image_files(source).values() for path in paths]
     if not originals:
         raise UserError(f"no images under {source}/train or {source}/test to build the benchmark set from")
-    sizes = sorted({size for size in DUPLICATE_SIZES if size < num_images} | {num_images})
+    sizes = sorted({size for size in sizes if size < num_images} | {num_images})
     rng = random.Random(0)
     context = multiprocessing.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         targets = []
         for i in range(num_images):
-            original = Path(originals[i % len(originals)])
+            original = Path(originals[i % len(originals)])   # a mosaic takes the class folder of its number
             split = "test" if rng.random() < 0.2 else "train"
             targets.append(Path(folder) / "all" / split / original.parent.name / f"{i}.jpg")
             targets[-1].parent.mkdir(parents=True, exist_ok=True)
         written = 0
-        for size in sizes:   # each size's images written just before it is measured: results come size by size
-            started = time.perf_counter()
-            with ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
-                list(pool.map(copy_of, [(i, originals[i % len(originals)], targets[i], i < len(originals))
-                                        for i in range(written, size)], chunksize=64))
-            print(f"wrote images {written:,} to {size:,} in {time.perf_counter() - started:.0f} s", flush=True)
-            written = size
-            subset = Path(folder) / str(size)   # the first `size` images, linked
-            for target in targets[:size]:
-                link = subset / target.relative_to(Path(folder) / "all")
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(target)
-            measured = {}
-            for mode in ("exact", "near"):
-                queue = context.Queue()
-                child = context.Process(target=load_once, args=(str(subset), mode, queue))
-                child.start()
-                measured[mode] = queue.get()
-                child.join()
-            exact, near = measured["exact"], measured["near"]
-            row = {"images": size, "load_s": round(exact["seconds"], 1),
-                   "near_copy_check_s": round(near["seconds"] - exact["seconds"], 1),
-                   "check_over_load": round((near["seconds"] - exact["seconds"]) / exact["seconds"], 2),
-                   "uint8_gib": round(exact["uint8_gib"], 2), "peak_rss_load_gib": round(exact["peak_rss_gib"], 2),
-                   "peak_rss_with_check_gib": round(near["peak_rss_gib"], 2),
-                   "check_adds_gib": round(near["peak_rss_gib"] - exact["peak_rss_gib"], 2),
-                   "copy_pairs": near["copy_pairs"], "cross_split_clusters": near["cross_split_clusters"]}
-            rows.append(row)
-            write_json(out_dir / "bench_duplicates.json", summary(rows))   # after each size: a long run is kept
-            print(f"  {size:,} images: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "images"),
-                  flush=True)
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=context, initializer=read_originals,
+                                 initargs=(originals,)) as pool:
+            for size in sizes:   # each size's images written just before it is measured: results come size by size
+                started = time.perf_counter()
+                list(pool.map(write_benchmark_image, [(i, originals[i % len(originals)], targets[i], len(originals))
+                                                      for i in range(written, size)], chunksize=64))
+                print(f"wrote images {written:,} to {size:,} in {time.perf_counter() - started:.0f} s", flush=True)
+                written = size
+                rows.append(measure_size(size, targets, Path(folder), len(originals), context))
+                write_json(out_dir / "bench_duplicates.json", summary(rows))   # after each size: a long run is kept
     result = summary(rows)
-    print("\n| images | loading (s) | near-copy check (s) | check / loading | uint8 images (GiB) | peak, loading "
-          "(GiB) | peak, loading + check (GiB) | check adds (GiB) |\n|---|---|---|---|---|---|---|---|")
+    print("\n| images | loading (s) | near-copy check (s) | check / loading | of which pairs stage (s) | uint8 images "
+          "(GiB) | peak, loading (GiB) | peak, loading + check (GiB) | check adds (GiB) | planted copy pairs found | "
+          "other pairs called copies |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['images']:,} | {r['load_s']} | {r['near_copy_check_s']} | {r['check_over_load']} | "
-              f"{r['uint8_gib']} | {r['peak_rss_load_gib']} | {r['peak_rss_with_check_gib']} | "
-              f"{r['check_adds_gib']} |")
+              f"{r['pairs_stage_s']} | {r['uint8_gib']} | {r['peak_rss_load_gib']} | {r['peak_rss_with_check_gib']} | "
+              f"{r['check_adds_gib']} | {r['planted_pairs_found']} of {r['planted_pairs']} | "
+              f"{r['other_pairs_among_mosaics']} |")
     print(f"\nwritten to {out_dir / 'bench_duplicates.json'}")
     return result
+
+
+def measure_size(size: int, targets: list[Path], folder: Path, num_originals: int, context) -> dict:
+    """Loads the first `size` images of the set twice, each in a fresh process (exact check, near-copy check),
+    and compares."""
+    subset = folder / str(size)   # the first `size` images, linked
+    for target in targets[:size]:
+        link = subset / target.relative_to(folder / "all")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    measured = {}
+    for mode in ("exact", "near"):
+        queue = context.Queue()
+        child = context.Process(target=load_once, args=(str(subset), mode, queue))
+        child.start()
+        measured[mode] = queue.get()
+        child.join()
+    exact, near = measured["exact"], measured["near"]
+    found = {tuple(sorted(pair)) for pair in near["copy_pairs"]}
+    planted = planted_pairs(size, num_originals)
+    among_mosaics = {pair for pair in found if min(pair) >= num_originals}
+    row = {"images": size, "load_s": round(exact["seconds"], 1),
+           "near_copy_check_s": round(near["seconds"] - exact["seconds"], 1),
+           "check_over_load": round((near["seconds"] - exact["seconds"]) / exact["seconds"], 2),
+           "pairs_stage_s": round(near["pairs_stage_s"], 1),
+           "uint8_gib": round(exact["uint8_gib"], 2), "peak_rss_load_gib": round(exact["peak_rss_gib"], 2),
+           "peak_rss_with_check_gib": round(near["peak_rss_gib"], 2),
+           "check_adds_gib": round(near["peak_rss_gib"] - exact["peak_rss_gib"], 2),
+           "copy_pairs": len(found), "copy_pairs_among_originals": len(found) - len(among_mosaics),
+           "planted_pairs": len(planted), "planted_pairs_found": len(planted & found),
+           "other_pairs_among_mosaics": len(among_mosaics - planted),
+           "other_pairs_first_20": sorted(among_mosaics - planted)[:20],   # image numbers: see them with mosaic()
+           "cross_split_clusters": near["cross_split_clusters"]}
+    print(f"  {size:,} images: " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                              if k not in ("images", "other_pairs_first_20")), flush=True)
+    return row
 
 
 def main():
@@ -317,10 +391,12 @@ def main():
     p.add_argument("--duplicates", type=int, metavar="IMAGES",
                    help="instead: time the near-copy check against loading this many images built from --data")
     p.add_argument("--data", default=str(common.SAMPLE_DATA), help="image folder for --duplicates")
+    p.add_argument("--duplicate-sizes", type=int, nargs="*", default=list(DUPLICATE_SIZES), metavar="IMAGES",
+                   help="with --duplicates: also measure these smaller sizes (the first images of the same set)")
     args = p.parse_args()
     if args.duplicates:
         common.check_writable(Path(args.output_dir))
-        bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir))
+        bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir), args.duplicate_sizes)
         return
 
     if args.batch_size < 4:

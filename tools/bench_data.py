@@ -5,6 +5,10 @@ step load_data uses (CLIP's bicubic resize and centre crop in parallel threads i
 OpenAI CLIP's image processor settings (224 px), and reports images/s, the tensor's size as uint8 against what
 fp32 would take, and the process's peak memory. Then it times the per-batch normalisation on the device.
 Writes <output-dir>/bench_data.json.
+
+With --compare-processors it instead times transformers' torchvision-backed ("fast") CLIP image processor
+against the PIL one on the same images (synthetic, or the first --images of a --data folder) and measures how far
+their pixels differ: <output-dir>/bench_processors.json. That needs a torchvision built for the installed torch.
 """
 
 import argparse
@@ -18,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 if __package__ in (None, ""):   # run as a script (python tools/X.py): the repository root holds the library
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,11 +29,43 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
 from clip_adapt.data import Split, preprocess  # noqa: E402
+from clip_adapt.models import check_torchvision, clip_image_processor  # noqa: E402
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def real_images(folder: Path, count: int) -> list[Image.Image]:
+    """Up to `count` images of an image folder (train/ then test/), decoded as loading decodes them."""
+    from clip_adapt.data import image_files, open_rgb
+    paths = [path for paths in image_files(folder).values() for path in paths][:count]
+    if not paths:
+        raise UserError(f"no images under {folder}/train or {folder}/test")
+    return [open_rgb({"path": path}) for path in paths]
+
+
+def compare_processors(images: list[Image.Image], image_size: int, workers: int | None) -> dict:
+    """CLIP's preprocessing by transformers' PIL processor and by its torchvision ("fast") one, on the same
+    images in the same threads, one after the other: images/s of each (the better of two passes, after a
+    warm-up) and how far their uint8 pixels differ."""
+    pixels, speed = {}, {}
+    for kind in ("pil", "fast"):
+        processor = clip_image_processor(image_size, kind)
+        preprocess(images[:64], processor, workers)   # warm-up: first calls, thread start-up
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            pixels[kind] = preprocess(images, processor, workers)
+            seconds.append(time.perf_counter() - started)
+        speed[kind] = len(images) / min(seconds)
+    difference = (pixels["fast"].int() - pixels["pil"].int()).abs()
+    return {"images": len(images), "pil_images_per_s": round(speed["pil"], 1),
+            "fast_images_per_s": round(speed["fast"], 1), "fast_over_pil": round(speed["fast"] / speed["pil"], 2),
+            "largest_pixel_difference": int(difference.max()),
+            "mean_pixel_difference": round(float(difference.float().mean()), 4),
+            "share_of_pixels_differing": round(float((difference > 0).float().mean()), 4)}
 
 
 def peak_rss_gb() -> float:
@@ -45,6 +80,11 @@ def main():
     p.add_argument("--workers", type=int, help="preprocessing threads [default: min(8, CPU cores)]")
     p.add_argument("--batch-size", type=int, default=256, help="for timing the normalisation on the device")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compare-processors", action="store_true",
+                   help="instead: time transformers' torchvision (fast) image processor against the PIL one on the "
+                        "same images, and compare their pixels (needs torchvision)")
+    p.add_argument("--data", help="with --compare-processors: an image folder (train/<class>/*, test/<class>/*) "
+                                  "whose first --images images are compared [default: the synthetic images]")
     p.add_argument("--smoke", action="store_true", help="300 images at 64 px: seconds")
     p.add_argument("--output-dir", default="outputs")
     args = p.parse_args()
@@ -54,8 +94,23 @@ def main():
         raise UserError("--images must be at least 1")
     device = common.pick_device(args.device)
     common.check_writable(Path(args.output_dir))
-    processor = CLIPImageProcessorPil(size={"shortest_edge": args.image_size},
-                                      crop_size={"height": args.image_size, "width": args.image_size})
+    if args.compare_processors:
+        check_torchvision()
+        images = real_images(Path(args.data), args.images) if args.data else synthetic_images(args.images,
+                                                                                             args.source_size)
+        result = {"source": args.data or f"synthetic {args.source_size} px", "image_size": args.image_size,
+                  "workers": args.workers or min(8, os.cpu_count() or 1), "torch_threads": torch.get_num_threads(),
+                  "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
+                  "torch": torch.__version__, **compare_processors(images, args.image_size, args.workers)}
+        write_json(Path(args.output_dir) / "bench_processors.json", result)
+        print(f"bench_data: {result['images']:,} images ({result['source']}) -> {args.image_size} px with "
+              f"{result['workers']} threads: PIL {result['pil_images_per_s']:,} images/s, torchvision (fast) "
+              f"{result['fast_images_per_s']:,} images/s ({result['fast_over_pil']}x); pixels differ by at most "
+              f"{result['largest_pixel_difference']} of 255 (mean {result['mean_pixel_difference']}, "
+              f"{100 * result['share_of_pixels_differing']:.1f}% of them differ)")
+        print(f"written to {Path(args.output_dir) / 'bench_processors.json'}")
+        return
+    processor = clip_image_processor(args.image_size)
 
     images = synthetic_images(args.images, args.source_size)
     preprocess(images[:64], processor, args.workers)   # warm-up, untimed: first calls, thread start-up

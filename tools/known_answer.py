@@ -129,7 +129,9 @@ def pretrain(steps: int = 300, seed: int = 0, lr: float = 2e-3, log_every: int =
     torch.manual_seed(seed)
     clip = CLIPModel(known_answer_config(tokenizer))
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # A tenth of the steps warm up, and at least two: OneCycleLR divides by the warm-up's length less one.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                   pct_start=max(0.1, 2 / steps))
     rng = np.random.default_rng(seed)
     clip.train()
     for step in range(1, steps + 1):
@@ -506,6 +508,8 @@ def main():
                    help="then train E8's adapter, prefix and LoRA on captions/ from seeds 0..N-1 and print their "
                         "test CIDEr-D and the baselines', one JSON line per seed (docs/captioning.md)")
     args = p.parse_args()
+    if args.steps < 3:
+        p.error("--steps must be at least 3 (a warm-up, then the decay)")
     output_dir = Path(args.output_dir)
     if args.credit_seeds:
         measure_credit(output_dir, args.credit_seeds, args.precision)
