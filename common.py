@@ -28,8 +28,9 @@ from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
-from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead, check_model,
-                               check_torchvision, count_params, is_random, load_clip, load_templates, model_dims, weights_of)
+from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
+                               check_model, check_torchvision, count_params, is_random, load_clip, load_templates,
+                               model_dims, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,

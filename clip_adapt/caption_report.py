@@ -138,7 +138,8 @@ def finish_captioning(exp, model: Captioner, result, score_clip, score_processor
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "decoder": args.decoder, "clipscore_model": args.clipscore_model or args.model,
-        "data": args.data, "seed": args.seed, "split_seed": args.split_seed, "num_beams": args.num_beams, **exp.data.report, **extra,
+        "data": args.data, "seed": args.seed, "split_seed": args.split_seed, "num_beams": args.num_beams,
+        **exp.data.report, **extra,
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
     if not is_main_process():
