@@ -43,23 +43,42 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def known_answer_cache() -> Path:
+    """Where the known-answer CLIP is kept between runs: a folder per version of the code and libraries that make
+    it (tools/known_answer.py, the image processor in clip_adapt/models.py, torch, transformers), so that a change
+    to any of them builds it anew. CLIP_ADAPT_CACHE moves it (default ~/.cache/clip_adapt)."""
+    import hashlib
+    import transformers
+    digest = hashlib.blake2b(digest_size=8)
+    for source in ("tools/known_answer.py", "clip_adapt/models.py"):
+        digest.update((REPO / source).read_bytes())
+    digest.update(f"{torch.__version__}|{transformers.__version__}".encode())
+    root = Path(os.environ.get("CLIP_ADAPT_CACHE", Path.home() / ".cache" / "clip_adapt")).expanduser()
+    return root / f"known_answer-{digest.hexdigest()}"
+
+
 @pytest.fixture(scope="session")
-def known_answer_dir(tmp_path_factory, worker_id) -> tuple[Path, dict]:
+def known_answer_dir() -> tuple[Path, dict]:
     """(folder, what its build measured): the known-answer CLIP, shapes task and templates of
-    tools/known_answer.py, for the classification and the captioning known-answer tests. Built once per run:
-    under xdist each worker has its own session, so the first to ask builds it in the run's shared temporary
-    folder while the others wait (filelock, a dependency of transformers), as pytest-xdist's docs show."""
+    tools/known_answer.py, for the classification and the captioning known-answer tests. Built once per machine
+    and version (known_answer_cache): the first process to ask builds it under a file lock (filelock, a
+    dependency of transformers) while the others, xdist workers or later runs, wait and then read it. The build
+    writes into a temporary folder renamed into place, so an interrupted build leaves nothing half-made."""
     import json
+    import shutil
     from filelock import FileLock
     from tools import known_answer
-    if worker_id == "master":   # no xdist
-        directory = tmp_path_factory.mktemp("known_answer")
-        return directory, known_answer.build(directory, verbose=False)
-    shared = tmp_path_factory.getbasetemp().parent   # this run's folder, above every worker's own
-    directory, measured = shared / "known_answer", shared / "known_answer.json"
-    with FileLock(str(shared / "known_answer.lock")):
+    directory = known_answer_cache()
+    measured = directory / "measured.json"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
         if not measured.exists():
-            measured.write_text(json.dumps(known_answer.build(directory, verbose=False)))
+            building = directory.with_name(directory.name + ".building")
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir()
+            (building / "measured.json").write_text(json.dumps(known_answer.build(building, verbose=False)))
+            shutil.rmtree(directory, ignore_errors=True)
+            building.rename(directory)
     return directory, json.loads(measured.read_text())
 
 

@@ -266,6 +266,7 @@ def repeated_lines(result) -> list[str]:
     return sorted({line for line in lines if lines.count(line) > 1})
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch_resumes_and_matches_one_process(tmp_path):
     """Two gloo processes on a global batch of 7 (slices of 4 and 3; 15 train images, so the last batch of 1
     leaves one process an empty slice), launched with accelerate's bf16 mixed precision but --precision fp32,
@@ -323,6 +324,7 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_process_ends_the_whole_launch_at_once(tmp_path):
     """run_all_experiments.py under two processes, the first experiment failing on process 1 only (process 0 is
     then waiting in the gradient all-reduce): the launch ends non-zero within 60 s of the failure (measured:

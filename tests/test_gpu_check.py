@@ -4,12 +4,15 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
 STEPS = ["env", "cuda_tests", "bench_batch_32", "max_batch", "bench_largest_batch", "syncs", "suite",
          "suite_compile"]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_and_records_it(tmp_path):
     # One experiment keeps it short: every step's plumbing is the same for each.
     result = subprocess.run(["bash", "tools/gpu_check.sh", str(tmp_path), "--dry-run", "--experiments",

@@ -26,6 +26,9 @@ from clip_adapt.runner import classification_scripts
 from clip_adapt.training import batched
 from tools import known_answer
 
+# Every test here trains methods to an answer: the slow tier (tests/README.md).
+pytestmark = pytest.mark.slow
+
 ZERO_SHOT = next(script.name for script in classification_scripts() if not script.trains)   # E1
 CHANCE = 1 / len(known_answer.SHAPES)
 ZERO_SHOT_AT_LEAST = 0.5        # measured 0.7625 (the same for every seed: nothing is trained)

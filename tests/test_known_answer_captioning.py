@@ -16,15 +16,20 @@ import pytest
 
 from tools import known_answer
 
+# Every test here trains methods to an answer: the slow tier (tests/README.md).
+pytestmark = pytest.mark.slow
+
 CIDER_AT_LEAST = 6.0   # CIDEr-D (pycocoevalcap; at most 10); measured 6.72-7.12 over seeds 0-4, every method
 FAR_ABOVE = 3          # times the better baseline of the same run; both baselines measured 1.37
 NAMED_RIGHT_AT_LEAST = {"shape": 0.8, "colour": 0.8}   # measured 0.91-1.0 and 1.0; position: chance (the docs)
 
 
 @pytest.fixture(scope="session")
-def captioning(known_answer_dir):
-    """(folder, what the decoder's pretraining measured, E8's caption splits)."""
-    directory, _ = known_answer_dir
+def captioning(known_answer_dir, tmp_path_factory):
+    """(folder, what the decoder's pretraining measured, E8's caption splits). The caption set and decoder are
+    built in this run's own folder beside a link to the shared known-answer CLIP, which stays read-only."""
+    directory = tmp_path_factory.mktemp("known_answer_captioning")
+    (directory / "clip").symlink_to(known_answer_dir[0] / "clip", target_is_directory=True)
     measured = known_answer.build_captioning(directory)
     return directory, measured, known_answer.load_caption_task(directory)
 

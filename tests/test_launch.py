@@ -23,6 +23,7 @@ def summary_rows(folder) -> dict[str, dict]:
         return {row["experiment"]: {k: row[k] for k in COMPARED} for row in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 def test_submitit_sweep_writes_the_summary_of_a_local_sweep(tmp_path):
     sweep = [*FAST, "--seeds", 0, 1, "--experiments", "E2_linear_probe", "E3_shallow_vpt"]
     run_script("run_all_experiments.py", *sweep, "--output-dir", tmp_path / "local", expect_exit=0)
@@ -34,6 +35,7 @@ def test_submitit_sweep_writes_the_summary_of_a_local_sweep(tmp_path):
     assert (tmp_path / "submitit" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_cell_is_named_and_a_resubmission_runs_only_it(tmp_path):
     grid = [*FAST, "--counts", 1, "--layers", 0, "--positions", "front", "--types", "token", "padding",
             "--launcher", "submitit", "--submitit-local", "--output-dir", tmp_path]
@@ -62,6 +64,7 @@ def test_bad_launcher_flags_are_one_line_errors(tmp_path, capsys):
     assert "--submitit-local goes with --launcher submitit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_process_does(tmp_path):
     """`accelerate launch --num_machines 2 --machine_rank R` on two "nodes" (two launches on this machine, one
     process each, meeting on 127.0.0.1) gives the numbers of one process on the same global batch."""

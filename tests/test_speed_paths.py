@@ -75,6 +75,7 @@ COMPILED = [("E3_shallow_vpt", []), ("E3_shallow_vpt", ["--prompt-type", "random
             ("E5_clip_vpt", [])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags", COMPILED, ids=["E3-token", "E3-random-patch", "E4", "E5"])
 def test_compiled_training_equals_eager_in_one_graph(name, flags, tiny_clip_dir, tmp_path):
     """--compile: torch.compile (inductor, on the CPU here) trains each prompt method to the same losses as eager
