@@ -406,3 +406,16 @@ def test_with_the_frozen_clip_head_only_the_prompts_or_adapter_train(clip_parts,
     assert isinstance(model.head, TextHead) and not list(model.head.parameters())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("prompts" in n or "lora_" in n for n in trainable), trainable
+
+
+def test_exact_fp32_turns_autocast_and_tf32_off_inside_and_restores_them(monkeypatch):
+    """The fp32 heads' guard (Fp32Linear, TextHead, similarity_logits): no autocast and no TF32 inside, the
+    run's settings back afterwards. On a GPU, tests/test_cuda.py checks the heads' error with TF32 on."""
+    from clip_adapt.models import exact_fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with exact_fp32("cpu"):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+    assert seen == [(False, False), (True, True)]

@@ -54,7 +54,7 @@ def assert_complete_outputs(folder, trained: bool):
     assert set(timings) == {*PHASES, "other", "total"} and all(v >= 0 for v in timings.values())
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.01)
     assert timings["copy_check"] > 0 and timings["reports"] > 0 and (timings["training"] > 0) == trained
-    history = list(csv.DictReader(open(folder / "history.csv")))
+    history = list(csv.DictReader((folder / "history.csv").read_text().splitlines()))
     assert len(history) == max(metrics["epochs_run"], 1)
     assert {"train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"} <= set(history[0])
     assert (folder / "checkpoint" / "best.safetensors").exists() == trained
@@ -85,7 +85,7 @@ def test_run_all_smoke_writes_the_complete_tree(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for script in SCRIPTS:
         assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    rows = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert [r["experiment"] for r in rows] == [s.removesuffix(".py") for s in SCRIPTS]
     shares = {r["experiment"]: float(r["trainable_share"]) for r in rows}
     assert shares["E1_zero_shot_clip"] == 0 and shares["E6_full_finetune"] == 1.0
@@ -100,7 +100,7 @@ def test_run_all_with_seeds_reports_mean_and_std_and_refuses_bad_data_before_any
     args = ["--smoke", "--output-dir", tmp_path, "--seeds", 0, 1, "--experiments", "E1_zero_shot_clip",
             "E2_linear_probe"]
     run_script("run_all_experiments.py", *args, expect_exit=0)
-    row = next(csv.DictReader(open(tmp_path / "summary.csv")))
+    row = next(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert row["runs"] == "2" and row["test_accuracy_std"] != ""
     assert (tmp_path / "seed_1" / "E2_linear_probe" / "metrics.json").exists()
     assert "±" in (tmp_path / "summary.md").read_text()
