@@ -1,8 +1,8 @@
 """E8 — image captioning on a frozen CLIP vision tower: a GPT-2 decoder (--decoder) reads it through new
 cross-attention layers (transformers' VisionEncoderDecoderModel); CLIP and GPT-2's own weights stay frozen, and
 only the cross-attention and one parameter-efficient module train: --peft adapter (the study's bottleneck,
-354 wide for GPT-2, applied twice after cross-attention), prefix (peft, 20 tokens), lora (peft, self-attention)
-or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
+354 wide for GPT-2, applied twice after cross-attention), prefix (prefix tuning, 20 tokens, with peft's
+reparameterisation MLP; GPT-2 decoders), lora (peft, self-attention) or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
 captions by greedy or beam search (--num-beams), scored by CIDEr-D, CLIPScore and RefCLIPScore.
 
 --data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`

@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def library_versions() -> dict[str, str | None]:
-    """The installed versions of the libraries whose numbers a run depends on (None: not installed)."""
+    """The installed versions of the libraries whose numbers a run depends on (None: not installed); torch's with
+    its build (e.g. 2.14.1+cu130), as torch.__version__ gives it."""
     def version(name):
+        if name == "torch":
+            return torch.__version__
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
