@@ -139,6 +139,9 @@ class MRIData:
     test: Split
     report: dict = field(default_factory=dict)   # duplicates and skipped files, written to outputs
     closest_pairs: list = field(default_factory=list)   # (score, test name, test image, train name, train image)
+    # A copy-group id per image of train followed by val: copies (exact or near) share one, so that
+    # cross-validation folds keep them together (clip_adapt/probe.py). None: every image its own group.
+    copy_groups: np.ndarray | None = None
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -161,7 +164,7 @@ class MRIData:
                           f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
                 splits = [Split(pinned_copy(s.inputs), s.labels, s.files, s.mean, s.std) for s in splits]
         return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
-                       self.closest_pairs)
+                       self.closest_pairs, self.copy_groups)
 
 
 def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -581,7 +584,14 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
               "num_images": {"train": len(train), "val": len(val), "test": len(test)},
               "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
     return MRIData([readable(c) for c in class_names], subset(0, train), subset(1, val), subset(2, test), report,
-                   closest)
+                   closest, copy_group_ids(np.concatenate([train, val]), clusters))
+
+
+def copy_group_ids(images: np.ndarray, clusters: list[list[int]]) -> np.ndarray:
+    """A group id per image (indices into the loaded files): the cluster's for members of a cluster of copies,
+    else one of its own."""
+    group_of = {i: number for number, members in enumerate(clusters) for i in members}
+    return np.array([group_of.get(int(i), len(clusters) + int(i)) for i in images])
 
 
 def relative_name(path: str) -> str:
