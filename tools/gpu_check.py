@@ -265,18 +265,23 @@ def slim_wheel(path: Path, keep) -> int:
 
 
 def download_wheels(folder: Path, plan: dict) -> None:
-    """pip download of each pinned wheel, none of its dependencies (the plan holds them), for the GPU image's
-    Python on x86-64 Linux; wheels already in the folder are kept, those of another plan removed."""
+    """pip download of each pinned wheel not in the folder yet, none of its dependencies (the plan holds them),
+    for the GPU image's Python on x86-64 Linux; wheels of another version or distribution are removed first. (A
+    slimmed wheel is kept as it is: pip would fetch it again, its hash no longer the index's.)"""
     folder.mkdir(parents=True, exist_ok=True)
-    pinned = plan["carry"]
+    pinned, present = plan["carry"], set()
     for wheel in folder.glob("*.whl"):
         name, version = wheel_identity(wheel)
-        if pinned.get(name) is None or Version(pinned[name]) != Version(version):
+        if pinned.get(name) is None or Version(pinned[name]) != Version(version) or name in present:
             wheel.unlink()
-    platforms = [argument for tag in plan["platforms"] for argument in ("--platform", tag)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", plan["python"], "--implementation", "cp", *platforms, "--dest", str(folder),
-                    *(f"{name}=={version}" for name, version in pinned.items())], check=True)
+        else:
+            present.add(name)
+    missing = [f"{name}=={version}" for name, version in pinned.items() if name not in present]
+    if missing:
+        platforms = [argument for tag in plan["platforms"] for argument in ("--platform", tag)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", plan["python"], "--implementation", "cp", *platforms, "--dest",
+                        str(folder), *missing], check=True)
     for wheel in folder.glob("*.whl"):
         name, _ = wheel_identity(wheel)
         if name in SLIM_WHEELS:
