@@ -211,7 +211,9 @@ def random_clip(architecture: str, seed: int = 0, device: torch.device | str | N
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config.text_config.bos_token_id,
                                                                  config.text_config.eos_token_id)
     config.text_config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(device_type=device.type), device:
+    # The CPU's generator is forked always; asking fork_rng for the CPU as a device too fails (torch 2.14: torch.cpu
+    # has no get_rng_state), so on the CPU it forks no device's.
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else None, device_type=device.type), device:
         torch.manual_seed(seed)
         clip = CLIPModel(config)
     clip.set_attn_implementation("sdpa")
