@@ -75,7 +75,10 @@ def check_inputs(args) -> None:
     check_model(args.model)
     check_decoder(args.decoder)
     if args.clipscore_model != CAPTIONER_CLIP:
-        check_model(args.clipscore_model)
+        try:
+            check_model(args.clipscore_model)
+        except UserError as error:
+            raise UserError(f"--clipscore-model: {error}".replace("pass --model", "pass --clipscore-model")) from None
 
 
 def build_model(clip, tokenizer, class_names, args):

@@ -3,6 +3,7 @@ CLIPScore and RefCLIPScore, metrics.json, predictions.json, per-image scores, cu
 and worst captions by CLIPScore, and their word-by-word cross-attention maps (docs/captioning.md)."""
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -107,22 +108,27 @@ def wrap(text: str, width: int = 38) -> str:
     return "\n".join(textwrap.wrap(text, width)[:3]) or "(empty)"
 
 
-def word_pieces(tokenizer, tokens: list[int]) -> list[list[int]]:
-    """The caption's tokens grouped into its words: a token whose text, decoded after the ones before it, starts
-    with white space begins a word; a piece that is a full stop joins the word before it, as clean_caption
-    writes it ("square."). Works for byte-level BPE (GPT-2) and word-level tokenizers alike."""
-    groups, decoded = [], ""
-    for k, token in enumerate(tokens):
-        text = tokenizer.decode(tokens[:k + 1])
-        piece, decoded = text[len(decoded):], text
-        starts = not groups or (piece[:1].isspace() and not piece.strip().startswith("."))
-        if starts and piece.strip():
-            groups.append([k])
-        elif groups:
-            groups[-1].append(k)
+def caption_words(tokenizer, tokens: list[int]) -> list[tuple[str, list[int]]]:
+    """The words of the caption these tokens spell, as clean_caption writes it (white space between words, a full
+    stop joined to the word before it), each with the positions of the tokens that spell it: a token belongs
+    to every word its decoded text reaches into with more than white space (a byte that completes a character
+    another token began adds no text: it belongs to that character's word). Works for byte-level BPE (GPT-2)
+    and word-level tokenizers alike."""
+    text, spans = "", []
+    for k in range(len(tokens)):
+        longer = tokenizer.decode(tokens[:k + 1])
+        spans.append((len(text), len(longer)))
+        text = longer
+    words = []
+    for match in re.finditer(r"\S+", text):
+        if words and match.group().startswith("."):   # clean_caption: "square ." is "square."
+            words[-1] = (words[-1][0], match.end())
         else:
-            groups.append([k])
-    return groups
+            words.append((match.start(), match.end()))
+    return [(clean_caption(text[start:end]),
+             [k for k, (a, b) in enumerate(spans)
+              if text[max(a, start):min(b, end)].strip() or (a == b and start < a <= end)])
+            for start, end in words]
 
 
 @torch.no_grad()
@@ -157,10 +163,9 @@ def word_attention(model: Captioner, pixels: torch.Tensor, sequences: list[list[
     grids = steps.reshape(*steps.shape[:2], side, side).cpu()
     results = []
     for tokens, grid in zip(sequences, grids):
-        groups = word_pieces(model.tokenizer, tokens)
-        words = [model.tokenizer.decode([tokens[k] for k in group]).strip() or "␣" for group in groups]
-        results.append((words, torch.stack([grid[group].mean(0) for group in groups])
-                        if groups else grid[:0]))
+        words = caption_words(model.tokenizer, tokens)
+        results.append(([word for word, _ in words],
+                        torch.stack([grid[positions].mean(0) for _, positions in words]) if words else grid[:0]))
     return results
 
 
