@@ -3,7 +3,8 @@ cross-attention layers (transformers' VisionEncoderDecoderModel); CLIP and GPT-2
 only the cross-attention and one parameter-efficient module train: --peft adapter (the study's bottleneck,
 354 wide for GPT-2, applied twice after cross-attention), prefix (peft, 20 tokens), lora (peft, self-attention)
 or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
-captions by greedy or beam search (--num-beams), scored by CIDEr-D, CLIPScore and RefCLIPScore.
+captions by greedy or beam search (--num-beams), scored by CIDEr-D (COCO's PTB tokenizer: needs Java), CLIPScore
+and RefCLIPScore (by CLIP ViT-B/32, --clipscore-model).
 
 --data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`
 dataset with an image and a caption column. --smoke: a tiny random CLIP and GPT-2 on synthetic shape captions.
