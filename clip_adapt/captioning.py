@@ -266,6 +266,15 @@ def tiny_decoder(seed: int = 0, tokenizer=None):
         return GPT2LMHeadModel(config), tokenizer
 
 
+def decoder_source(name: str) -> str:
+    """The local directory or hub id to load --decoder from; a missing directory fails here."""
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_hub_id(name):
+        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
+                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
+    return str(path) if path.exists() else name
+
+
 def check_decoder(name: str) -> None:
     """The decoder's config, read (from a directory, the hub or its cache) before anything loads: a missing
     directory, a model out of reach or one that is not a causal language model fails here, in seconds."""
@@ -274,14 +283,11 @@ def check_decoder(name: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from clip_adapt import hub
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_hub_id(name):
-        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
-                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
+    source = decoder_source(name)
     try:
-        model_type = AutoConfig.from_pretrained(str(path) if path.exists() else name).model_type
+        model_type = AutoConfig.from_pretrained(source).model_type
     except (OSError, ValueError) as error:
-        if path.exists():
+        if Path(source).exists():
             raise UserError(f"{name} is not a model directory ({type(error).__name__}): pass --decoder a causal "
                             f"language model saved with save_pretrained (model and tokenizer)") from None
         raise UserError(f"could not load decoder '{name}': {hub.unavailable('it')}; pass --decoder a local "
@@ -297,11 +303,8 @@ def load_decoder(name: str):
     if name == TINY_DECODER:
         return tiny_decoder()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_hub_id(name):
-        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
-                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
-    source = str(path) if path.exists() else name
+    source = decoder_source(name)
+    path = Path(source)
     try:
         decoder = AutoModelForCausalLM.from_pretrained(source, add_cross_attention=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -336,8 +339,8 @@ class CaptionSplit:
 
     train() visits an epoch image by image, every caption of an image in a row (epoch_order), and with
     share_images each batch carries each distinct image once (PairImages), so that the frozen tower runs once
-    per image and epoch, not once per caption (as captioning code with several captions per image does, e.g. seq_per_img in ruotianluo's
-    self-critical.pytorch). Only valid while the tower is frozen and images are not augmented: train() refuses
+    per image and epoch, not once per caption (as captioning code with several captions per image does, e.g.
+    seq_per_img in ruotianluo's self-critical.pytorch). Only valid while the tower is frozen and images are not augmented: train() refuses
     augmentation for such a split."""
     images: Split
     references: list[list[str]]

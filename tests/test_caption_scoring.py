@@ -5,7 +5,6 @@ caption that is reported."""
 import json
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import noise_image, run_script
