@@ -22,7 +22,6 @@ Hessel et al. 2021's code computes them).
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -170,33 +169,6 @@ class Captioner(nn.Module):
                  ) -> list[str]:
         sequences = self.generate(pixels, num_beams, max_new_tokens)
         return [clean_caption(text) for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def word_attention(self, pixels: torch.Tensor, max_new_tokens: int = MAX_CAPTION_TOKENS
-                       ) -> list[tuple[list[str], torch.Tensor]]:
-        """For each image, greedy decoding's tokens and, for each, the last decoder layer's cross-attention
-        averaged over heads, on the encoder's patch grid: ([token], [tokens, rows, columns]). The class token's
-        share is left out. Needs eager attention (sdpa returns no weights), switched on for this call only."""
-        language_model = self.model.decoder
-        language_model = getattr(language_model, "get_base_model", lambda: language_model)()   # under peft
-        previous = language_model.config._attn_implementation
-        language_model.set_attn_implementation("eager")
-        try:
-            out = self.generate(pixels, 1, max_new_tokens, output_attentions=True, return_dict_in_generate=True)
-        finally:
-            language_model.set_attn_implementation(previous)
-        # out.cross_attentions: per generated step, per layer, [images, heads, queries, encoder tokens]
-        steps = torch.stack([layers[-1][:, :, -1].float().mean(1) for layers in out.cross_attentions], 1)
-        patches = steps[..., 1:]
-        side = math.isqrt(patches.shape[-1])
-        grids = patches.reshape(*patches.shape[:2], side, side).cpu()
-        results = []
-        for sequence, grid in zip(out.sequences[:, 1:], grids):   # sequences start with the start token
-            ends = (sequence == self.model.config.eos_token_id).nonzero()
-            length = int(ends[0]) if len(ends) else len(sequence)
-            words = [self.tokenizer.decode([token]).strip() or "␣" for token in sequence[:length].tolist()]
-            results.append((words, grid[:length]))
-        return results
 
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameters by part: cross_attention, encoder_projection, and the --peft module."""
