@@ -455,6 +455,9 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         from accelerate.utils import set_seed
         set_seed(config.seed, device_specific=True)
     train_split = train_split.to(device)
+    if config.augment and getattr(train_split, "share_images", False):
+        raise ValueError("a caption split that shares each image among its captions cannot be augmented (a flip "
+                         "would be drawn per caption): pass augment=False, or a split with share_images=False")
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("nothing to train: every parameter of this model is frozen (e.g. --num-prompts 0 with "
                         "--head clip); give it prompts, a trainable head or an adapter")
@@ -518,7 +521,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 progress.epoch_generator = generator.get_state()
             generator.set_state(progress.epoch_generator)
             model.train()
-            host_order = torch.randperm(len(train_split), generator=generator)
+            host_order = train_split.epoch_order(generator)
             flips = torch.rand(len(train_split), generator=generator) < 0.5
             order, flips = host_order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
@@ -538,7 +541,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             # Inputs held on the host are gathered by host indices (Split.batches): reading indices back from the
             # device would stall every step.
             gathered = ([share(batch)[0] for batch in host_order.split(config.batch_size)]
-                        if train_split.inputs.is_pinned() else [batch for batch, _ in shared])
+                        if train_split.host_indices else [batch for batch, _ in shared])
             feed = train_split.batches(gathered[progress.batch:], device)
             bar = progress_bar(shared[progress.batch:], f"epoch {epoch}/{epochs}", initial=progress.batch,
                                total=len(batches))
