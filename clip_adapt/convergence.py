@@ -9,8 +9,8 @@ threshold would depend on the loss's scale. At a plateau the learning rate is cu
 RATE_CUTS times, each followed by two fresh windows): the rate falls only after the loss stopped falling at
 the rate it had, never on a noisy validation split. The plateau after the last cut, past `min_steps`, ends the
 run, converged. A plateau whose later window is above RISE times the first window, or above DIVERGED times the
-loss at epoch 0 (the model as built, measured without dropout or augmentation, which the trained windows have,
-hence the wider factor), ends it too, diverging.
+loss at epoch 0 (the model as built, measured without the dropout and augmentation that the trained windows
+have, hence the wider factor), either plus RISE_NATS, ends it too, diverging.
 
 **Selection** picks which epoch's weights are reported, by the validation split alone: the epoch of lowest
 validation loss, epoch 0 (the model as built, before any step) included. Validation never cuts the rate or
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 NEW_LOW = 0.01        # a window must beat the one before by more than this share of the fall so far
 RISE = 1.1            # a last window above this times the first, plus RISE_NATS: the loss is rising (the nats keep
 RISE_NATS = 0.05      # a loss near zero, where a tenth is noise, from reading as rising)
-DIVERGED = 1.5        # a last window above this times epoch 0's loss: training made the model worse
+DIVERGED = 1.5        # a last window above this times epoch 0's loss (plus RISE_NATS): training made it worse
 CUT_FACTOR = 0.3      # the learning rate is multiplied by this at each plateau...
 RATE_CUTS = 2         # ...at most this many times (the final rate: 0.09 of the peak)
 UNDER_FITTED = 1.25   # final training loss above this times the head's reachable loss, plus UNDER_FITTED_CHANCE
@@ -86,7 +86,7 @@ class TrainingLoss:
     def rising(self) -> bool:
         pair = self.windows()
         return pair is not None and (pair[1] > RISE * self.start + RISE_NATS or
-                                     (self.at_start is not None and pair[1] > DIVERGED * self.at_start))
+                                     (self.at_start is not None and pair[1] > DIVERGED * self.at_start + RISE_NATS))
 
 
 def after_epoch(loss: TrainingLoss, steps: int, min_steps: int) -> str:
