@@ -3,11 +3,14 @@ TASK_FAMILY: the class signal a weak direction of a tight cluster of embeddings;
 class; validation splits of 10 to 24 images, as small as the study's or smaller).
 
 On every member, with default flags, over three seeds (each seed drawing its own validation split and training
-seed): E2's L-BFGS probe is within E2_WITHIN of an independent reference, scikit-learn's LogisticRegressionCV (C by
-5-fold cross-validation on train + validation, fitted to a tolerance of 1e-8) on the same CLIP's image features;
-E2 trained by AdamW, E3, E4 and E7 with their linear heads are within GRADIENT_WITHIN of it or above; no seed is
-more than SEED_BELOW below its method's mean; and every run's verdict is "converged". Measured figures:
-docs/known-answer.md ("The task family").
+seed): E2's L-BFGS probe is within E2_WITHIN of E2's recipe as scikit-learn does it end to end (a Pipeline of
+StandardScaler and LogisticRegression, C by GridSearchCV's 5-fold cross-validated log-loss on train + validation);
+E2 trained by AdamW, E3, E4 and E7 with their linear heads are within GRADIENT_WITHIN of a plain
+LogisticRegressionCV (raw features, C by cross-validated accuracy, scikit-learn's long-standing default) or above;
+no seed is more than SEED_BELOW below its method's mean; and every run's verdict is "converged". Two references
+because the choice of recipe alone moves test accuracy by up to 0.1 on 160 test images (imbalanced: 0.675 raw by
+accuracy, 0.744 standardised by log-loss, 0.781 raw by log-loss): E2 must equal the recipe it claims; the others
+must reach what a plain logistic regression reaches. Measured figures: docs/known-answer.md ("The task family").
 """
 
 import json
@@ -23,7 +26,7 @@ from tools import known_answer
 pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2)
-E2_WITHIN = 0.03          # measured: -0.006 to +0.019 (docs/known-answer.md)
+E2_WITHIN = 0.03          # measured: see docs/known-answer.md
 GRADIENT_WITHIN = 0.05    # measured: the lowest mean -0.042 (E3, imbalanced)
 SEED_BELOW = 0.05
 GRADIENT = {"E2 by AdamW": ("E2_linear_probe", "--solver", "adamw"), "E3": ("E3_shallow_vpt",),
@@ -44,10 +47,12 @@ def family(known_answer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def references(family):
-    """{task: test accuracy} of the independent reference, the same for every seed: train + validation is the
-    whole training folder, in file order, whichever validation split a seed draws."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
+    """{task: {"e2_recipe": test accuracy, "plain": test accuracy}}, the same for every seed: train + validation
+    is the whole training folder, in file order, whichever validation split a seed draws."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from transformers import CLIPImageProcessor, CLIPModel
     from PIL import Image
     accuracies = {}
@@ -62,14 +67,18 @@ def references(family):
                 pixels = processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
                 return clip.get_image_features(pixel_values=pixels).pooler_output.double().numpy(), labels
         (x, y), (test_x, test_y) = features("train"), features("test")
-        reference = LogisticRegressionCV(Cs=np.logspace(-6, 6, 25), cv=StratifiedKFold(5, shuffle=True, random_state=0),
-                                         max_iter=100_000, tol=1e-8).fit(x, y)
-        accuracies[task] = float((reference.predict(test_x) == test_y).mean())
+        folds, grid = StratifiedKFold(5, shuffle=True, random_state=0), np.logspace(-6, 6, 25)
+        e2_recipe = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000, tol=1e-8)),
+                                 {"logisticregression__C": grid}, cv=folds, scoring="neg_log_loss").fit(x, y)
+        plain = LogisticRegressionCV(Cs=grid, cv=folds, scoring="accuracy", l1_ratios=(0.0,), max_iter=100_000,
+                                     tol=1e-8, use_legacy_attributes=False).fit(x, y)
+        accuracies[task] = {name: float((fit.predict(test_x) == test_y).mean())
+                            for name, fit in (("e2_recipe", e2_recipe), ("plain", plain))}
     return accuracies
 
 
 @pytest.mark.parametrize("task", list(known_answer.TASK_FAMILY))
-def test_e2_lbfgs_is_within_reach_of_the_independent_reference(task, family, references, tmp_path):
+def test_e2_lbfgs_equals_its_recipe_done_by_scikit_learn(task, family, references, tmp_path):
     accuracies = []
     for seed in SEEDS:
         out = tmp_path / str(seed)
@@ -80,7 +89,7 @@ def test_e2_lbfgs_is_within_reach_of_the_independent_reference(task, family, ref
         assert metrics["converged"] and not metrics["c_at_grid_edge"], metrics["convergence_reason"]
         accuracies.append(metrics["test_accuracy"])
     mean = float(np.mean(accuracies))
-    assert abs(mean - references[task]) <= E2_WITHIN, (task, accuracies, references[task])
+    assert abs(mean - references[task]["e2_recipe"]) <= E2_WITHIN, (task, accuracies, references[task])
     assert min(accuracies) >= mean - SEED_BELOW, (task, accuracies)
 
 
@@ -96,7 +105,7 @@ def test_gradient_trained_linear_heads_reach_the_reference_and_converge(task, me
         assert result.converged, (task, method, seed, result.convergence_reason)
         accuracies.append(known_answer.accuracy(model, data.test))
     mean = float(np.mean(accuracies))
-    assert mean >= references[task] - GRADIENT_WITHIN, (task, method, accuracies, references[task])
+    assert mean >= references[task]["plain"] - GRADIENT_WITHIN, (task, method, accuracies, references[task])
     assert min(accuracies) >= mean - SEED_BELOW, (task, method, accuracies)
 
 
