@@ -212,11 +212,9 @@ def random_clip(architecture: str, seed: int = 0, device: torch.device | str | N
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config.text_config.bos_token_id,
                                                                  config.text_config.eos_token_id)
     config.text_config.pad_token_id = tokenizer.pad_token_id
-    # fork_rng always keeps the CPU generator; devices=[] asks for no accelerator's (a CPU has none, and
-    # device_type="cpu" would look for a torch.cpu.get_rng_state that does not exist).
-    forked = torch.random.fork_rng(devices=[]) if device.type == "cpu" else torch.random.fork_rng(
-        device_type=device.type)
-    with forked, device:
+    # The CPU's generator is forked always; asking fork_rng for the CPU as a device too fails (torch 2.14: torch.cpu
+    # has no get_rng_state), so on the CPU it forks no device's.
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else None, device_type=device.type), device:
         torch.manual_seed(seed)
         clip = CLIPModel(config)
     clip.set_attn_implementation("sdpa")
@@ -355,11 +353,24 @@ def similarity_logits(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor) 
 
 
 class Fp32Linear(nn.Linear):
-    """A linear head that computes in fp32 (no autocast, no TF32), for the same reason as similarity_logits."""
+    """A linear head that computes in fp32 (no autocast, no TF32), for the same reason as similarity_logits.
+
+    Its input may be standardised first: `input_shift` and `input_scale` (buffers, identity until set) are the
+    training split's per-feature mean and standard deviation of the initial features, set once before training
+    by clip_adapt/probe.py (start_head) and kept with the trained weights (FITTED_BUFFERS)."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.register_buffer("input_shift", torch.zeros(in_features))
+        self.register_buffer("input_scale", torch.ones(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with exact_fp32(x.device.type):
-            return super().forward(x.float())
+            return super().forward((x.float() - self.input_shift) / self.input_scale)
+
+
+# Buffers fitted to the data at the start of training: saved and resumed with the trainable weights.
+FITTED_BUFFERS = ("input_shift", "input_scale")
 
 
 def trainable(module: nn.Module | None, prefix: str = "") -> dict:
@@ -413,16 +424,22 @@ class TextHead(nn.Module):
             return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.class_embeddings.T
 
 
+FEATURES = ("projected", "pooled")
+
+
 class ImageClassifier(Classifier):
     """CLIP's image tower and projection, then a linear head on the projected embedding.
     E2: frozen tower; E3/E4: frozen tower with visual prompts; E6: the whole tower trained."""
 
     def __init__(self, clip: CLIPModel, num_classes: int, train_backbone: bool = False,
                  num_prompts: int = 0, prompt_layers=(0,), prompt_dropout: float = 0.0,
-                 pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, **prompt_options):
+                 pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, features: str = "projected",
+                 **prompt_options):
         """pixel_prompt: a pixel-space prompter (clip_adapt.prompts.PixelPrompter) added to the normalised image
         as it enters the tower; head: in place of the linear head (TextHead for CLIP's text classifier);
-        prompt_options: VisualPrompts' position, entry, init."""
+        features: "projected" (the image embedding CLIP compares with text) or "pooled" (the tower's pooled
+        output before the projection, as the CLIP paper's linear probes read ViTs, appendix A.3); prompt_options:
+        VisualPrompts' position, entry, init."""
         super().__init__()
         self.vision, self.projection = clip.vision_model, clip.visual_projection
         if not train_backbone:
@@ -431,11 +448,16 @@ class ImageClassifier(Classifier):
         self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
                         if num_prompts else None)
         self.pixel_prompt = pixel_prompt.attach(self.vision) if pixel_prompt is not None else None
-        self.head = head if head is not None else Fp32Linear(clip.config.projection_dim, num_classes)
+        if features not in FEATURES:
+            raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+        self.features = features
+        width = clip.config.projection_dim if features == "projected" else clip.config.vision_config.hidden_size
+        self.head = head if head is not None else Fp32Linear(width, num_classes)
         self.train_backbone = train_backbone
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.vision(pixel_values=pixels).pooler_output)
+        pooled = self.vision(pixel_values=pixels).pooler_output
+        return self.projection(pooled) if self.features == "projected" else pooled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixels))
