@@ -3,7 +3,8 @@ cross-attention layers (transformers' VisionEncoderDecoderModel); CLIP and GPT-2
 only the cross-attention and one parameter-efficient module train: --peft adapter (the study's bottleneck,
 354 wide for GPT-2, applied twice after cross-attention), prefix (peft, 20 tokens), lora (peft, self-attention)
 or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
-captions by greedy or beam search (--num-beams), scored by CIDEr-D, CLIPScore and RefCLIPScore.
+captions by greedy or beam search (--num-beams), scored by CIDEr-D (COCO's PTB tokenizer: needs Java), CLIPScore
+and RefCLIPScore (by CLIP ViT-B/32, --clipscore-model).
 
 --data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`
 dataset with an image and a caption column. --smoke: a tiny random CLIP and GPT-2 on synthetic shape captions.
@@ -11,15 +12,18 @@ See docs/captioning.md.
 """
 
 import time
+from pathlib import Path
 
 import transformers
 
 import common
 from clip_adapt.base import UserError
 from clip_adapt.caption_report import finish_captioning
-from clip_adapt.captioning import (DEFAULT_DECODER, MAX_CAPTION_TOKENS, PEFT_METHODS, SMOKE_CAPTIONS, TINY_DECODER,
-                                   Captioner, load_captions, load_decoder, write_shape_captions)
-from clip_adapt.models import load_clip
+from clip_adapt.captioning import (CAPTIONER_CLIP, CLIPSCORE_MODEL, DEFAULT_DECODER, MAX_CAPTION_TOKENS, PEFT_METHODS,
+                                   SMOKE_CAPTIONS, TINY_DECODER, Captioner, check_cider, check_decoder,
+                                   load_captions, load_decoder, write_shape_captions)
+from clip_adapt import hub
+from clip_adapt.models import TINY_CLIP, check_model, is_random, load_clip
 from clip_adapt.training import train
 
 TASK = "captioning"   # not run on classification data by run_all_experiments.py, bench.py or their tests
@@ -45,12 +49,37 @@ def add_flags(parser):
     caption.add_argument("--max-caption-tokens", type=int, default=MAX_CAPTION_TOKENS,
                          help="captions are cut to this many tokens for training; generation stops there too")
     caption.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding; more: beam search")
-    caption.add_argument("--clipscore-model", help="the CLIP that computes CLIPScore [default: --model]")
+    caption.add_argument("--clipscore-model",
+                         help=f"the CLIP that computes CLIPScore and RefCLIPScore (hub id or local directory) "
+                              f"[default: {CLIPSCORE_MODEL}, the ViT-B/32 the metric is defined with; with "
+                              f"--smoke: the tiny random CLIP]; '{CAPTIONER_CLIP}': the captioner's own --model, "
+                              f"not an independent judge (labelled so in the summary and metrics.json)")
     return parser
 
 
 def decoder_of(args) -> str:
     return args.decoder or (TINY_DECODER if args.smoke else DEFAULT_DECODER)
+
+
+def clipscore_model_of(args) -> str:
+    return args.clipscore_model or (TINY_CLIP if args.smoke else CLIPSCORE_MODEL)
+
+
+def check_inputs(args) -> None:
+    """What the run needs after training, checked before anything loads: pycocoevalcap and COCO's PTB tokenizer
+    (Java) for CIDEr-D, and the configs of the captioning CLIP, the decoder and the scoring CLIP (read from a
+    directory, the hub or its cache). A missing piece is one line in seconds, not a crash after training."""
+    check_cider()
+    names = [args.model, args.decoder] + ([args.clipscore_model] if args.clipscore_model != CAPTIONER_CLIP else [])
+    if any(not is_random(n) and n != TINY_DECODER and not Path(n).expanduser().exists() for n in names):
+        hub.notice_offline()
+    check_model(args.model)
+    check_decoder(args.decoder)
+    if args.clipscore_model != CAPTIONER_CLIP:
+        try:
+            check_model(args.clipscore_model)
+        except UserError as error:
+            raise UserError(f"--clipscore-model: {error}".replace("pass --model", "pass --clipscore-model")) from None
 
 
 def build_model(clip, tokenizer, class_names, args):
@@ -78,8 +107,10 @@ def main():
     check_flags(args)
     args.data = args.data or SMOKE_CAPTIONS
     args.decoder = decoder_of(args)
+    args.clipscore_model = clipscore_model_of(args)
     name = common.script_name(__file__)
     args, out_dir, device, accelerator = common.open_run(name, args)
+    check_inputs(args)
     data_source = str(write_shape_captions(out_dir / "smoke_data")) if args.data == SMOKE_CAPTIONS else args.data
     clip, image_processor, tokenizer = load_clip(args.model, image_processor=args.image_processor)
     # transformers warns at every generate() that GPT-2's pad token is its end token (expected: targets pad with
@@ -91,13 +122,15 @@ def main():
                          args.image_column, args.caption_column, args.test_split, args.max_caption_tokens)
     print(f"{name}: {args.model} + {args.decoder} ({args.peft}) on {device}; data {args.data}: "
           + ", ".join(f"{count} {what.replace('_', ' ')}" for what, count in data.report.items()))
+    # Loaded now, not after training: a scoring CLIP that cannot be loaded stops the run before its first step.
+    score_clip, score_processor, score_tokenizer = ((clip, image_processor, tokenizer)
+                                                    if args.clipscore_model == CAPTIONER_CLIP
+                                                    else load_clip(args.clipscore_model))
     exp = common.Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer,
                             data.to(device), started, accelerator)
     # No flips: they would turn "left" into "right" in the picture but not in its caption.
     result = train(exp.maybe_compile(model), exp.data.train, exp.data.val, exp.data.test,
                    exp.train_config(augment=False))
-    score_clip, score_processor, score_tokenizer = ((exp.clip, image_processor, tokenizer) if not args.clipscore_model
-                                                    else load_clip(args.clipscore_model))
     finish_captioning(exp, model, result, score_clip.to(device), score_processor, score_tokenizer)
 
 

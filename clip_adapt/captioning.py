@@ -16,14 +16,20 @@ self-attention and the cross-attention gets its own cache. With use_cache off, G
 read and write the prefix cache; so use_cache is never turned off.
 
 Also here: the caption data (COCO-format files or a `datasets` dataset), the tiny smoke models and data, and
-the scores (CIDEr-D from pycocoevalcap; CLIPScore and RefCLIPScore as Hessel et al. 2021 define them).
+the scores (CIDEr-D as COCO's evaluation computes it, PTB tokenizer included; CLIPScore and RefCLIPScore as
+Hessel et al. 2021's code computes them).
 """
 
+import dataclasses
 import json
-import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from clip_adapt.base import UserError
-from clip_adapt.data import Split, is_saved_dataset, looks_like_hub_id, open_rgb, preprocess
+from clip_adapt.data import Split, is_saved_dataset, looks_like_hub_id, open_rgb, placed, preprocess
 from clip_adapt.models import freeze
 
 DEFAULT_DECODER = "gpt2"
@@ -42,19 +48,15 @@ PEFT_METHODS = ("adapter", "prefix", "lora", "none")
 CROSS_ATTENTION_NAMES = ("crossattention", "ln_cross_attn")   # GPT-2's (and BERT-style decoders') names
 MAX_CAPTION_TOKENS = 40
 CLIPSCORE_WEIGHT = 2.5            # Hessel et al. 2021: w in CLIP-S = w * max(cos, 0)
-CLIPSCORE_PREFIX = "A photo depicts "   # their prompt in front of every candidate caption
+CLIPSCORE_PREFIX = "A photo depicts "   # their prompt in front of every caption they embed
+CLIPSCORE_MODEL = "openai/clip-vit-base-patch32"   # the CLIP that CLIPScore is defined with (their ViT-B/32)
+CAPTIONER_CLIP = "captioner"   # --clipscore-model value: score with the captioner's own CLIP (not independent)
 
 
 def clean_caption(text: str) -> str:
     """One line, single spaces, no space before a full stop (the study's cleaning)."""
     text = re.sub(r"\s+", " ", text).strip()
     return re.sub(r"\s+\.", ".", text)
-
-
-def cider_tokens(text: str) -> str:
-    """The tokenisation CIDEr scores: lower case, every character but letters, digits and apostrophes a space.
-    COCO's PTBTokenizer (which needs Java) also splits punctuation off; for plain captions the two agree."""
-    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
 
 
 # --------------------------------------------------------------------------- the model
@@ -142,10 +144,15 @@ class Captioner(nn.Module):
         self.encoder.eval()
         return self
 
-    def forward(self, pixels: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: "torch.Tensor | PairImages", targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = targets[:, :-1].masked_fill(targets[:, :-1] < 0, self.model.config.pad_token_id)
         labels = targets[:, 1:]
-        logits = self.model(pixel_values=pixels, decoder_input_ids=inputs).logits.float()
+        if isinstance(pixels, PairImages):   # the frozen tower once per distinct image, its output per caption
+            encoded = self.encoder(pixel_values=pixels.pixels).last_hidden_state
+            run = dict(encoder_outputs=(encoded.index_select(0, pixels.image_of),))
+        else:
+            run = dict(pixel_values=pixels)
+        logits = self.model(**run, decoder_input_ids=inputs).logits.float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         counted = labels >= 0
         right = ((logits.argmax(-1) == labels) & counted).sum(1) / counted.sum(1).clamp(min=1)
@@ -162,33 +169,6 @@ class Captioner(nn.Module):
                  ) -> list[str]:
         sequences = self.generate(pixels, num_beams, max_new_tokens)
         return [clean_caption(text) for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def word_attention(self, pixels: torch.Tensor, max_new_tokens: int = MAX_CAPTION_TOKENS
-                       ) -> list[tuple[list[str], torch.Tensor]]:
-        """For each image, greedy decoding's tokens and, for each, the last decoder layer's cross-attention
-        averaged over heads, on the encoder's patch grid: ([token], [tokens, rows, columns]). The class token's
-        share is left out. Needs eager attention (sdpa returns no weights), switched on for this call only."""
-        language_model = self.model.decoder
-        language_model = getattr(language_model, "get_base_model", lambda: language_model)()   # under peft
-        previous = language_model.config._attn_implementation
-        language_model.set_attn_implementation("eager")
-        try:
-            out = self.generate(pixels, 1, max_new_tokens, output_attentions=True, return_dict_in_generate=True)
-        finally:
-            language_model.set_attn_implementation(previous)
-        # out.cross_attentions: per generated step, per layer, [images, heads, queries, encoder tokens]
-        steps = torch.stack([layers[-1][:, :, -1].float().mean(1) for layers in out.cross_attentions], 1)
-        patches = steps[..., 1:]
-        side = math.isqrt(patches.shape[-1])
-        grids = patches.reshape(*patches.shape[:2], side, side).cpu()
-        results = []
-        for sequence, grid in zip(out.sequences[:, 1:], grids):   # sequences start with the start token
-            ends = (sequence == self.model.config.eos_token_id).nonzero()
-            length = int(ends[0]) if len(ends) else len(sequence)
-            words = [self.tokenizer.decode([token]).strip() or "␣" for token in sequence[:length].tolist()]
-            results.append((words, grid[:length]))
-        return results
 
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameters by part: cross_attention, encoder_projection, and the --peft module."""
@@ -258,17 +238,45 @@ def tiny_decoder(seed: int = 0, tokenizer=None):
         return GPT2LMHeadModel(config), tokenizer
 
 
+def decoder_source(name: str) -> str:
+    """The local directory or hub id to load --decoder from; a missing directory fails here."""
+    path = Path(name).expanduser()
+    if not path.exists() and not looks_like_hub_id(name):
+        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
+                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
+    return str(path) if path.exists() else name
+
+
+def check_decoder(name: str) -> None:
+    """The decoder's config, read (from a directory, the hub or its cache) before anything loads: a missing
+    directory, a model out of reach or one that is not a causal language model fails here, in seconds."""
+    if name == TINY_DECODER:
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from clip_adapt import hub
+    source = decoder_source(name)
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as error:
+        if Path(source).exists():
+            raise UserError(f"{name} is not a model directory ({type(error).__name__}): pass --decoder a causal "
+                            f"language model saved with save_pretrained (model and tokenizer)") from None
+        raise UserError(f"could not load decoder '{name}': {hub.unavailable('it')}; pass --decoder a local "
+                        f"directory saved with save_pretrained") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"--decoder {name} is a '{model_type}' model, not a causal language model: pass one that "
+                        f"supports add_cross_attention, such as {DEFAULT_DECODER}")
+
+
 def load_decoder(name: str):
     """(causal LM with cross-attention added, its tokenizer) from a hub id, a local directory or TINY_DECODER.
     The cross-attention layers are new, randomly initialised: they are what E8 trains."""
     if name == TINY_DECODER:
         return tiny_decoder()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = Path(name).expanduser()
-    if not path.exists() and not looks_like_hub_id(name):
-        raise UserError(f"decoder directory {name} does not exist: pass --decoder a directory saved with "
-                        f"save_pretrained or a hub id such as {DEFAULT_DECODER}")
-    source = str(path) if path.exists() else name
+    source = decoder_source(name)
+    path = Path(source)
     try:
         decoder = AutoModelForCausalLM.from_pretrained(source, add_cross_attention=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -286,15 +294,32 @@ def load_decoder(name: str):
 
 # --------------------------------------------------------------------------- data
 
+class PairImages(NamedTuple):
+    """The images of a batch of (image, caption) pairs, each distinct image once: `pixels` [images, ...] and, for
+    each pair, the row of its image (`image_of`). The captioner runs its frozen tower on `pixels` and hands each
+    caption its image's output: the same loss as one image per pair, a fifth of the tower's work on COCO."""
+    pixels: torch.Tensor
+    image_of: torch.Tensor
+
+
 @dataclass
 class CaptionSplit:
     """One split: the images once (uint8 pixels in `images`) and one row per (image, caption) pair:
-    `image_of` the pair's image, `labels` its target token ids (what train() calls labels). `references`
-    holds every image's captions, for scoring."""
+    `image_of` the pair's image (kept on the host, where batches are gathered), `labels` its target token ids
+    (what train() calls labels). `references` holds every image's captions, for scoring; `sources` the test
+    images as read (paths or bytes), for a scoring CLIP that preprocesses them its own way.
+
+    train() visits an epoch image by image, every caption of an image in a row (epoch_order), and with
+    share_images each batch carries each distinct image once (PairImages), so that the frozen tower runs once
+    per image and epoch, not once per caption (as captioning code with several captions per image does, e.g.
+    seq_per_img in ruotianluo's self-critical.pytorch). Only valid while the tower is frozen and images are not augmented: train() refuses
+    augmentation for such a split."""
     images: Split
     references: list[list[str]]
     image_of: torch.Tensor
     labels: torch.Tensor
+    sources: list | None = None
+    share_images: bool = True
 
     def __len__(self):
         return len(self.labels)
@@ -303,22 +328,55 @@ class CaptionSplit:
     def files(self) -> list[str]:
         return self.images.files
 
-    def model_inputs(self, index=None, device=None) -> torch.Tensor:
-        image_index = self.image_of if index is None else self.image_of[index.to(self.image_of.device)
-                                                                        if torch.is_tensor(index) else index]
-        return self.images.model_inputs(image_index, device)
-
     @property
     def inputs(self) -> torch.Tensor:
-        return self.images.inputs   # train() asks whether they are pinned
+        return self.images.inputs
+
+    @property
+    def host_indices(self) -> bool:
+        return True   # the distinct images of a batch are found on the host: no read-back from the device
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """The pairs of one epoch: the images in random order, each image's pairs in a row. The same order with
+        share_images on or off, so that sharing changes the work, never the batches."""
+        image_of = self.image_of.cpu()
+        by_image = torch.argsort(image_of, stable=True)   # pair indices, image by image
+        counts = torch.bincount(image_of, minlength=len(self.files))
+        starts = counts.cumsum(0) - counts
+        images = torch.randperm(len(self.files), generator=generator)
+        chosen = counts[images]
+        within = torch.arange(int(chosen.sum())) - (chosen.cumsum(0) - chosen).repeat_interleave(chosen)
+        return by_image[starts[images].repeat_interleave(chosen) + within]
+
+    def image_rows(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the images to gather for these pairs, each pair's row among them): the distinct images and the
+        inverse with share_images, else one image per pair and None."""
+        index = torch.arange(len(self)) if index is None else torch.as_tensor(index).cpu()
+        images = self.image_of[index]
+        if not self.share_images:
+            return images, None
+        return torch.unique(images, return_inverse=True)
+
+    def model_inputs(self, index=None, device=None) -> "torch.Tensor | PairImages":
+        images, rows = self.image_rows(index)
+        pixels = self.images.model_inputs(images, device)
+        return pixels if rows is None else PairImages(pixels, rows.to(pixels.device))
 
     def batches(self, indices: list, device):
-        """model_inputs for each batch of pairs, in order (the pairs' images are gathered as they are asked for)."""
-        yield from (self.model_inputs(index, device) for index in indices)
+        """model_inputs for each batch of pairs, in order: the images gathered (and prefetched, when they are kept
+        on the host) by Split.batches."""
+        rows = [self.image_rows(index) for index in indices]
+        feed = self.images.batches([images for images, _ in rows], device)
+        for (_, row), pixels in zip(rows, feed):
+            yield pixels if row is None else PairImages(pixels, row.to(pixels.device, non_blocking=True))
 
     def to(self, device) -> "CaptionSplit":
-        return CaptionSplit(self.images.to(device), self.references, self.image_of.to(device),
-                            self.labels.to(device))
+        return CaptionSplit(self.images.to(device), self.references, self.image_of, self.labels.to(device),
+                            self.sources, self.share_images)
+
+    def kept_on_host(self) -> "CaptionSplit":
+        return CaptionSplit(self.images.kept_on_host(), self.references, self.image_of, self.labels, self.sources,
+                            self.share_images)
 
 
 @dataclass
@@ -332,7 +390,16 @@ class CaptionData:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def to(self, device) -> "CaptionData":
-        return CaptionData(self.train.to(device), self.val.to(device), self.test.to(device), self.report)
+        """The images placed by the classification data's rule (clip_adapt.data.placed): on the device when
+        they fit in half of its free memory, else kept in host memory and copied batch by batch."""
+        splits = placed([self.train.images, self.val.images, self.test.images], device)
+        kept = [split if images is split.images else split.kept_on_host()
+                for split, images in zip((self.train, self.val, self.test), splits)]
+        return CaptionData(*(split.to(device) for split in kept), self.report)
+
+    def sharing(self, share_images: bool) -> "CaptionData":
+        return CaptionData(*(dataclasses.replace(split, share_images=share_images)
+                             for split in (self.train, self.val, self.test)), self.report)
 
 
 class LazyImages:
@@ -479,7 +546,7 @@ def load_captions(data: str, image_processor, tokenizer, val_fraction: float = 0
         files = [source.get("path") or f"{name}/{i}" for i, source in enumerate(images)]
         image_of, labels = tokenize_captions(list(captions), tokenizer, max_tokens)
         splits[name] = CaptionSplit(Split(pixels, torch.arange(len(files)), files, mean, std), list(captions),
-                                    image_of, labels)
+                                    image_of, labels, list(images) if name == "test" else None)
     report = {f"{name}_{what}": count for name, split in splits.items()
               for what, count in (("images", len(split.files)), ("captions", len(split)))}
     return CaptionData(splits["train"], splits["val"], splits["test"], report)
@@ -516,18 +583,70 @@ def write_shape_captions(root: Path, images_per_split=(24, 8), size: int = 32, s
 
 # --------------------------------------------------------------------------- scores
 
+def check_cider() -> None:
+    """pycocoevalcap and COCO's PTB tokenizer (Java), tried on one caption before anything trains: a run on a
+    machine without them fails in a second with one line, not at the end of training."""
+    try:
+        import pycocoevalcap.cider.cider  # noqa: F401
+        import pycocoevalcap.tokenizer.ptbtokenizer  # noqa: F401
+    except ImportError as error:
+        raise UserError(f"E8 scores CIDEr-D with pycocoevalcap, which cannot be imported ({error}): pip install "
+                        f"pycocoevalcap") from None
+    if shutil.which("java") is None:
+        raise UserError("E8 tokenises captions for CIDEr-D with COCO's PTB tokenizer (Stanford CoreNLP, shipped in "
+                        "pycocoevalcap), which needs Java: install a Java runtime (Debian/Ubuntu: apt-get install "
+                        "default-jre-headless) and put java on PATH")
+    try:
+        probe = ptb_tokenize([PTB_PROBE[0]])
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        raise UserError(f"COCO's PTB tokenizer (pycocoevalcap, Java) failed on a test caption "
+                        f"({type(error).__name__}: {error}); it writes a temporary file beside its jar, so "
+                        f"pycocoevalcap's folder must be writable") from None
+    if probe != [PTB_PROBE[1]]:
+        raise UserError(f"COCO's PTB tokenizer gave {probe[0]!r} for {PTB_PROBE[0]!r}, not {PTB_PROBE[1]!r}: "
+                        f"check that java runs pycocoevalcap's Stanford CoreNLP jar")
+
+
+PTB_PROBE = ("A man's T-shirt, 2 dogs.", "a man 's t-shirt 2 dogs")   # a caption and its official tokens
+
+
+def ptb_tokenize(captions: list[str]) -> list[str]:
+    """Captions as COCO's evaluation tokenises them for CIDEr: pycocoevalcap's PTBTokenizer (Stanford CoreNLP's
+    PTB tokenizer, lower case, one caption per line; "man's" gives "man 's", "t-shirt" stays whole), then its
+    punctuation tokens dropped. One Java call for all of them; its token count on stderr is kept off the
+    console. Each caption is put on one line first (clean_caption), so that lines and captions stay paired."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)   # the Java child inherits file descriptor 2
+        try:
+            tokenized = PTBTokenizer().tokenize({i: [{"caption": clean_caption(c)}] for i, c in enumerate(captions)})
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        said = log.read().decode(errors="replace").strip().splitlines()
+    if len(tokenized) != len(captions) or any("Exception" in line for line in said):
+        raise RuntimeError(f"COCO's PTB tokenizer (Java) failed: {said[-1] if said else 'no output'}")
+    return [tokenized[i][0] for i in range(len(captions))]
+
+
 def cider_d(references: list[list[str]], candidates: list[str]) -> tuple[float, list[float]]:
-    """CIDEr-D (pycocoevalcap's Cider: n-grams 1-4, sigma 6, clipped counts, x10), with document frequencies
-    from these references, as COCO's evaluation computes them. (corpus score, per-image scores)"""
+    """CIDEr-D as COCO's evaluation computes it: the captions through pycocoevalcap's PTBTokenizer, then its Cider
+    scorer (n-grams 1-4, sigma 6, clipped counts, x10) with document frequencies from these references.
+    (corpus score, per-image scores)"""
     from pycocoevalcap.cider.cider import Cider
-    refs = {i: [cider_tokens(r) for r in rs] for i, rs in enumerate(references)}
-    cands = {i: [cider_tokens(c)] for i, c in enumerate(candidates)}
+    tokens = iter(ptb_tokenize([r for rs in references for r in rs] + list(candidates)))
+    refs = {i: [next(tokens) for _ in rs] for i, rs in enumerate(references)}
+    cands = {i: [next(tokens)] for i in range(len(candidates))}
     score, per_image = Cider().compute_score(refs, cands)
     return float(score), [float(s) for s in per_image]
 
 
 @torch.no_grad()
 def clip_text_embeddings(clip, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Unit text embeddings; texts longer than CLIP's context are cut, keeping the end token (as clip.tokenize
+    with truncate=True does)."""
     device = clip.logit_scale.device
     out = []
     for start in range(0, len(texts), batch_size):
@@ -539,17 +658,19 @@ def clip_text_embeddings(clip, tokenizer, texts: list[str], batch_size: int = 25
 
 def clip_scores(image_embeddings: torch.Tensor, clip, tokenizer, candidates: list[str],
                 references: list[list[str]] | None = None) -> dict[str, list[float]]:
-    """Per image: CLIPScore = 2.5·max(cos(image, "A photo depicts " + caption), 0), and with references
-    RefCLIPScore = harmonic mean of CLIPScore and max(max over references of cos(caption, reference), 0)
-    (Hessel et al. 2021, as their code computes them)."""
+    """Per image, as Hessel et al. 2021's clipscore.py computes them: CLIPScore = 2.5·max(cos(image,
+    "A photo depicts " + caption), 0); with references, RefCLIPScore = the harmonic mean of CLIPScore and
+    max(max over references of cos(caption, reference), 0), where caption and references both carry the same
+    prefix (their code embeds every text through one function that prepends it). Their code leaves the text-text
+    maximum unclipped; the paper clips it at 0, as here: the two agree whenever it is positive, as it is for
+    CLIP's text embeddings of captions (tests/test_captioning.py pins values from their code)."""
     text = clip_text_embeddings(clip, tokenizer, [CLIPSCORE_PREFIX + c for c in candidates])
     clip_s = CLIPSCORE_WEIGHT * (image_embeddings.float().cpu() * text).sum(1).clamp(min=0)
     scores = {"clipscore": clip_s.tolist()}
     if references is not None:
-        plain = clip_text_embeddings(clip, tokenizer, candidates)
-        flat = [r for rs in references for r in rs]
+        flat = [CLIPSCORE_PREFIX + r for rs in references for r in rs]
         ref_embeddings = clip_text_embeddings(clip, tokenizer, flat).split([len(rs) for rs in references])
-        text_text = torch.stack([(refs @ c).max().clamp(min=0) for refs, c in zip(ref_embeddings, plain)])
+        text_text = torch.stack([(refs @ c).max().clamp(min=0) for refs, c in zip(ref_embeddings, text)])
         scores["refclipscore"] = torch.where(clip_s + text_text > 0, 2 * clip_s * text_text /
                                              (clip_s + text_text).clamp(min=1e-12), 0.0).tolist()
     return scores

@@ -50,6 +50,7 @@ class Split:
     files: list[str]
     mean: tuple[float, ...] | None = None   # set for uint8 pixels
     std: tuple[float, ...] | None = None
+    on_host: bool = False   # kept in host memory (pinned where CUDA is) because they did not fit the device
     constants: dict = field(default_factory=dict, repr=False, compare=False)   # device -> (mean, std) tensors
 
     def __len__(self):
@@ -63,9 +64,21 @@ class Split:
                      [self.files[i] for i in index.tolist()], self.mean, self.std)
 
     def to(self, device) -> "Split":
-        """Pinned host inputs stay on the host (they did not fit the device); batches move as they are used."""
-        inputs = self.inputs if self.inputs.is_pinned() else self.inputs.to(device)
-        return Split(inputs, self.labels.to(device), self.files, self.mean, self.std)
+        """Inputs kept on the host stay there (they did not fit the device); batches move as they are used."""
+        inputs = self.inputs if self.on_host else self.inputs.to(device)
+        return Split(inputs, self.labels.to(device), self.files, self.mean, self.std, self.on_host)
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """The order train() visits the examples in for one epoch: a random permutation."""
+        return torch.randperm(len(self), generator=generator)
+
+    def kept_on_host(self) -> "Split":
+        return Split(host_copy(self.inputs), self.labels, self.files, self.mean, self.std, on_host=True)
+
+    @property
+    def host_indices(self) -> bool:
+        """Whether batches() wants its indices on the host: inputs kept there are gathered there."""
+        return self.on_host
 
     def model_inputs(self, index=None, device=None) -> torch.Tensor:
         """The inputs the model takes, for `index` (all when None), on `device`: uint8 pixels become
@@ -90,7 +103,7 @@ class Split:
         while the current one is used; the indices stay on the host, so no step waits for the device to send
         them back. Inputs anywhere else are gathered on their device as each batch is asked for (prefetch=True
         takes the first way anyway, with pageable buffers where nothing can be pinned: how it is tested)."""
-        if not (self.inputs.is_pinned() if prefetch is None else prefetch):
+        if not (self.on_host if prefetch is None else prefetch):
             yield from (None if index is None else self.model_inputs(index, device) for index in indices)
             return
         from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +152,9 @@ class MRIData:
     test: Split
     report: dict = field(default_factory=dict)   # duplicates and skipped files, written to outputs
     closest_pairs: list = field(default_factory=list)   # (score, test name, test image, train name, train image)
+    # A copy-group id per image of train followed by val: copies (exact or near) share one, so that
+    # cross-validation folds keep them together (clip_adapt/probe.py). None: every image its own group.
+    copy_groups: np.ndarray | None = None
 
     def splits(self) -> dict[str, Split]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -147,21 +163,39 @@ class MRIData:
         """All images on the device once when they fit (800 at 224 px are 120 MB as uint8): no per-batch copies,
         no loader workers. When they would take more than DEVICE_SHARE of the GPU's free memory, they stay in
         pinned host memory instead and each batch is copied as it is used."""
-        device = torch.device(device)
-        splits = [self.train, self.val, self.test]
-        if device.type == "cuda":
-            size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
-            free, _ = torch.cuda.mem_get_info(device)
-            # PyTorch's cached blocks are free for its own tensors: without them the choice could flip between
-            # the experiments of one run_all, as the cache grows.
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            if size > DEVICE_SHARE * free:
-                if is_main_process():
-                    print(f"data: {size / 2**30:.1f} GB of images do not fit in {DEVICE_SHARE:.0%} of the GPU's free "
-                          f"{free / 2**30:.1f} GB: kept in pinned host memory, copied batch by batch")
-                splits = [Split(pinned_copy(s.inputs), s.labels, s.files, s.mean, s.std) for s in splits]
-        return MRIData(self.class_names, *(s.to(device) for s in splits), self.report,
-                       self.closest_pairs)
+        splits = placed([self.train, self.val, self.test], device)
+        return MRIData(self.class_names, *(s.to(device) for s in splits), self.report, self.closest_pairs,
+                       self.copy_groups)
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes the device has free for new tensors; None for the host itself (no limit that placement could
+    choose by). PyTorch's cached blocks count as free for its own tensors: without them the choice could flip
+    between the experiments of one run_all, as the cache grows."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def placed(splits: list[Split], device) -> list[Split]:
+    """The rule for every data set's images (classification and captions): on the device once when they fit in
+    DEVICE_SHARE of its free memory (no per-batch copies, no loader workers); otherwise kept in host memory
+    (pinned where CUDA is), each batch gathered there and copied as it is used. Only the main process says so."""
+    size = sum(s.inputs.numel() * s.inputs.element_size() for s in splits)
+    free = free_device_memory(device)
+    if free is None or size <= DEVICE_SHARE * free:
+        return splits
+    if is_main_process():
+        print(f"data: {size / 2**30:.2f} GB of images do not fit in {DEVICE_SHARE:.0%} of the device's free "
+              f"{free / 2**30:.2f} GB: kept in host memory, copied batch by batch")
+    return [s.kept_on_host() for s in splits]
+
+
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in pinned memory where CUDA is (copies to the GPU then run asynchronously), else a plain one."""
+    return pinned_copy(tensor) if torch.cuda.is_available() else tensor.clone()
 
 
 def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -581,7 +615,14 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
               "num_images": {"train": len(train), "val": len(val), "test": len(test)},
               "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
     return MRIData([readable(c) for c in class_names], subset(0, train), subset(1, val), subset(2, test), report,
-                   closest)
+                   closest, copy_group_ids(np.concatenate([train, val]), clusters))
+
+
+def copy_group_ids(images: np.ndarray, clusters: list[list[int]]) -> np.ndarray:
+    """A group id per image (indices into the loaded files): the cluster's for members of a cluster of copies,
+    else one of its own."""
+    group_of = {i: number for number, members in enumerate(clusters) for i in members}
+    return np.array([group_of.get(int(i), len(clusters) + int(i)) for i in images])
 
 
 def relative_name(path: str) -> str:

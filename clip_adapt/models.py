@@ -211,7 +211,9 @@ def random_clip(architecture: str, seed: int = 0, device: torch.device | str | N
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (config.text_config.bos_token_id,
                                                                  config.text_config.eos_token_id)
     config.text_config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng(device_type=device.type), device:
+    # The CPU's generator is forked always; asking fork_rng for the CPU as a device too fails (torch 2.14: torch.cpu
+    # has no get_rng_state), so on the CPU it forks no device's.
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else None, device_type=device.type), device:
         torch.manual_seed(seed)
         clip = CLIPModel(config)
     clip.set_attn_implementation("sdpa")
@@ -307,11 +309,24 @@ def similarity_logits(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor) 
 
 
 class Fp32Linear(nn.Linear):
-    """A linear head that computes in fp32 under autocast too, for the same reason as similarity_logits."""
+    """A linear head that computes in fp32 under autocast too, for the same reason as similarity_logits.
+
+    Its input may be standardised first: `input_shift` and `input_scale` (buffers, identity until set) are the
+    training split's per-feature mean and standard deviation of the initial features, set once before training
+    by clip_adapt/probe.py (start_head) and kept with the trained weights (FITTED_BUFFERS)."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.register_buffer("input_shift", torch.zeros(in_features))
+        self.register_buffer("input_scale", torch.ones(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward((x.float() - self.input_shift) / self.input_scale)
+
+
+# Buffers fitted to the data at the start of training: saved and resumed with the trainable weights.
+FITTED_BUFFERS = ("input_shift", "input_scale")
 
 
 def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
@@ -355,15 +370,21 @@ class TextHead(nn.Module):
             return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.class_embeddings.T
 
 
+FEATURES = ("projected", "pooled")
+
+
 class ImageClassifier(Classifier):
     """CLIP's image tower and projection, then a linear head on the projected embedding.
     E2: frozen tower; E3/E4: frozen tower with visual prompts; E6: the whole tower trained."""
 
     def __init__(self, clip: CLIPModel, num_classes: int, train_backbone: bool = False,
                  num_prompts: int = 0, prompt_layers=(0,), prompt_dropout: float = 0.0,
-                 pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, **prompt_options):
+                 pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, features: str = "projected",
+                 **prompt_options):
         """pixel_prompt: a pixel-space prompter applied to the normalised image first; head: in place of the
-        linear head (TextHead for CLIP's text classifier); prompt_options: VisualPrompts' position, entry, init."""
+        linear head (TextHead for CLIP's text classifier); features: "projected" (the image embedding CLIP
+        compares with text) or "pooled" (the tower's pooled output before the projection, as the CLIP paper's
+        linear probes read ViTs, appendix A.3); prompt_options: VisualPrompts' position, entry, init."""
         super().__init__()
         self.vision, self.projection = clip.vision_model, clip.visual_projection
         if not train_backbone:
@@ -372,12 +393,17 @@ class ImageClassifier(Classifier):
         self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
                         if num_prompts else None)
         self.pixel_prompt = pixel_prompt
-        self.head = head if head is not None else Fp32Linear(clip.config.projection_dim, num_classes)
+        if features not in FEATURES:
+            raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
+        self.features = features
+        width = clip.config.projection_dim if features == "projected" else clip.config.vision_config.hidden_size
+        self.head = head if head is not None else Fp32Linear(width, num_classes)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.pixel_prompt is not None:
             pixels = self.pixel_prompt(pixels)
-        return self.projection(self.vision(pixel_values=pixels).pooler_output)
+        pooled = self.vision(pixel_values=pixels).pooler_output
+        return self.projection(pooled) if self.features == "projected" else pooled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixels))

@@ -199,7 +199,7 @@ def aggregate(name: str, runs: list[dict]) -> dict:
     tuned = [r["tune"] for r in runs if "tune" in r]
     row["tune_choice"] = " | ".join(dict.fromkeys(", ".join(f"{k} {v:g}" for k, v in t["choice"].items())
                                                   for t in tuned))
-    row["tune_grid_points"] = len(tuned[0]["grid"]) if tuned else ""
+    row["tune_grid_points"] = tuned[0].get("points", len(tuned[0]["grid"])) if tuned else ""
     row["tune_seconds"] = float(np.mean([t["seconds"] for t in tuned])) if tuned else ""
     for sigma in runs[0]["robustness"]:
         row[f"test_accuracy_noise_{sigma}"] = float(np.mean([r["robustness"][sigma] for r in runs]))

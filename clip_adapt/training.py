@@ -1,7 +1,8 @@
-"""The training loop shared by E2–E7: validation-based early stopping that lets a still-learning run go on, a
-verdict on whether it converged, timed checkpoints, exact resume (mid-epoch included)."""
+"""The training loop shared by E2–E7: trained until the training loss converges (clip_adapt/convergence.py), the
+reported epoch selected on validation, timed checkpoints, exact resume (mid-epoch included)."""
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import signal
@@ -15,12 +16,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clip_adapt import timing
+from clip_adapt.convergence import CUT_FACTOR, TrainingLoss, after_epoch, judge
 from clip_adapt.base import UserError, atomic_save, is_main_process
 from clip_adapt.data import Split
+from clip_adapt.models import FITTED_BUFFERS
 from clip_adapt.progress import progress_bar, say
 
 
-RESUME_FORMAT = 3   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
+# With --epochs unset, a run may train for the larger of these: small data sets have few optimiser steps an epoch,
+# and the plateau test needs two windows of `patience` steps at each of its rates (clip_adapt/convergence.py).
+DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS = 500, 20
+RESUME_FORMAT = 4   # the layout of checkpoint/last.pt; an older one is refused with a message, not a KeyError
 
 
 class TrainingStopped(Exception):
@@ -29,8 +35,8 @@ class TrainingStopped(Exception):
 
 @dataclass
 class TrainConfig:
-    epochs: int
-    patience: int                            # optimiser steps without improvement of the smoothed validation loss
+    epochs: int | None                       # at most; None: DEFAULT_EPOCHS or more for small data
+    patience: int                            # optimiser steps per window of the training-loss plateau test
     batch_size: int
     lr: float
     weight_decay: float
@@ -48,15 +54,20 @@ class TrainConfig:
     accelerator: object = None   # an accelerate.Accelerator: with several processes, each trains on its shard
     min_steps: int = 0                       # no early stop before this many optimiser steps
     head_lr: float | None = None             # the rate of parameters under `head.` when it differs from `lr`
+    head_start: str = "none"                 # a linear head's start (clip_adapt/probe.py HEAD_STARTS)
 
 
 @dataclass
 class TrainResult:
-    history: list[dict]
-    best_epoch: int
-    epochs_run: int
+    history: list[dict]                      # one row per epoch; epoch 0 is the model as built, before any step
+    best_epoch: int                          # the selected epoch, whose weights the model holds
+    epochs_run: int                          # epochs trained
     converged: bool = True
     convergence_reason: str = ""
+    verdict: str = "converged"               # clip_adapt/convergence.py: converged, still-falling, diverging, ...
+    selection: dict = field(default_factory=dict)   # {"epoch", "metric", "value"}: how best_epoch was chosen
+    notes: list = field(default_factory=list)        # e.g. over-fitting after the selected epoch
+    head_start: dict = field(default_factory=dict)   # what the linear head started from (probe.py)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -147,15 +158,20 @@ def tensor_hash(tensor: torch.Tensor, rows_at_once: int = 1024) -> str:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained weights, and the buffers fitted before training (a standardised head's statistics) that
+    they only make sense with."""
     model = getattr(model, "_orig_mod", model)   # the same names with or without torch.compile
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    state = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return state | {name: b.detach().cpu().clone() for name, b in model.named_buffers()
+                    if name.rsplit(".", 1)[-1] in FITTED_BUFFERS}
 
 
 def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(getattr(model, "_orig_mod", model).named_parameters())
+    model = getattr(model, "_orig_mod", model)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            tensors[name].copy_(value)
 
 
 def parameter_groups(model: torch.nn.Module, head_lr: float | None) -> list:
@@ -208,36 +224,28 @@ def own_loss_and_accuracy(model: torch.nn.Module, split, batch_size: int, device
 
 
 class Schedule:
-    """Linear warm-up over `warmup_steps` optimiser steps, then the rate is cut by PLATEAU_FACTOR whenever the
-    validation loss has not improved for `plateau_epochs` (a third of the early-stopping patience).
+    """Linear warm-up over `warmup_steps` optimiser steps, then the peak rate until the training loss reaches a
+    plateau, when the loop cuts it (cut(); clip_adapt/convergence.py says when). Nothing here reads validation."""
 
-    Why not a cosine over --epochs: with early stopping, a run stops long before the cosine's horizon (30–50
-    of 500 epochs), so it trained at 97–99% of the peak rate throughout, and changing --epochs changed the
-    results even where training stopped at the same epoch. Decaying on a plateau of the same validation loss
-    that early stopping watches gives a run one or two lower rates before it stops, whatever --epochs is.
-    """
-    PLATEAU_FACTOR = 0.3
-
-    def __init__(self, optimizer, warmup_steps: int, plateau_epochs: int):
+    def __init__(self, optimizer, warmup_steps: int):
+        self.optimizer = optimizer
         self.warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps)
                        if warmup_steps else None)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=self.PLATEAU_FACTOR, patience=max(1, plateau_epochs), threshold=0)
 
     def after_step(self):
         if self.warmup is not None:
-            self.warmup.step()   # multiplies the current rate, so it keeps any plateau cut; a no-op once warm
+            self.warmup.step()   # multiplies the current rate, so it keeps any cut; a no-op once warm
 
-    def after_epoch(self, val_loss: float):
-        self.plateau.step(val_loss)
+    def cut(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] *= CUT_FACTOR
 
     def state_dict(self) -> dict:
-        return {"warmup": self.warmup.state_dict() if self.warmup else None, "plateau": self.plateau.state_dict()}
+        return {"warmup": self.warmup.state_dict() if self.warmup else None}
 
     def load_state_dict(self, state: dict):
         if self.warmup is not None:
             self.warmup.load_state_dict(state["warmup"])
-        self.plateau.load_state_dict(state["plateau"])
 
 
 class TrainingInterrupted(Exception):
@@ -284,47 +292,9 @@ class Progress:
     best_val_loss: float = math.inf
     best_epoch: int = 0
     steps: int = 0                      # optimiser steps taken
-    smoothed_val_loss: float | None = None
-    best_smoothed_val_loss: float = math.inf
-    improved_at_step: int = 0           # when the smoothed validation loss last reached a new low
-
-
-# Early stopping watches a smoothed validation loss, so that one lucky or unlucky epoch on a small validation
-# split neither resets nor ends the wait, and never stops a run whose training loss still falls fast.
-SMOOTHING = 0.3          # the newest epoch's weight in the exponential moving average of the validation loss
-FAST_FALL = 0.01         # a fall of more than 1% of the first epoch's training loss per epoch: still learning
-FALL_WINDOW = 3          # epochs over which that fall is measured
-
-
-def training_loss_fall(history: list[dict]) -> float:
-    """How fast the training loss still falls: per epoch over the last FALL_WINDOW epochs, as a share of the
-    first epoch's; infinite while there are too few epochs to tell."""
-    losses = [row["train_loss"] for row in history]
-    if len(losses) <= FALL_WINDOW or losses[0] <= 0:
-        return math.inf
-    return (losses[-1 - FALL_WINDOW] - losses[-1]) / FALL_WINDOW / losses[0]
-
-
-def plateaued(progress: Progress, config: TrainConfig) -> bool:
-    return progress.steps - progress.improved_at_step >= config.patience
-
-
-def should_stop(progress: Progress, config: TrainConfig) -> bool:
-    return (progress.steps >= config.min_steps and plateaued(progress, config)
-            and training_loss_fall(progress.history) < FAST_FALL)
-
-
-def convergence(progress: Progress, config: TrainConfig) -> tuple[bool, str]:
-    """Whether the run ended because it stopped learning, and why it did or did not."""
-    fall, waited = training_loss_fall(progress.history), progress.steps - progress.improved_at_step
-    falling = "still falling" if fall >= FAST_FALL else "falling"
-    if not plateaued(progress, config):
-        return False, (f"hit the epoch cap ({config.epochs}) while the smoothed validation loss still fell (last new "
-                       f"low {waited} of a patience of {config.patience} optimiser steps before the end)")
-    if fall >= FAST_FALL:
-        return False, f"hit the epoch cap ({config.epochs}) with the training loss {falling} {fall:.1%} per epoch"
-    return True, (f"the smoothed validation loss made no new low for {waited} optimiser steps (patience "
-                  f"{config.patience}); training loss {falling} {max(fall, 0):.2%} per epoch")
+    training_loss: TrainingLoss = field(default_factory=TrainingLoss)
+    head_start: dict = field(default_factory=dict)   # probe.py's start of a linear head, made before epoch 0
+    stopped: bool = False               # the training loss said stop (convergence.after_epoch)
 
 
 class ResumeState:
@@ -380,7 +350,8 @@ class ResumeState:
             torch.set_rng_state(saved[self.rank]["torch_rng"])
             if self.config.device.type == "cuda" and "cuda_rng" in saved[self.rank]:
                 torch.cuda.set_rng_state(saved[self.rank]["cuda_rng"])
-        self.progress = Progress(**state["progress"])
+        saved = dict(state["progress"])
+        self.progress = Progress(**{**saved, "training_loss": TrainingLoss(**saved["training_loss"])})
         if self.progress.best_state is None and self.progress.best_epoch:
             self.progress.best_state, self.best_is_current = state["model"], True
         if self.is_main:
@@ -412,7 +383,8 @@ class ResumeState:
         if not self.is_main:
             return
         progress = self.progress
-        saved = {**progress.__dict__, "best_state": None if self.best_is_current else progress.best_state}
+        saved = {**progress.__dict__, "best_state": None if self.best_is_current else progress.best_state,
+                 "training_loss": dataclasses.asdict(progress.training_loss)}
         state = {"format": RESUME_FORMAT, "progress": saved, "model": trainable_state(self.model),
                  "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "generator": self.generator.get_state(), **own, "settings": self.config.settings}
@@ -423,19 +395,14 @@ class ResumeState:
         self.last_write = time.monotonic()
 
     def end_epoch(self, row: dict) -> None:
-        """The epoch's row joins the history; the best validation loss so far keeps its weights; the smoothed
-        validation loss dates the last improvement that early stopping waits on."""
+        """The epoch's row joins the history, and the best validation loss so far keeps its weights (selection).
+        The training loss's own record (convergence) is kept by the loop."""
         progress = self.progress
         progress.history.append(row)
         if row["val_loss"] < progress.best_val_loss:
             progress.best_state, progress.best_val_loss, progress.best_epoch = (trainable_state(self.model),
                                                                                 row["val_loss"], row["epoch"])
             self.best_is_current = True
-        previous = progress.smoothed_val_loss
-        progress.smoothed_val_loss = (row["val_loss"] if previous is None
-                                      else SMOOTHING * row["val_loss"] + (1 - SMOOTHING) * previous)
-        if progress.smoothed_val_loss < progress.best_smoothed_val_loss:
-            progress.best_smoothed_val_loss, progress.improved_at_step = progress.smoothed_val_loss, progress.steps
         progress.epoch, progress.batch, progress.loss_sum, progress.correct = row["epoch"] + 1, 0, 0.0, 0.0
 
     def write_best(self) -> None:
@@ -488,14 +455,18 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         from accelerate.utils import set_seed
         set_seed(config.seed, device_specific=True)
     train_split = train_split.to(device)
+    if config.augment and getattr(train_split, "share_images", False):
+        raise ValueError("a caption split that shares each image among its captions cannot be augmented (a flip "
+                         "would be drawn per caption): pass augment=False, or a split with share_images=False")
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("nothing to train: every parameter of this model is frozen (e.g. --num-prompts 0 with "
                         "--head clip); give it prompts, a trainable head or an adapter")
     optimizer = torch.optim.AdamW(parameter_groups(model, config.head_lr), lr=config.lr,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
-    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch),
-                        round(config.patience / 3 / steps_per_epoch))
+    window_epochs = max(1, math.ceil(config.patience / steps_per_epoch))   # the plateau test's window
+    epochs = config.epochs or max(DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS * window_epochs)
+    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
     checkpoint = ResumeState(config, model, optimizer, schedule, generator)
     progress = checkpoint.restore()
@@ -512,6 +483,14 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                                   f"{checkpoint.last_path}: rerun the same command with --resume to continue",
                                   128 + stop[0])
 
+    def scores(split: Split, name: str, epoch: int) -> tuple[float, float]:
+        """Loss and accuracy of the model as it is, in evaluation mode, over a whole split."""
+        if brings_own_loss(model):
+            return own_loss_and_accuracy(model, split, 2 * config.batch_size, device, config.precision)
+        return loss_and_accuracy(predict_everywhere(model, split, 2 * config.batch_size, device, config.precision,
+                                                    accelerator, desc=f"epoch {epoch} {name} pass", transient=True,
+                                                    stop=stop), split.labels)
+
     epochs_this_run = 0
     # Several processes: Ctrl-C and SIGTERM keep their default effect, and the epoch-end state is the resume point.
     # A resumed run drops the events of epochs it is about to redo (written after the resume state it continues).
@@ -519,13 +498,30 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
         if config.tensorboard_dir and checkpoint.is_main else None
     with (stop_requests() if processes == 1 else contextlib.nullcontext([])) as stop, \
             contextlib.closing(board) if board else contextlib.nullcontext(), timing.phase("training"):
-        while progress.epoch <= config.epochs and not should_stop(progress, config):
+        if not progress.history:   # epoch 0: the model as built (and its head as started), a candidate too
+            epoch = 0
+            from clip_adapt.probe import start_head   # probe.py builds on this module
+            progress.head_start = start_head(model, train_split, val, config)
+            bar = None
+            try:
+                with timing.phase("evaluation"):
+                    row = {"epoch": 0}
+                    for name, split in (("train", train_split), ("val", val), ("test", test)):
+                        row[f"{name}_loss"], row[f"{name}_accuracy"] = scores(split, name, 0)
+                    row["lr"] = 0.0
+            except PassStopped:   # nothing trained yet: a rerun starts afresh, with or without --resume
+                stop_now("before its first step")
+            if board is not None:
+                log_epoch(board, row)
+            checkpoint.end_epoch(row)
+            progress.training_loss = TrainingLoss(at_start=row["train_loss"], window_epochs=window_epochs)
+        while progress.epoch <= epochs and not progress.stopped:
             epoch = progress.epoch
             if progress.batch == 0:
                 progress.epoch_generator = generator.get_state()
             generator.set_state(progress.epoch_generator)
             model.train()
-            host_order = torch.randperm(len(train_split), generator=generator)
+            host_order = train_split.epoch_order(generator)
             flips = torch.rand(len(train_split), generator=generator) < 0.5
             order, flips = host_order.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             # Kept on the device: reading them back every step would stall the GPU.
@@ -545,9 +541,9 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             # Inputs held on the host are gathered by host indices (Split.batches): reading indices back from the
             # device would stall every step.
             gathered = ([share(batch)[0] for batch in host_order.split(config.batch_size)]
-                        if train_split.inputs.is_pinned() else [batch for batch, _ in shared])
+                        if train_split.host_indices else [batch for batch, _ in shared])
             feed = train_split.batches(gathered[progress.batch:], device)
-            bar = progress_bar(shared[progress.batch:], f"epoch {epoch}/{config.epochs}", initial=progress.batch,
+            bar = progress_bar(shared[progress.batch:], f"epoch {epoch}/{epochs}", initial=progress.batch,
                                total=len(batches))
             for (batch, weight), inputs in zip(bar, feed):
                 labels = train_split.labels[batch]
@@ -572,11 +568,7 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             try:   # a stop request is honoured between evaluation batches too: a large test set takes long
                 with timing.phase("evaluation"):
                     for name, split in (("val", val), ("test", test)):
-                        row[f"{name}_loss"], row[f"{name}_accuracy"] = own_loss_and_accuracy(
-                            model, split, 2 * config.batch_size, device, config.precision) if brings_own_loss(model) \
-                            else loss_and_accuracy(predict_everywhere(
-                                model, split, 2 * config.batch_size, device, config.precision, accelerator,
-                                desc=f"epoch {epoch} {name} pass", transient=True, stop=stop), split.labels)
+                        row[f"{name}_loss"], row[f"{name}_accuracy"] = scores(split, name, epoch)
             except PassStopped:
                 save_mid_epoch()
                 stop_now("during its evaluation, its training done")
@@ -587,10 +579,16 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
             checkpoint.refuse_non_finite(row["train_loss"] if not math.isfinite(row["train_loss"])
                                          else row["val_loss"], epoch)
             checkpoint.end_epoch(row)
-            schedule.after_epoch(row["val_loss"])
+            progress.training_loss.losses.append(row["train_loss"])
+            decision = after_epoch(progress.training_loss, progress.steps, config.min_steps)
+            if decision == "cut":
+                schedule.cut()
+                say(f"the training loss stopped falling over {config.patience} optimiser steps: learning rate cut to "
+                    f"{optimizer.param_groups[0]['lr']:.3g}")
+            progress.stopped = decision == "stop"
             epochs_this_run += 1
 
-            finished = progress.epoch > config.epochs or should_stop(progress, config)
+            finished = progress.epoch > epochs or progress.stopped
             stop_asked = config.stop_after_epochs and epochs_this_run >= config.stop_after_epochs
             if finished or stop_asked or checkpoint.due():
                 checkpoint.write()
@@ -598,11 +596,17 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                 raise TrainingStopped(f"stopped after {epochs_this_run} epochs as asked (epoch {epoch}); "
                                       f"rerun with --resume to continue")
 
+    reachable = progress.head_start.get("reachable_train_loss")
+    final_train_loss = scores(train_split, "train", progress.epoch)[0] if reachable is not None else None
     checkpoint.load_best()
-    converged, reason = convergence(progress, config)
-    if not converged:
-        say(f"not converged: {reason}")
-    return TrainResult(progress.history, progress.best_epoch, len(progress.history), converged, reason)
+    verdict = judge(progress.training_loss, progress.steps, epochs, config.patience, config.min_steps,
+                    progress.history, progress.best_epoch, final_train_loss, reachable,
+                    progress.head_start.get("classes"))
+    if not verdict.converged:
+        say(f"not converged: {verdict.reason}")
+    selection = {"epoch": progress.best_epoch, "metric": "val_loss", "value": progress.best_val_loss}
+    return TrainResult(progress.history, progress.best_epoch, len(progress.history) - 1, verdict.converged,
+                       verdict.reason, verdict.verdict, selection, verdict.notes, progress.head_start)
 
 
 def summary_writer_class():

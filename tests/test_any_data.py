@@ -183,6 +183,7 @@ def test_parameter_counts_of_published_clips_on_meta_device(name):
     head = projection * classes + classes
     cases = {
         "E2": (ImageClassifier(copy.deepcopy(clip), classes), head),
+        "E2 pooled": (ImageClassifier(copy.deepcopy(clip), classes, features="pooled"), width * classes + classes),
         "E3": (ImageClassifier(copy.deepcopy(clip), classes, num_prompts=prompts), head + width * prompts),
         "E4": (ImageClassifier(copy.deepcopy(clip), classes, num_prompts=prompts, prompt_layers=range(layers)),
                head + layers * width * prompts),
@@ -193,8 +194,9 @@ def test_parameter_counts_of_published_clips_on_meta_device(name):
     }
     for experiment, (model, expected) in cases.items():
         assert count_params(model)[0] == expected, experiment
-    if name == "vit-b16":   # the README's figure for 4 classes
+    if name == "vit-b16":   # the README's figures for 4 classes
         assert vision_tower_params(768, 12, 16, 224) + 768 * 512 + 512 * 4 + 4 == 86_194_692
+        assert count_params(ImageClassifier(copy.deepcopy(clip), 4, features="pooled"))[0] == 768 * 4 + 4 == 3_076
 
 
 def test_unknown_architecture_is_named():

@@ -20,6 +20,7 @@ import torch
 
 from conftest import run_script
 
+from clip_adapt.convergence import CUT_FACTOR, RATE_CUTS
 from clip_adapt.models import ImageClassifier, load_clip
 from clip_adapt.probe import C_GRID, MAX_ITERATIONS
 from clip_adapt.runner import classification_scripts
@@ -124,41 +125,43 @@ def test_known_answer_and_bf16_runs_record_their_precision(known_answer_runs):
     assert {m["settings"]["precision"] for m in metrics.values()} == {precision}
 
 
-def test_known_answer_learning_rate_decays_before_early_stopping(known_answer_runs):
-    """Full fine-tuning converges within the 60 epochs here: its rate is cut on validation plateaus, then it
-    stops early, well before the epoch cap that a cosine schedule would have decayed towards."""
+def test_known_answer_full_finetune_converges_within_its_cap_after_its_rate_cuts(known_answer_runs):
+    """Full fine-tuning converges within the 60 epochs here: its rate is cut at each plateau of the training loss
+    (clip_adapt/convergence.py), then the run ends, well before the epoch cap."""
     precision, out_dir, metrics = known_answer_runs
     if "E6_full_finetune" not in metrics:
         pytest.skip(f"E6 is not in the {precision} subset")
     assert metrics["E6_full_finetune"]["epochs_run"] < 60, precision
-    rows = list(csv.DictReader(open(out_dir / "E6_full_finetune" / "history.csv")))
+    rows = list(csv.DictReader(open(out_dir / "E6_full_finetune" / "history.csv")))[1:]   # epoch 0 trains nothing
     rates = [float(row["lr"]) for row in rows]
-    assert rates[0] == pytest.approx(float(FULL_FINETUNE_LR))
-    assert rates[-1] < rates[0] * 0.5, (precision, rates)
+    assert max(rates) == pytest.approx(float(FULL_FINETUNE_LR))
+    assert rates[-1] == pytest.approx(max(rates) * CUT_FACTOR ** RATE_CUTS), (precision, rates)
 
 
 def test_known_answer_linear_probe_matches_scikit_learn(known_answer_runs, known_answer_dir, task):
-    """E2's default solver against scikit-learn's own grid search on the same embeddings: a validation split
-    given as a PredefinedSplit, the same log grid, ties in accuracy broken by log-loss."""
+    """E2's default solver against scikit-learn's own grid search on the same embeddings: standardised features
+    and logistic regression in one Pipeline, C by 5-fold cross-validation on train + validation scored by
+    log-loss, refitted there. The folds are drawn differently (E2 keeps copies in one fold), so the choice may
+    differ by a grid step; the test accuracy, by at most one image in 80."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     precision, _, metrics = known_answer_runs
     probe = ImageClassifier(load_clip(str(known_answer_dir[0] / "clip"))[0], len(task.class_names))
     features = {name: batched(probe.embed, split, 64, torch.device("cpu"), precision).double().numpy()
                 for name, split in task.splits().items()}
     labels = {name: split.labels.numpy() for name, split in task.splits().items()}
-    fold = np.r_[np.full(len(labels["train"]), -1), np.zeros(len(labels["val"]))]
-    search = GridSearchCV(LogisticRegression(max_iter=MAX_ITERATIONS), {"C": list(C_GRID)},
-                          scoring={"accuracy": "accuracy", "loss": "neg_log_loss"}, refit=False,
-                          cv=PredefinedSplit(fold)).fit(np.r_[features["train"], features["val"]],
-                                                        np.r_[labels["train"], labels["val"]])
-    scores = search.cv_results_
-    best = max(range(len(C_GRID)), key=lambda i: (scores["mean_test_accuracy"][i], scores["mean_test_loss"][i]))
-    chosen = scores["param_C"][best]
-    reference = LogisticRegression(C=chosen, max_iter=MAX_ITERATIONS).fit(features["train"], labels["train"])
+    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=MAX_ITERATIONS)),
+                          {"logisticregression__C": list(C_GRID)}, scoring="neg_log_loss",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=0)).fit(
+        np.r_[features["train"], features["val"]], np.r_[labels["train"], labels["val"]])
+    chosen = search.best_params_["logisticregression__C"]
     e2 = metrics["E2_linear_probe"]
-    assert e2["solver"] == "lbfgs" and e2["l2_c"] == pytest.approx(chosen), precision
-    assert abs(e2["test_accuracy"] - reference.score(features["test"], labels["test"])) <= 0.01, precision
+    assert e2["solver"] == "lbfgs" and e2["refit_on_val"] and e2["converged"], precision
+    assert abs(np.log10(e2["l2_c"]) - np.log10(chosen)) <= 0.5 + 1e-9, (precision, e2["l2_c"], chosen)
+    reference = (search.predict(features["test"]) == labels["test"]).mean()
+    assert abs(e2["test_accuracy"] - reference) <= 1 / 80 + 1e-9, (precision, e2["test_accuracy"], reference)
 
 
 @pytest.mark.parametrize("name", list(PROMPTS_BEAT_ZERO_SHOT_BY))

@@ -19,9 +19,9 @@ from tools import known_answer
 # Every test here trains methods to an answer: the slow tier (tests/README.md).
 pytestmark = pytest.mark.slow
 
-CIDER_AT_LEAST = 6.0   # CIDEr-D (pycocoevalcap; at most 10); measured 6.72-7.12 over seeds 0-4, every method
+CIDER_AT_LEAST = 6.0   # CIDEr-D (pycocoevalcap; at most 10); measured 6.30-7.22 over seeds 0-4, every method
 FAR_ABOVE = 3          # times the better baseline of the same run; both baselines measured 1.37
-NAMED_RIGHT_AT_LEAST = {"shape": 0.8, "colour": 0.8}   # measured 0.91-1.0 and 1.0; position: chance (the docs)
+NAMED_RIGHT_AT_LEAST = {"shape": 0.8, "colour": 0.8}   # measured 0.84-1.0 and 1.0; position: chance (the docs)
 
 
 @pytest.fixture(scope="session")

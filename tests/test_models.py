@@ -152,6 +152,20 @@ def test_random_clip_has_a_tokenizer_that_fits_its_vocabulary_and_clips_preproce
     assert weights_of("openai/clip-vit-base-patch16") == "pretrained"
 
 
+def test_random_clip_on_the_cpu_is_drawn_from_its_seed_and_leaves_the_global_generator_alone():
+    """On the CPU (where tools/bench.py --model random:vit-b16 runs without a GPU) as on a GPU: the weights come
+    from the seed, and the caller's random stream goes on as if nothing had been drawn."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    clip = load_clip("random:vit-b32", device="cpu")[0]
+    torch.testing.assert_close(torch.rand(3), expected_next, rtol=0, atol=0)
+    again = load_clip("random:vit-b32", device="cpu")[0]
+    first = clip.vision_model.embeddings.patch_embedding.weight
+    torch.testing.assert_close(again.vision_model.embeddings.patch_embedding.weight, first, rtol=0, atol=0)
+    assert first.device.type == "cpu" and first.std() > 0
+
+
 def test_unknown_random_architecture_is_named():
     with pytest.raises(UserError, match="choose one of random:vit-b32, random:vit-b16"):
         load_clip("random:vit-h14")

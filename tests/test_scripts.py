@@ -55,7 +55,17 @@ def assert_complete_outputs(folder, trained: bool):
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.01)
     assert timings["copy_check"] > 0 and timings["reports"] > 0 and (timings["training"] > 0) == trained
     history = list(csv.DictReader(open(folder / "history.csv")))
-    assert len(history) == max(metrics["epochs_run"], 1)
+    # One row per trained epoch and epoch 0, the model as built; one row for what trains nothing, or is fitted once.
+    looped = trained and metrics.get("solver") != "lbfgs"
+    assert len(history) == (metrics["epochs_run"] + 1 if looped else 1)
+    # The verdict on the training (convergence) and the choice of the reported epoch (selection), apart.
+    assert metrics["convergence"] in ("converged", "still-falling", "below-min-steps", "diverging", "under-fitted",
+                                      "nothing trained")
+    assert metrics["converged"] == (metrics["convergence"] in ("converged", "nothing trained"))
+    if looped:
+        assert metrics["selection"]["metric"] == "val_loss" and metrics["selection"]["epoch"] == metrics["best_epoch"]
+        best = min(history, key=lambda row: float(row["val_loss"]))
+        assert int(best["epoch"]) == metrics["best_epoch"]
     assert {"train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"} <= set(history[0])
     assert (folder / "checkpoint" / "best.safetensors").exists() == trained
     for png in folder.glob("*.png"):
@@ -253,7 +263,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     with pytest.raises(UserError, match="loss became nan in epoch 3.*epoch 2.*--lr"):
         train(TurnsNaN(), split, split, split, config)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["progress"]["epoch"] == 3 and len(state["progress"]["history"]) == 2   # epoch 2 done, 3 not begun
+    assert state["progress"]["epoch"] == 3 and len(state["progress"]["history"]) == 3   # 0-2 done, 3 not begun
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "best.safetensors").values())
 
@@ -384,8 +394,51 @@ def test_run_all_smoke_tune_records_each_methods_grid_and_choice(tmp_path):
         assert tune["grid"] and tune["seconds"] >= 0, script
         if script == "E2_linear_probe.py":
             assert tune["choice"] == {"l2_c": metrics["l2_c"]}
-        else:
-            best = min(tune["grid"], key=lambda row: row["val_loss"])
+        else:   # the best of the last rung of successive halving, the one trained longest
+            last = [row for row in tune["grid"] if row["epochs"] == max(r["epochs"] for r in tune["grid"])]
+            best = min((row for row in last if not row["diverged"]), key=lambda row: row["val_loss"])
             assert tune["choice"] == {"lr": best["lr"], "weight_decay": best["weight_decay"]}
             assert metrics["settings"]["lr"] == best["lr"]
         assert f"| {script.removesuffix('.py')} | " in summary.split("## Tuned on the validation split")[1]
+
+
+def test_a_tuned_run_equals_a_plain_run_with_the_chosen_values(tmp_path):
+    """--tune re-seeds after its grid: the run that follows is the plain run given the chosen --lr and
+    --weight-decay, history and all."""
+    run_script("E3_shallow_vpt.py", "--smoke", "--tune", "--quiet", "--noise-levels", 0, "--output-dir",
+               tmp_path / "tuned", expect_exit=0)
+    choice = metrics_of(tmp_path / "tuned", "E3_shallow_vpt.py")["tune"]["choice"]
+    run_script("E3_shallow_vpt.py", "--smoke", "--quiet", "--noise-levels", 0, "--lr", choice["lr"],
+               "--weight-decay", choice["weight_decay"], "--output-dir", tmp_path / "plain", expect_exit=0)
+    tuned, plain = ((tmp_path / run / "E3_shallow_vpt" / "history.csv").read_text() for run in ("tuned", "plain"))
+    assert tuned == plain
+
+
+def test_tuning_halves_its_grid_and_drops_diverging_points(tmp_path, monkeypatch):
+    """Successive halving: every point at the first budget, the better half at twice it; a rate far too high
+    (a factor of 10^30 on E3's default, which overflows on any CPU) is recorded as diverged and never chosen."""
+    import common
+    monkeypatch.setattr(common, "TUNE_LR_FACTORS", (1.0, 3.0, 1e30))
+    monkeypatch.setattr(common, "TUNE_WEIGHT_DECAYS", (0.0, 0.01))
+    monkeypatch.setattr(common, "TUNE_FIRST_EPOCHS", 2)
+    run_script("E3_shallow_vpt.py", "--smoke", "--tune", "--quiet", "--noise-levels", 0, "--epochs", 4,
+               "--output-dir", tmp_path, expect_exit=0)
+    tune = metrics_of(tmp_path, "E3_shallow_vpt.py")["tune"]
+    first = [row for row in tune["grid"] if row["epochs"] == 2]
+    second = [row for row in tune["grid"] if row["epochs"] == 4]
+    assert len(first) == 6 and tune["points"] == 6
+    kept = sorted((row for row in first if not row["diverged"]), key=lambda row: row["val_loss"])
+    assert [(r["lr"], r["weight_decay"]) for r in second] == [(r["lr"], r["weight_decay"]) for r in
+                                                               kept[:-(-len(kept) // 2)]]
+    assert all(row["diverged"] for row in first if row["lr"] >= 1e3) and tune["choice"]["lr"] < 1e3
+
+
+def test_e2_on_pooled_features_counts_the_towers_width(tmp_path):
+    """--features pooled: the head reads the tower's pooled output (32 wide in the smoke CLIP), not the
+    16-wide projection; metrics.json says which, with the probe's fit and its selection."""
+    run_script("E2_linear_probe.py", "--smoke", "--features", "pooled", "--quiet", "--noise-levels", 0,
+               "--output-dir", tmp_path, expect_exit=0)
+    metrics = metrics_of(tmp_path, "E2_linear_probe.py")
+    assert metrics["features"] == "pooled" and metrics["trainable_params"] == 32 * 4 + 4
+    assert metrics["refit_on_val"] and metrics["c_selection"] == "cross-validation"
+    assert metrics["selection"]["metric"] == "C" and "cross-validation" in metrics["selection"]["rule"]

@@ -2,27 +2,34 @@
 
 A full-size ViT-B/16 CLIP is built from its config (--model random:vit-b16, the default; also random:vit-l14 and
 the others of clip_adapt.models.CLIP_ARCHITECTURES): random weights have exactly the compute and memory cost
-of the real ones, and need no download (or pass --model a hub id or directory). For E1..E7 it times the training step and
-evaluation on random 224x224 batches and reports images/s, peak memory and model FLOP utilisation (MFU):
-FLOPs actually executed per second (counted by PyTorch's FlopCounterMode, forward + backward) divided by the
-device's peak. Every model is built by its own script's build_model with the script's default flags. It
-also times E2 both ways: image embeddings computed once and cached, versus the frozen tower
-run every epoch. Writes <output-dir>/bench.json and prints a table.
+of the real ones, and need no download (or pass --model a hub id or directory). For each classification
+experiment (E1..E7 by default) it times the training step and evaluation on random 224x224 batches and reports
+the step time, images/s, peak memory and model FLOP utilisation (MFU): FLOPs actually executed per second
+(counted by PyTorch's FlopCounterMode, forward + backward) divided by the device's peak. Every model is built by
+its own script's build_model with the script's default flags. With E2 it also times E2 both ways: image
+embeddings computed once and cached, versus the frozen tower run every epoch. A captioning experiment (E8, by
+name in --experiments) is timed on random captions of the longest length, with a decoder of GPT-2's size and
+random weights (or the tiny one with --smoke). Writes <output-dir>/bench.json after each experiment and prints a
+table; an experiment that fails (out of memory, say) is recorded with its error and the next one runs.
 """
 
 import argparse
 import copy
+import gc
 import platform
 import random
 import re
 import resource
 import sys
+import tempfile
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 from transformers import CLIPModel
@@ -34,8 +41,8 @@ import common  # noqa: E402
 from clip_adapt.base import UserError, write_json  # noqa: E402
 from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import RANDOM_PREFIX, TINY_CLIP, load_clip, weights_of  # noqa: E402
-from clip_adapt.runner import classification_scripts  # noqa: E402
-from clip_adapt.training import batched, training_step  # noqa: E402
+from clip_adapt.runner import classification_scripts, experiment_scripts  # noqa: E402
+from clip_adapt.training import batched, brings_own_loss, own_loss_and_accuracy, training_step  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP's
@@ -44,13 +51,42 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 GPU_PEAK_BF16 = [(r"H100 PCIe", 756e12), (r"H[12]00 NVL", 835e12), (r"H100|H200", 989e12), (r"A100", 312e12)]
 
 
-SCRIPTS = {script.name: script for script in classification_scripts()}
+SCRIPTS = {script.name: script for script in experiment_scripts()}
+CLASSIFIERS = [script.name for script in classification_scripts()]
 
 
-def build_model(name: str, clip: CLIPModel, tokenizer) -> torch.nn.Module:
-    """The experiment's model as its script builds it with its default flags."""
+def build_model(name: str, clip: CLIPModel, tokenizer, decoder: str | None = None) -> torch.nn.Module:
+    """The experiment's model as its script builds it with its default flags (a captioner: with --decoder
+    `decoder`, or the tiny one where None)."""
     clip = copy.deepcopy(clip)   # prompt hooks attach to the CLIP they are given: one fresh copy each
-    return SCRIPTS[name].build_model(clip, tokenizer, CLASS_NAMES)
+    script = SCRIPTS[name]
+    if script.task == "captioning":
+        # As E8 does: the decoder's new cross-attention layers, untrained, are what it trains; no warning for them.
+        transformers.logging.set_verbosity_error()
+        return script.build_model(clip, tokenizer, [], script.default_args(
+            *(["--decoder", decoder] if decoder else ["--smoke"])))
+    return script.build_model(clip, tokenizer, CLASS_NAMES)
+
+
+def random_gpt2(folder: Path) -> str:
+    """GPT-2's architecture (GPT2Config's defaults: 12 layers 768 wide, 12 heads, a 50,257-token vocabulary) with
+    random weights and the byte-level tokenizer, saved as a local decoder: E8 at GPT-2's cost, with no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clip_adapt.captioning import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    GPT2LMHeadModel(GPT2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def caption_targets(tokenizer, n: int, device: torch.device) -> torch.Tensor:
+    """n random captions of the longest length E8 trains on: [start, MAX_CAPTION_TOKENS tokens, end]."""
+    from clip_adapt.captioning import MAX_CAPTION_TOKENS
+    tokens = torch.randint(0, tokenizer.eos_token_id, (n, MAX_CAPTION_TOKENS + 2), device=device)
+    tokens[:, 0], tokens[:, -1] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return tokens
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
@@ -64,7 +100,7 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n = 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
-    best = min(timed(lambda: a @ a, device, steps=1, warmup=1 if i == 0 else 0) for i in range(5))
+    best = min(timed(lambda: a @ a, device, steps=1, warmup=1 if i == 0 else 0)[0] for i in range(5))
     what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return 2 * n ** 3 / best, f"{what}: measured {str(dtype).split('.')[-1]} {n}^3 matmul, best of 5"
 
@@ -74,16 +110,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, steps: int, warmup: int) -> float:
-    """Seconds per call, after warm-up (compilation, autotuning, allocator growth)."""
+def timed(fn, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds per call after warm-up, seconds of the warm-up: compilation, autotuning, allocator growth)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
-    start = time.perf_counter()
+    warmed = time.perf_counter()
     for _ in range(steps):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - warmed) / steps, warmed - start
 
 
 def count_flops(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, backward: bool) -> int:
@@ -94,7 +131,7 @@ def count_flops(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tens
         if hasattr(module, "set_attn_implementation"):
             module.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
-        loss = F.cross_entropy(counted(pixels), labels)
+        loss = counted(pixels, labels)[0] if brings_own_loss(counted) else F.cross_entropy(counted(pixels), labels)
         if backward:
             loss.backward()
     return counter.get_total_flops()
@@ -110,43 +147,73 @@ def flops_of_step(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Te
     return per_image, two - 2 * per_image + per_image * batch_size
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # process peak so far, Linux kB
-
-
-def bench_experiment(name, clip, tokenizer, args, device, peak) -> dict:
-    model = build_model(name, clip, tokenizer).to(device)
-    size = clip.config.vision_config.image_size
-    # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
-    images = Split(torch.randint(0, 256, (2 * args.batch_size, 3, size, size), dtype=torch.uint8, device=device),
-                   torch.arange(2 * args.batch_size, device=device) % 4, [], CLIP_MEAN, CLIP_STD)
-    batch = torch.arange(args.batch_size, device=device)
-    pixels, labels = images.model_inputs(batch, device), images.labels[batch]
-    run_model = torch.compile(model) if args.compile else model
+def start_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """On a GPU, the most allocated since start_peak_memory; on the CPU the process's peak so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux kB
+
+
+def bench_experiment(name, clip, tokenizer, args, device, peak, decoder=None) -> dict:
+    model = build_model(name, clip, tokenizer, decoder).to(device)
+    captioning = SCRIPTS[name].task == "captioning"
+    size, n = clip.config.vision_config.image_size, 2 * args.batch_size
+    # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
+    labels = caption_targets(model.tokenizer, n, device) if captioning else torch.arange(n, device=device) % 4
+    images = Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device), labels, [],
+                   CLIP_MEAN, CLIP_STD)
+    batch = torch.arange(args.batch_size, device=device)
+    pixels, labels = images.model_inputs(batch, device), images.labels[batch]
+    run_model = torch.compile(model) if args.compile else model
     row = {"experiment": name}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    peaks = []   # memory at its most during the timed steps (FLOP counting, on a copy, comes after)
     if trainable:
         model.train()
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        seconds = timed(lambda: training_step(run_model, optimizer, images.model_inputs(batch, device),
-                                              images.labels[batch], device), device, args.steps, args.warmup)
+        start_peak_memory(device)
+        seconds, warmup = timed(lambda: training_step(run_model, optimizer, images.model_inputs(batch, device),
+                                                      images.labels[batch], device), device, args.steps, args.warmup)
+        peaks.append(peak_memory_mb(device))
         per_image, per_step = flops_of_step(model, pixels, labels, True, args.batch_size)
-        row.update(train_images_per_s=args.batch_size / seconds, train_gflop_per_image=per_image / 1e9,
-                   train_mfu=per_step / seconds / peak)
+        row.update(train_step_s=seconds, train_warmup_s=warmup, train_images_per_s=args.batch_size / seconds,
+                   train_gflop_per_image=per_image / 1e9, train_mfu=per_step / seconds / peak,
+                   train_peak_memory_mb=peaks[0])
     model.eval()
-    seconds = timed(lambda: batched(run_model, images, len(images), device), device, args.steps, args.warmup)
+    # A captioner is evaluated as training evaluates it: next-token loss and accuracy (own_loss_and_accuracy).
+    evaluate = (lambda: own_loss_and_accuracy(run_model, images, len(images), device)) if captioning else \
+        (lambda: batched(run_model, images, len(images), device))
+    start_peak_memory(device)
+    seconds, warmup = timed(evaluate, device, args.steps, args.warmup)
+    peaks.append(peak_memory_mb(device))
     per_image, per_step = flops_of_step(model, pixels, labels, False, len(images))
-    row.update(eval_images_per_s=len(images) / seconds, eval_gflop_per_image=per_image / 1e9,
-               eval_mfu=per_step / seconds / peak, peak_memory_mb=peak_memory_mb(device),
+    row.update(eval_pass_s=seconds, eval_warmup_s=warmup, eval_images_per_s=len(images) / seconds,
+               eval_gflop_per_image=per_image / 1e9, eval_mfu=per_step / seconds / peak, peak_memory_mb=max(peaks),
                trainable_params=sum(p.numel() for p in trainable))
     print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in row.items() if k != "experiment"), flush=True)
     return row
+
+
+def measured(name: str, measure, device: torch.device) -> dict:
+    """measure()'s result; where it fails (out of memory, an error), the error, printed, in its place: the next
+    experiment still runs. The failed one's memory is handed back first."""
+    try:
+        return measure()
+    except Exception as error:   # noqa: BLE001 - any failure is recorded, and the benchmark goes on
+        traceback.print_exc()
+        what = "out of memory" if isinstance(error, torch.OutOfMemoryError) else type(error).__name__
+        return {"experiment": name, "error": f"{what}: {str(error).strip().splitlines()[0] if str(error) else ''}"}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def bench_e2_cache(clip, args, device) -> dict:
@@ -175,8 +242,8 @@ def bench_e2_cache(clip, args, device) -> dict:
             head_epoch(batched(model.embed, images[:train_n], bs, device).to(device))
             batched(model, images[train_n:], 2 * bs, device)
 
-    cached_s = timed(cached, device, steps=1, warmup=1)
-    tower_s = timed(tower_every_epoch, device, steps=1, warmup=0)
+    cached_s = timed(cached, device, steps=1, warmup=1)[0]
+    tower_s = timed(tower_every_epoch, device, steps=1, warmup=0)[0]
     result = {"epochs": args.e2_epochs, "train_images": train_n, "eval_images": eval_n, "cached_s": cached_s,
               "tower_every_epoch_s": tower_s, "speedup": tower_s / cached_s}
     print(f"  E2 over {args.e2_epochs} epochs: cached embeddings {cached_s:.2f} s, tower every epoch "
@@ -380,7 +447,10 @@ def main():
     p.add_argument("--e2-epochs", type=int, default=10, help="epochs for the E2 cached-versus-tower timing")
     p.add_argument("--e2-images", type=int, nargs=2, default=[408, 392], metavar=("TRAIN", "EVAL"),
                    help="images per epoch in the E2 timing: trained on, and evaluated (val + test)")
-    p.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS))
+    p.add_argument("--experiments", nargs="+", choices=list(SCRIPTS), default=CLASSIFIERS,
+                   help="the experiments to time [default: every classification one]")
+    p.add_argument("--decoder", help="a captioning experiment's decoder [default: GPT-2's architecture with random "
+                                     "weights; with --smoke the tiny random GPT-2]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU, in TFLOP/s [default: the "
@@ -411,25 +481,45 @@ def main():
     print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; "
           f"peak assumed {peak / 1e12:.3g} TFLOP/s ({peak_how})", flush=True)
 
-    rows = [bench_experiment(name, clip, tokenizer, args, device, peak) for name in args.experiments]
-    e2 = bench_e2_cache(clip, args, device) if "E2_linear_probe" in args.experiments else None
     result = {"model": model_name, "weights": weights_of(model_name),
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
               "compile": args.compile, "attention": args.attention,
               "peak_flops": peak, "peak_flops_source": peak_how,
-              "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "experiments": rows,
-              "e2_cached_vs_tower": e2}
-    write_json(Path(args.output_dir) / "bench.json", result)
+              "precision": "bf16 autocast" if device.type == "cuda" else "fp32", "experiments": [],
+              "e2_cached_vs_tower": None}
+    output = Path(args.output_dir) / "bench.json"
+    write_json(output, result)
+    with tempfile.TemporaryDirectory() as scratch:
+        decoder = args.decoder
+        if decoder is None and not args.smoke and any(SCRIPTS[n].task == "captioning" for n in args.experiments):
+            decoder = random_gpt2(Path(scratch))
+        for name in args.experiments:
+            result["experiments"].append(measured(name, lambda: bench_experiment(name, clip, tokenizer, args,
+                                                                                 device, peak, decoder), device))
+            write_json(output, result)   # after each experiment: a run cut short keeps what it measured
+    if "E2_linear_probe" in args.experiments:
+        result["e2_cached_vs_tower"] = measured("E2_linear_probe", lambda: bench_e2_cache(clip, args, device), device)
+        write_json(output, result)
+    rows = result["experiments"]
 
-    print("\n| experiment | train img/s | eval img/s | train MFU | eval MFU | peak memory (MB) |\n"
-          "|---|---|---|---|---|---|")
+    print("\n| experiment | train step (ms) | train img/s | eval img/s | train MFU | eval MFU | peak memory (MB) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        train = f"{r['train_images_per_s']:.1f} | " if "train_images_per_s" in r else "- | "
+        if "error" in r:
+            print(f"| {r['experiment']} | {r['error']} | | | | | |")
+            continue
+        train = (f"{1000 * r['train_step_s']:.1f} | {r['train_images_per_s']:.1f} | " if "train_step_s" in r
+                 else "- | - | ")
         mfu = f"{100 * r['train_mfu']:.1f}% | " if "train_mfu" in r else "- | "
         print(f"| {r['experiment']} | {train}{r['eval_images_per_s']:.1f} | {mfu}{100 * r['eval_mfu']:.1f}% | "
               f"{r['peak_memory_mb']:.0f} |")
-    print(f"\nwritten to {Path(args.output_dir) / 'bench.json'}")
+    print(f"\nwritten to {output}")
+    failed = [r for r in rows + [result["e2_cached_vs_tower"] or {}] if "error" in r]
+    if failed:
+        print(f"bench: {len(failed)} measurements failed: " + "; ".join(f"{r['experiment']}: {r['error']}"
+                                                                       for r in failed), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
