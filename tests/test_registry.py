@@ -1,12 +1,15 @@
 """Experiments are found, not listed: a new E<number>_<name>.py is run, benchmarked and tested with no other edit."""
 
+import re
 import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
-from clip_adapt.runner import experiment_scripts
+from clip_adapt.captioning import PEFT_METHODS
+from clip_adapt.runner import classification_scripts, experiment_scripts
 
 COPIED = ["common.py", "run_all_experiments.py", "pyproject.toml", "clip_adapt", "tools", "tests", "sample_data"]
 
@@ -22,10 +25,13 @@ def test_every_script_declares_what_the_tools_need():
         assert script.parser().parse_args([]).lr in (script.learning_rate, None), script.name
 
 
-def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
-    """E9_example.py, a copy of E2 under another name, in a copy of the repository."""
+def repository_copy(tmp_path):
+    """A copy of the repository's code, tests and sample data, with every experiment script; ../shared (the
+    project data) linked beside it, as beside the repository."""
     copy = tmp_path / "repo"
     copy.mkdir()
+    if (REPO.parent / "shared").exists():
+        (tmp_path / "shared").symlink_to(REPO.parent / "shared", target_is_directory=True)
     for name in COPIED:
         source = REPO / name
         if source.is_dir():
@@ -34,6 +40,12 @@ def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
             shutil.copy(source, copy / name)
     for script in experiment_scripts():
         shutil.copy(script.path, copy / script.path.name)
+    return copy
+
+
+def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
+    """E9_example.py, a copy of E2 under another name, in a copy of the repository."""
+    copy = repository_copy(tmp_path)
     shutil.copy(REPO / "E2_linear_probe.py", copy / "E9_example.py")
 
     help_text = subprocess.run([sys.executable, "run_all_experiments.py", "--help"], cwd=copy, capture_output=True,
@@ -49,6 +61,36 @@ def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
     collected = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "--collect-only", "-q", "tests/test_scripts.py"],
                                cwd=copy, capture_output=True, text=True, timeout=300).stdout
     assert "E9_example.py" in collected
+
+
+@pytest.mark.slow   # the fast tier's smoke run of every script, in a copy: 195 s on a loaded 2-core Xeon
+def test_breaking_any_script_fails_the_fast_tier(tmp_path):
+    """A `raise` planted as the first line of every script's build_model, in a copy: the fast tier's runs of each
+    script at smoke size (test_scripts.py's test_each_script_writes_every_output_on_the_project_data, one case per
+    discovered classification script; test_captioning.py's smoke run for captioning) fail for every one of them,
+    each with the planted error."""
+    copy = repository_copy(tmp_path)
+    scripts = experiment_scripts()
+    for script in scripts:
+        path = copy / script.path.name
+        source, planted = path.read_text(), 0
+        def plant(match):
+            nonlocal planted
+            planted += 1
+            return f"{match.group(0)}{match.group(1)}    raise RuntimeError('planted in {script.name}')\n"
+        path.write_text(re.sub(r"^( *)def build_model\(.*\):\n", plant, source, count=1, flags=re.M))
+        assert planted == 1, script.name
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rf", "tests/test_scripts.py",
+                          "tests/test_captioning.py", "-k", "test_each_script_writes_every_output_on_the_project_data "
+                          "or test_smoke_writes_every_output"], cwd=copy, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 1, run.stdout[-3000:]
+    failed = set(re.findall(r"^FAILED (\S+)", run.stdout, flags=re.M))
+    classification = {f"tests/test_scripts.py::test_each_script_writes_every_output_on_the_project_data[{s.path.name}]"
+                      for s in classification_scripts()}
+    captioning = {test for test in failed if test.startswith("tests/test_captioning.py::test_smoke_writes_every_output")}
+    assert classification <= failed and len(captioning) == len(PEFT_METHODS), failed
+    assert all(f"planted in {script.name}" in run.stdout for script in scripts), run.stdout[-3000:]
+    assert "passed" not in run.stdout.splitlines()[-1], run.stdout[-3000:]   # no case of any script passed
 
 
 
