@@ -1,0 +1,174 @@
+"""The field's protocol (docs/k-shot.md): K-shot splits, CoOp-format split files, AUROC."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import SAMPLE_DATA, run_script
+
+from clip_adapt.base import UserError
+from clip_adapt.reporting import auroc
+from clip_adapt.shots import draw_shots, read_split_file
+
+
+def metrics_of(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------- drawing K shots
+
+def test_shots_are_k_per_class_with_min_k_4_validation_images_and_no_copy_straddles_them():
+    labels = np.repeat(np.arange(3), 16)   # 16 training images per class, then 6 test images
+    labels = np.r_[labels, [0, 0, 1, 1, 2, 2]]
+    train_pool, test = np.arange(48), np.arange(48, 54)
+    # Image 0 is a copy of test image 48; 1, 2 and 3 are copies of one another; 16 and 17 too.
+    clusters = [[0, 48], [1, 2, 3], [16, 17]]
+    for seed in range(20):
+        shots, val = draw_shots(labels, train_pool, None, clusters, test, 8, seed, ["a", "b", "c"])
+        assert np.bincount(labels[shots]).tolist() == [8, 8, 8]
+        assert np.bincount(labels[val]).tolist() == [4, 4, 4]   # min(8, 4)
+        assert not set(shots) & set(val) and 0 not in shots and 0 not in val   # 0 has a copy in test
+        for members in clusters[1:]:   # a cluster gives one image at most, to the shots or to validation
+            assert len(set(members) & set(np.r_[shots, val])) <= 1
+    first, val = draw_shots(labels, train_pool, None, [], test, 2, 0, ["a", "b", "c"])
+    assert np.bincount(labels[val]).tolist() == [2, 2, 2]   # min(2, 4)
+    assert any(not np.array_equal(first, draw_shots(labels, train_pool, None, [], test, 2, s, ["a", "b", "c"])[0])
+               for s in range(1, 5)), "the seed redraws the shots"
+    assert np.array_equal(first, draw_shots(labels, train_pool, None, [], test, 2, 0, ["a", "b", "c"])[0])
+
+
+def test_a_dataset_validation_split_is_the_validation_pool():
+    labels = np.r_[np.repeat([0, 1], 5), np.repeat([0, 1], 3), [0, 1]]   # 5 train, 3 val per class, 2 test
+    train_pool, val_pool, test = np.arange(10), np.arange(10, 16), np.arange(16, 18)
+    for seed in range(10):
+        shots, val = draw_shots(labels, train_pool, val_pool, [[0, 10]], test, 2, seed, ["a", "b"])
+        assert set(shots) <= set(train_pool) and set(val) <= set(val_pool)
+        assert np.bincount(labels[shots]).tolist() == [2, 2] and np.bincount(labels[val]).tolist() == [2, 2]
+        assert not {0, 10} <= set(np.r_[shots, val])   # copies of one another: one of them at most
+
+
+def test_validation_pool_too_small_for_min_k_4_is_one_line_naming_the_class():
+    labels = np.r_[np.repeat([0, 1], 5), np.repeat([0, 1], 3), [0, 1]]
+    with pytest.raises(UserError, match=r"class 'a' has 3 validation images to draw 4 from"):
+        draw_shots(labels, np.arange(10), np.arange(10, 16), [], np.arange(16, 18), 4, 0, ["a", "b"])
+
+
+def test_a_class_with_fewer_than_k_images_is_one_line_naming_class_and_count():
+    labels = np.r_[np.zeros(9, int), np.ones(3, int), [0, 1]]
+    with pytest.raises(UserError, match=r"--shots 4: class 'b' has 3 training images to draw 4 from"):
+        draw_shots(labels, np.arange(12), None, [], np.arange(12, 14), 4, 0, ["a", "b"])
+
+
+def test_k4_on_the_sample_is_one_line_before_anything_loads(tmp_path, capsys):
+    run_script("E2_linear_probe.py", "--smoke", "--shots", 4, "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"--shots 4: class 'glioma' has 5 training images, fewer than the 8", err[0])
+    assert not (tmp_path / "E2_linear_probe").exists() or not any((tmp_path / "E2_linear_probe").iterdir())
+
+
+# --------------------------------------------------------------------------- split files
+
+def test_a_k_shot_run_writes_its_split_and_the_split_file_reproduces_its_predictions(tmp_path):
+    run_script("E2_linear_probe.py", "--smoke", "--shots", 2, "--output-dir", tmp_path / "drawn", "--quiet",
+               expect_exit=0)
+    drawn = tmp_path / "drawn" / "E2_linear_probe"
+    split = json.loads((drawn / "split.json").read_text())
+    assert [len(split[k]) for k in ("train", "val", "test")] == [8, 8, 20]   # 2 + 2 per class; test whole
+    assert all((SAMPLE_DATA / path).is_file() and name == metrics_of(drawn)["class_names"][label]
+               for key in split for path, label, name in split[key])
+    run_script("E2_linear_probe.py", "--smoke", "--split-file", drawn / "split.json", "--output-dir",
+               tmp_path / "again", "--quiet", expect_exit=0)
+    again = tmp_path / "again" / "E2_linear_probe"
+    assert (again / "split.json").read_text() == (drawn / "split.json").read_text()
+    assert (again / "predictions.csv").read_text() == (drawn / "predictions.csv").read_text()
+    assert metrics_of(again)["test_accuracy"] == metrics_of(drawn)["test_accuracy"]
+    assert metrics_of(drawn)["shots"] == 2 and metrics_of(drawn)["num_images"] == \
+        {"train": 8, "val": 8, "test": 20}
+
+
+def coop_entry(path: str) -> list:
+    name = path.split("/")[1]
+    return [path, ["glioma", "meningioma", "notumor", "pituitary"].index(name), name]
+
+
+def test_a_hand_written_coop_split_file_is_trained_on_exactly_its_files(tmp_path):
+    files = sorted(p.relative_to(SAMPLE_DATA).as_posix() for p in SAMPLE_DATA.rglob("*.jpg"))
+    train = [f for f in files if f.startswith("train/")]
+    test = [f for f in files if f.startswith("test/")]
+    # Test images in train and a train image in test: a split file decides, not the folders.
+    split = {"train": [coop_entry(f) for f in train[::2] + test[:1]],
+             "val": [coop_entry(f) for f in train[1::2]],
+             "test": [coop_entry(f) for f in test[1:] + train[-1:]]}
+    split["val"] = [e for e in split["val"] if e[0] not in {t[0] for t in split["test"]}]
+    (tmp_path / "split_sample.json").write_text(json.dumps(split))
+    run_script("E3_shallow_vpt.py", "--smoke", "--epochs", 1, "--split-file", tmp_path / "split_sample.json",
+               "--output-dir", tmp_path / "out", "--quiet", expect_exit=0)
+    used = json.loads((tmp_path / "out" / "E3_shallow_vpt" / "split.json").read_text())
+    for key in ("train", "val", "test"):
+        assert [e[0] for e in used[key]] == [e[0] for e in split[key]]
+        assert [e[1] for e in used[key]] == [e[1] for e in split[key]]
+    metrics = metrics_of(tmp_path / "out" / "E3_shallow_vpt")
+    assert metrics["num_images"] == {k: len(split[k]) for k in ("train", "val", "test")}
+    assert metrics["class_names"] == ["glioma", "meningioma", "no tumor", "pituitary"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["train"].append(["train/glioma/nowhere.jpg", 0, "glioma"]), r"nowhere.jpg does not exist"),
+    (lambda s: s["val"].__setitem__(0, [s["val"][0][0], 0, "meningioma"]), r"label 0 is named 'meningioma' here"),
+    (lambda s: s.pop("val"), r"needs non-empty lists 'train', 'val' and 'test'"),
+    (lambda s: s["test"].append(s["train"][0]), r"is listed twice"),
+    (lambda s: s["train"].__setitem__(0, ["train/glioma/x.jpg", "0"]), r"not \[relative path, integer label"),
+])
+def test_a_bad_split_file_is_one_line(change, message, tmp_path, capsys):
+    files = sorted(p.relative_to(SAMPLE_DATA).as_posix() for p in SAMPLE_DATA.rglob("*.jpg"))
+    split = {"train": [coop_entry(f) for f in files if f.startswith("train/")][::2],
+             "val": [coop_entry(f) for f in files if f.startswith("train/")][1::2],
+             "test": [coop_entry(f) for f in files if f.startswith("test/")]}
+    change(split)
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    with pytest.raises(UserError, match=message):
+        read_split_file(str(tmp_path / "split.json"), str(SAMPLE_DATA))
+    run_script("E2_linear_probe.py", "--smoke", "--split-file", tmp_path / "split.json", "--output-dir",
+               tmp_path / "out", expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out" / "E2_linear_probe" / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- AUROC
+
+def test_auroc_is_scikit_learns_one_vs_rest_with_a_bootstrap_interval():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 300)
+    probs = rng.dirichlet(np.ones(4), 300)
+    probs[np.arange(300), labels] += 0.4
+    probs /= probs.sum(1, keepdims=True)
+    scores = auroc(probs, labels, list("abcd"), seed=0)
+    assert scores["macro"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert [scores["per_class"][c] for c in "abcd"] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average=None).tolist())
+    low, high = scores["macro_ci95"]
+    assert low < scores["macro"] < high and high - low < 0.1
+    # The resamples' rank form agrees with scikit-learn on ties too: a constant score is 0.5 for every class.
+    flat = auroc(np.full((300, 4), 0.25), labels, list("abcd"), seed=0)
+    assert flat["macro"] == pytest.approx(0.5) and flat["macro_ci95"] == pytest.approx([0.5, 0.5])
+    # A class absent from test has no AUROC and stays out of the macro.
+    three = auroc(probs[labels != 3], labels[labels != 3], list("abcd"), seed=0)
+    assert three["per_class"]["d"] is None
+    assert three["macro"] == pytest.approx(np.mean([three["per_class"][c] for c in "abc"]))
+
+
+def test_metrics_json_has_auroc_macro_and_per_class(tmp_path):
+    run_script("E1_zero_shot_clip.py", "--smoke", "--output-dir", tmp_path, "--quiet", expect_exit=0)
+    metrics = metrics_of(tmp_path / "E1_zero_shot_clip")
+    assert set(metrics["auroc"]["per_class"]) == set(metrics["class_names"])
+    assert metrics["test_auroc"] == metrics["auroc"]["macro"]
+    import csv
+    from sklearn.metrics import roc_auc_score
+    rows = list(csv.DictReader(open(tmp_path / "E1_zero_shot_clip" / "predictions.csv")))
+    names = metrics["class_names"]
+    probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows])
+    labels = np.array([names.index(r["label"]) for r in rows])
+    assert metrics["test_auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"), abs=1e-4)
