@@ -58,8 +58,10 @@ NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"
                 "report_to", "save_merged", "noise_levels", "threads"}   # noise levels: the final evaluation only
 
 
-def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
-    """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags)."""
+def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep: bool = False
+           ) -> argparse.ArgumentParser:
+    """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags).
+    sweep: for run_all_experiments.py, whose --shots takes several K (its own flag)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and "
@@ -78,11 +80,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     data.add_argument("--duplicates", default="near", choices=["exact", "near"],
                       help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
                            "cropped or shifted copies (clip_adapt/copies.py)")
-    data.add_argument("--shots", type=int, metavar="K",
-                      help="K training images per class, drawn with --split-seed as CoOp draws its few-shot sets, "
-                           "and min(K, 4) validation images per class from the dataset's validation split or else "
-                           "from the training images left; the test split stays whole; copies never straddle "
-                           "them (docs/k-shot.md). --val-fraction is then unused")
+    if not sweep:
+        add_shots_flag(data, nargs=None)
     data.add_argument("--split-file", metavar="FILE",
                       help="train, val and test lists of [relative path, label, class name] in CoOp's JSON format "
                            "(e.g. BiomedCoOp's split_BTMRI.json), the paths relative to --data; replaces the "
@@ -163,6 +162,17 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                          help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
                               "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
+
+
+def add_shots_flag(group, nargs: str | None) -> None:
+    """--shots K for a script; run_all_experiments.py's takes several (nargs "+"), a sweep over K."""
+    group.add_argument("--shots", type=int, metavar="K", nargs=nargs,
+                       help="K training images per class, drawn with --split-seed as CoOp draws its few-shot sets, "
+                            "and min(K, 4) validation images per class from the dataset's validation split or else "
+                            "from the training images left; the test split stays whole; copies never straddle "
+                            "them (docs/k-shot.md). --val-fraction is then unused" + (
+                                "; several K: the data-efficiency sweep, each K and seed a run, seed s drawing "
+                                "its own shots (--split-seed s)" if nargs else ""))
 
 
 def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
@@ -288,7 +298,8 @@ def check_sources(args: argparse.Namespace) -> None:
     """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py): a
     wrong path, an unreachable hub or a missing cache is one line within seconds, not one per experiment after
     the hub's retries. A hub dataset is downloaded here (into the cache the experiments then read)."""
-    check_data_early(args.data, args.shots, args.split_file)
+    for shots in (args.shots if isinstance(args.shots, list) else [args.shots]):   # run_all: several K
+        check_data_early(args.data, shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
     if not is_local(args.data):

@@ -29,8 +29,9 @@ def validation_shots(shots: int) -> int:
     return min(shots, MAX_VALIDATION_SHOTS)
 
 
-def check_shots(shots: int | None) -> None:
-    if shots is not None and shots < 1:
+def check_shots(shots: int | list[int] | None) -> None:
+    """--shots K, or run_all_experiments.py's several K."""
+    if any(k < 1 for k in ([shots] if isinstance(shots, int) else shots or [])):
         raise UserError("--shots must be at least 1 (images per class)")
 
 

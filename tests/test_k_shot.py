@@ -172,3 +172,101 @@ def test_metrics_json_has_auroc_macro_and_per_class(tmp_path):
     probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows])
     labels = np.array([names.index(r["label"]) for r in rows])
     assert metrics["test_auroc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+def test_a_planted_real_difference_is_found_and_identical_predictors_are_not():
+    from scipy.stats import binomtest
+    from clip_adapt.paired import compare_all, paired_difference
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.7
+    better = base.copy()
+    better[np.flatnonzero(~base)[:60]] = True   # right on 60 more images, wrong on none more
+    worse_somewhere = better.copy()
+    worse_somewhere[np.flatnonzero(base)[:5]] = False   # wrong on 5 that the base gets right
+    pairs = {p["a"]: p for p in compare_all({"E1": base, "E2": base.copy(), "E4": worse_somewhere}, seed=0)}
+    planted = next(p for p in compare_all({"E1": base, "E4": worse_somewhere}) if p["a"] == "E4")
+    assert planted["difference"] == pytest.approx((60 - 5) / 400)
+    assert planted["ci95"][0] > 0 and planted["significant"]
+    assert planted["p"] == pytest.approx(binomtest(5, 65, 0.5).pvalue)   # McNemar's exact test is this binomial
+    same = paired_difference(base, base.copy())
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["p"] == 1.0
+    assert not pairs["E2"]["significant"]   # E2 - E1: identical predictors
+    # Seeds are resampled too: two seeds of equal predictors stay at 0, a planted gap in both stays found.
+    two = paired_difference(np.stack([worse_somewhere, worse_somewhere]), np.stack([base, base]))
+    assert two["seeds"] == 2 and two["ci95"][0] > 0 and two["only_a"] == 120
+
+
+def test_holm_correction_is_statsmodels_across_the_pairs_of_one_table(monkeypatch):
+    from clip_adapt import paired
+    ps = iter([0.01, 0.04, 0.03])
+    monkeypatch.setattr(paired, "paired_difference", lambda a, b, seed: {"p": next(ps)})
+    pairs = paired.compare_all({"E1": None, "E2": None, "E3": None})
+    assert [p["p_holm"] for p in pairs] == pytest.approx([0.03, 0.06, 0.06])
+    assert [p["significant"] for p in pairs] == [True, False, False]
+
+
+# --------------------------------------------------------------------------- the sweep in one command
+
+def test_run_all_sweeps_k_with_seeds_into_a_table_a_curve_and_paired_lines(tmp_path):
+    from conftest import run_process
+    out = tmp_path / "sweep"
+    result = run_process("run_all_experiments.py", "--smoke", "--shots", 1, 2, "--seeds", 1, 2, "--experiments",
+                         "E1", "E2", "--output-dir", out, "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert "| experiment | K = 1 | K = 2 | all |" in summary
+    assert re.search(r"\| E2_linear_probe \| \d\.\d{3} ± \d\.\d{3} \| \d\.\d{3} ± \d\.\d{3} \| \d\.\d{3} ± ", summary)
+    assert "Seed s draws its own K-shot split" in summary and "## Cost of each K" in summary
+    for title in ("full training data", "K = 1 shots", "K = 2 shots"):
+        assert f"## Paired comparisons, {title}" in summary
+    assert re.search(r"^- E2 − E1: [+-]\d+\.\d points \[-?\d+\.\d, -?\d+\.\d\], p = [\d.e-]+ \(Holm [\d.e-]+\), "
+                     r"(not significant|\*\*significant\*\*)$", summary, re.MULTILINE)
+    assert (out / "summary_shots.png").read_bytes()[:4] == b"\x89PNG"
+    # Each K's runs drew their own shots per seed (--split-seed s), on the same whole test split.
+    splits = {(k, s): json.loads((out / f"shots_{k}" / f"seed_{s}" / "E2_linear_probe" / "split.json").read_text())
+              for k in (1, 2) for s in (1, 2)}
+    assert [len(splits[(k, 1)]["train"]) for k in (1, 2)] == [4, 8]
+    assert splits[(2, 1)]["train"] != splits[(2, 2)]["train"]
+    assert len({json.dumps(split["test"]) for split in splits.values()}) == 1
+    page = (out / "report.html").read_text()
+    assert "K = 1" in page and "Paired comparisons" in page and "row − column" in page
+    assert 'alt="Test accuracy against labelled images per class (K shots)"' in page
+    import csv
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {(r["shots"], r["experiment"]) for r in rows} >= {("1", "E2_linear_probe"), ("2", "E2_linear_probe"),
+                                                            ("all", "E2_linear_probe"), ("all", "E1_zero_shot_clip")}
+
+
+def test_run_all_refuses_k_the_sample_cannot_hold_before_any_run(tmp_path):
+    from conftest import run_process
+    result = run_process("run_all_experiments.py", "--smoke", "--shots", 1, 4, "--output-dir", tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--shots 4: class 'glioma' has 5 training images" in result.stderr
+    assert not list(tmp_path.glob("**/metrics.json"))
+
+
+def test_a_split_file_whose_test_has_copies_in_train_gets_the_warning(tmp_path):
+    import shutil
+    from conftest import run_process
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DATA, data)
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
+    train = [f for f in files if f.startswith("train/")]
+    shutil.copy(data / train[0], data / "test" / "glioma" / "planted_copy.jpg")   # an exact copy of a train image
+    split = {"train": [coop_entry(f) for f in train[::2]], "val": [coop_entry(f) for f in train[1::2]],
+             "test": [coop_entry(f) for f in files if f.startswith("test/")] + [coop_entry("test/glioma/planted_copy.jpg")]}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    result = run_process("run_all_experiments.py", "--smoke", "--experiments", "E1", "--data", data,
+                         "--split-file", tmp_path / "split.json", "--output-dir", tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "**Warning: copies across the split file's splits.** 1 test images" in summary
+    assert json.loads((tmp_path / "out" / "E1_zero_shot_clip" / "metrics.json").read_text())["train_test_duplicates"] == 1
+    # Without the copy: no warning.
+    split["test"] = split["test"][:-1]
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    run_process("run_all_experiments.py", "--smoke", "--experiments", "E1", "--data", data, "--split-file",
+                tmp_path / "split.json", "--output-dir", tmp_path / "clean", "--quiet")
+    assert "Warning: copies" not in (tmp_path / "clean" / "summary.md").read_text()
