@@ -273,51 +273,74 @@ def accuracy(model, split, precision: str = "fp32") -> float:
 
 # --------------------------------------------------------------------------- credit only for what a method adds
 
-# Token prompts (E3), deep prompts (E4) and LoRA (E7) trained through CLIP's frozen text head from E1's
-# templates, which cannot learn on its own, at the prompts' rate on this task; a patience of 25 steps (5 epochs
-# here) keeps the runs short (docs/known-answer.md).
-CREDITED = ("E3_shallow_vpt", "E4_deep_vpt", "E7_lora")
+# The methods whose own parts are credited: every classification script whose model has a part that can be
+# removed (clip_adapt.base.Part), found from the scripts. A script that accepts --head clip (E3's token prompts,
+# E4, E7) is trained through CLIP's frozen text head from E1's templates, which cannot learn on its own, so that
+# with its parts removed it is E1 again; one without a head to freeze (E5) is judged part by part against the
+# same run with that part removed. The prompts' rate on this task; a patience of 25 steps (5 epochs here) keeps
+# the runs short (docs/known-answer.md).
 CREDIT_FLAGS = ("--epochs", "60", "--patience", "25", "--min-steps", "0", "--lr", "1e-2")
 
 
+def takes_clip_head(script) -> bool:
+    return any("--head" in action.option_strings and "clip" in (action.choices or ())
+               for action in script.parser()._actions)
+
+
+def credited() -> list[str]:
+    """The classification scripts that train a removable part (built on the tiny random CLIP to ask)."""
+    from clip_adapt.models import tiny_clip
+    from clip_adapt.runner import classification_scripts
+    names = []
+    for script in classification_scripts():
+        if script.trains:
+            clip, _, tokenizer = tiny_clip()
+            model = script.build_model(clip, tokenizer, list(SHAPES))
+            if any(part.removed is not None for part in model.parts()):
+                names.append(script.name)
+    return names
+
+
+def scores_on(model, split, precision: str = "fp32") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a split."""
+    import torch.nn.functional as F
+    from clip_adapt.training import predict
+    logits = predict(model, split, 64, torch.device("cpu"), precision).float()
+    labels = split.labels.cpu()
+    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+
+
 def credit_run(output_dir: Path, data, name: str, seed: int = 0, precision: str = "fp32") -> dict:
-    """Test accuracy of one credited method through the frozen text head, and of the same trained classifier
-    with its part removed (prompts removed: the hooks pass every layer through; adapter disabled), which must
-    be E1's again. E5 has no head to freeze: its two jointly trained halves alone instead, the text context
-    with the visual prompts removed, and the visual prompts with E1's hand-written class text."""
-    if name == "E5_clip_vpt":
-        model, result = train_method(output_dir, data, name, *CREDIT_FLAGS, seed=seed, precision=precision)
-        return {"accuracy": accuracy(model, data.test, precision), **e5_halves(output_dir, data, model, precision),
-                "converged": result.converged}
-    model, result = train_method(output_dir, data, name, "--head", "clip", *CREDIT_FLAGS, seed=seed,
-                                 precision=precision)
-    with model.disabled() if name == "E7_lora" else model.prompts.removed():
-        removed = accuracy(model, data.test, precision)
-    return {"accuracy": accuracy(model, data.test, precision), "removed": removed, "converged": result.converged}
+    """Test accuracy and loss of one credited method, and of the same trained classifier with its removable
+    parts removed (prompts: the hooks pass every layer through; an adapter: disabled): through the frozen text
+    head, all of them at once, which must be E1's again ("removed"); without a head to freeze, each part alone
+    ("<part> removed")."""
+    from clip_adapt.prompts import removed_together
+    from clip_adapt.runner import experiment_scripts
+    script = next(s for s in experiment_scripts() if s.name == name)
+    through_head = takes_clip_head(script)
+    model, result = train_method(output_dir, data, name, *(("--head", "clip") if through_head else ()),
+                                 *CREDIT_FLAGS, seed=seed, precision=precision)
+    accuracy, loss = scores_on(model, data.test, precision)
+    run = {"accuracy": accuracy, "loss": loss, "converged": result.converged}
+    removable = [part for part in model.parts() if part.removed is not None]
+    if through_head:
+        with removed_together([part.removed for part in removable]):
+            run["removed"], run["removed loss"] = scores_on(model, data.test, precision)
+        return run
+    for part in removable:
+        with part.removed():
+            run[f"{part.name} removed"], run[f"{part.name} removed loss"] = scores_on(model, data.test, precision)
+    return run
 
 
-def e5_halves(output_dir: Path, data, model, precision: str = "fp32") -> dict:
-    from clip_adapt.models import (ZERO_SHOT_TEMPLATES, class_text_embeddings, load_clip,
-                                   normalized_image_embeddings, similarity_logits)
-    tokenizer = load_clip(str(output_dir / "clip"))[2]
-    hand_written = class_text_embeddings(model.clip, tokenizer, data.class_names, ZERO_SHOT_TEMPLATES)
-
-    class VisualPromptsAlone(torch.nn.Module):
-        def forward(self, pixels):
-            return similarity_logits(model.clip, normalized_image_embeddings(model.clip, pixels), hand_written)
-
-    with model.visual_prompts.removed():
-        text_context = accuracy(model, data.test, precision)
-    return {"text context": text_context, "visual prompts": accuracy(VisualPromptsAlone(), data.test, precision)}
-
-
-def measure_credit(output_dir: Path, seeds: list[int], precision: str) -> None:
+def measure_credit(output_dir: Path, seeds: list[int], precision: str, names: list[str] | None = None) -> None:
     """Prints, per seed, what the credit tests hold each method to: the measurement behind their margins."""
     data = load_task(output_dir)
     zero_shot = accuracy(train_method(output_dir, data, "E1_zero_shot_clip", precision=precision)[0], data.test,
                          precision)
     print(f"E1 zero-shot ({precision}): {zero_shot:.4f}", flush=True)
-    for name in (*CREDITED, "E5_clip_vpt"):
+    for name in names or credited():
         for seed in seeds:
             started = time.time()
             run = credit_run(output_dir, data, name, seed, precision)
@@ -334,7 +357,8 @@ CAPTIONING_LM_STEPS = 100
 # E8's flags for the known-answer runs: a fixed ten epochs (no early stop, no rate cut) at a rate for this tiny
 # decoder; the best validation epoch is kept (docs/captioning.md, "Known-answer figures").
 CAPTIONING_FLAGS = ("--epochs", "10", "--lr", "3e-3", "--patience", "1000")
-PEFT_MEASURED = ("adapter", "prefix", "lora")
+# Every --peft, "none" (the cross-attention alone) included: what the PEFT modules add is measured against it.
+PEFT_MEASURED = ("adapter", "prefix", "lora", "none")
 
 
 def held_out(shape: str, colour: str, position: str) -> bool:
@@ -394,6 +418,9 @@ def pretrain_language_model(captions: list[str], steps: int = CAPTIONING_LM_STEP
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
+    # GPT-2's next-token loss by name: transformers finds none in the class name "GPT2LMHeadModel" and warns
+    # that loss_type=None is unrecognised before it falls back to this same loss.
+    model.loss_type = "ForCausalLM"
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -442,6 +469,7 @@ def caption_tokens(captions: list[str], tokenizer) -> tuple[torch.Tensor, torch.
 def language_model_loss(model, tokenizer, captions: list[str]) -> float:
     """Mean next-token loss on these captions."""
     inputs, labels = caption_tokens(captions, tokenizer)
+    model.loss_type = "ForCausalLM"   # as in pretrain_language_model (a reloaded model has it unset again)
     return model(input_ids=inputs, attention_mask=labels >= 0, labels=labels).loss.item()
 
 
@@ -459,10 +487,8 @@ def load_caption_task(output_dir: Path, split_seed: int = 0):
 def captioner(output_dir: Path, peft: str, *argv: str, seed: int = 0):
     """(E8's Captioner, its parsed flags): the known-answer CLIP's tower and the known-answer decoder with new
     cross-attention, built by E8's own build_model from its command line (argv: more flags), untrained."""
-    import transformers
     from clip_adapt.runner import experiment_scripts
     script = next(s for s in experiment_scripts() if s.task == "captioning")
-    transformers.logging.set_verbosity_error()   # "newly initialised cross-attention": what E8 trains
     return scripted_model(output_dir, script, [], "--data", str(output_dir / "captions"), "--decoder",
                           str(output_dir / "decoder"), "--peft", peft, *argv, seed=seed)
 
@@ -535,18 +561,20 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="contrastive pretraining steps (64 pairs each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--credit-seeds", type=int, nargs="+", metavar="SEED",
-                   help="instead of building: measure, on the CLIP already in --output-dir, what E3, E4, E7 and E5 "
-                        "add to E1 through a frozen head (CREDITED, credit_run) for these training seeds")
+                   help="instead of building: measure, on the CLIP already in --output-dir, what each credited method "
+                        "(credited(): E3, E4, E5, E7) adds (credit_run) for these training seeds")
+    p.add_argument("--credit-experiments", nargs="+", metavar="NAME", help="for --credit-seeds: only these")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for --credit-seeds")
     p.add_argument("--captioning-seeds", type=int, default=0, metavar="N",
-                   help="then train E8's adapter, prefix and LoRA on captions/ from seeds 0..N-1 and print their "
+                   help="then train E8's adapter, prefix, LoRA and cross-attention alone (--peft none) on captions/ "
+                        "from seeds 0..N-1 and print their "
                         "test CIDEr-D and the baselines', one JSON line per seed (docs/captioning.md)")
     args = p.parse_args()
     if args.steps < 3:
         p.error("--steps must be at least 3 (a warm-up, then the decay)")
     output_dir = Path(args.output_dir)
     if args.credit_seeds:
-        measure_credit(output_dir, args.credit_seeds, args.precision)
+        measure_credit(output_dir, args.credit_seeds, args.precision, args.credit_experiments)
         return
     result = build(output_dir, args.steps, args.seed)
     print(f"pretrained in {result['pretraining_seconds']} s; each image finds its own caption among all 64 "
