@@ -209,12 +209,65 @@ def test_holm_correction_is_statsmodels_across_the_pairs_of_one_table(monkeypatc
 
 # --------------------------------------------------------------------------- the sweep in one command
 
+def fake_run(folder, name: str, seed: int, right: list[bool], shots: int | None = None) -> tuple[dict, object]:
+    """A finished run's metrics and folder with its predictions.csv, nothing trained."""
+    folder.mkdir(parents=True)
+    with open(folder / "predictions.csv", "w") as f:
+        f.write("file,label,prediction\n" + "".join(f"test/a/{i}.jpg,a,{'a' if ok else 'b'}\n"
+                                                     for i, ok in enumerate(right)))
+    accuracy = float(np.mean(right))
+    metrics = {"experiment": name, "seed": seed, "shots": shots, "trainable_params": 10, "total_params": 100,
+               "trainable_share": 0.1, "converged": True, "convergence_reason": "", "robustness": {"0.0": accuracy},
+               "test_accuracy_ci95": [accuracy - 0.1, accuracy + 0.1],
+               **{m: accuracy for m in ("test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy",
+                                        "test_ece", "test_auroc")}, "best_epoch": 1, "epochs_run": 2,
+               "wall_time_s": 1.5 * (shots or 8)}
+    return metrics, folder
+
+
+def test_the_sweeps_summary_has_the_k_table_its_cost_the_curve_and_a_paired_table_per_k(tmp_path):
+    from clip_adapt.runner import aggregate, classification_scripts
+    from clip_adapt.sweep import paired_section, plot_shots, shots_rows, shots_section
+    scripts = {s.name: s for s in classification_scripts()}
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.5
+    by_shots, full = {}, {}
+    for seed in (1, 2):
+        for k in (1, 2):
+            right = base | (rng.random(200) < 0.2 * k)
+            by_shots.setdefault((k, "E2_linear_probe"), []).append(
+                fake_run(tmp_path / f"shots_{k}" / f"seed_{seed}" / "E2_linear_probe", "E2_linear_probe", seed,
+                         list(right), k))
+        full.setdefault("E1_zero_shot_clip", []).append(
+            fake_run(tmp_path / f"seed_{seed}" / "E1_zero_shot_clip", "E1_zero_shot_clip", seed, list(base)))
+        full.setdefault("E2_linear_probe", []).append(
+            fake_run(tmp_path / f"seed_{seed}" / "E2_linear_probe", "E2_linear_probe", seed, list(base | True)))
+    k_rows = shots_rows(by_shots)
+    rows = [aggregate(name, [m for m, _ in runs]) for name, runs in full.items()]
+    text = shots_section(k_rows, rows, [1, 2])
+    assert "| experiment | K = 1 | K = 2 | all |" in text and "Seed s draws its own K-shot split" in text
+    e2 = [r for r in k_rows if r["experiment"] == "E2_linear_probe"]
+    assert [r["shots"] for r in e2] == [1, 2] and e2[0]["runs"] == 2
+    assert re.search(r"\| E2_linear_probe \| \d\.\d{3} ± \d\.\d{3} \| \d\.\d{3} ± \d\.\d{3} \| 1\.000 ± 0\.000 \|",
+                     text)
+    assert "No labelled images (shown as a horizontal line in the figure): E1_zero_shot_clip" in text
+    assert "| 1 | 2 | 1.5 | 3.0 |" in text and "| 2 | 2 | 3.0 | 6.0 |" in text   # the cost of each K
+    plot_shots(k_rows, rows, tmp_path / "summary_shots.png", chance=0.5)
+    assert (tmp_path / "summary_shots.png").read_bytes()[:4] == b"\x89PNG"
+    paired = paired_section({n: [f for _, f in runs] for n, runs in full.items()}, by_shots, scripts)
+    for title in ("full training data", "K = 1 shots", "K = 2 shots"):   # E1 joins every K's table
+        assert f"## Paired comparisons, {title}" in paired
+    lines = re.findall(r"^- E2 − E1: .*$", paired, re.MULTILINE)
+    assert len(lines) == 3 and all("**significant**" in line for line in lines), lines
+    assert "| row − column | E1 | E2 |" in paired
+
+
+@pytest.mark.slow
 def test_run_all_sweeps_k_with_seeds_into_a_table_a_curve_and_paired_lines(tmp_path):
-    from conftest import run_process
+    """The issue's command, every experiment."""
     out = tmp_path / "sweep"
-    result = run_process("run_all_experiments.py", "--smoke", "--shots", 1, 2, "--seeds", 1, 2, "--experiments",
-                         "E1", "E2", "--output-dir", out, "--quiet")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script("run_all_experiments.py", "--smoke", "--shots", 1, 2, "--seeds", 1, 2, "--output-dir", out, "--quiet",
+               expect_exit=0)
     summary = (out / "summary.md").read_text()
     assert "| experiment | K = 1 | K = 2 | all |" in summary
     assert re.search(r"\| E2_linear_probe \| \d\.\d{3} ± \d\.\d{3} \| \d\.\d{3} ± \d\.\d{3} \| \d\.\d{3} ± ", summary)
@@ -239,17 +292,16 @@ def test_run_all_sweeps_k_with_seeds_into_a_table_a_curve_and_paired_lines(tmp_p
                                                             ("all", "E2_linear_probe"), ("all", "E1_zero_shot_clip")}
 
 
-def test_run_all_refuses_k_the_sample_cannot_hold_before_any_run(tmp_path):
-    from conftest import run_process
-    result = run_process("run_all_experiments.py", "--smoke", "--shots", 1, 4, "--output-dir", tmp_path)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "--shots 4: class 'glioma' has 5 training images" in result.stderr
+def test_run_all_refuses_k_the_sample_cannot_hold_before_any_run(tmp_path, capsys):
+    run_script("run_all_experiments.py", "--smoke", "--shots", 1, 4, "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shots 4: class 'glioma' has 5 training images" in err[0]
     assert not list(tmp_path.glob("**/metrics.json"))
 
 
 def test_a_split_file_whose_test_has_copies_in_train_gets_the_warning(tmp_path):
     import shutil
-    from conftest import run_process
+    from clip_adapt.sweep import copy_warnings
     data = tmp_path / "data"
     shutil.copytree(SAMPLE_DATA, data)
     files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.jpg"))
@@ -258,15 +310,12 @@ def test_a_split_file_whose_test_has_copies_in_train_gets_the_warning(tmp_path):
     split = {"train": [coop_entry(f) for f in train[::2]], "val": [coop_entry(f) for f in train[1::2]],
              "test": [coop_entry(f) for f in files if f.startswith("test/")] + [coop_entry("test/glioma/planted_copy.jpg")]}
     (tmp_path / "split.json").write_text(json.dumps(split))
-    result = run_process("run_all_experiments.py", "--smoke", "--experiments", "E1", "--data", data,
-                         "--split-file", tmp_path / "split.json", "--output-dir", tmp_path / "out", "--quiet")
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script("run_all_experiments.py", "--smoke", "--experiments", "E1", "--data", data, "--split-file",
+               tmp_path / "split.json", "--output-dir", tmp_path / "out", "--quiet", expect_exit=0)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "**Warning: copies across the split file's splits.** 1 test images" in summary
-    assert json.loads((tmp_path / "out" / "E1_zero_shot_clip" / "metrics.json").read_text())["train_test_duplicates"] == 1
-    # Without the copy: no warning.
-    split["test"] = split["test"][:-1]
-    (tmp_path / "split.json").write_text(json.dumps(split))
-    run_process("run_all_experiments.py", "--smoke", "--experiments", "E1", "--data", data, "--split-file",
-                tmp_path / "split.json", "--output-dir", tmp_path / "clean", "--quiet")
-    assert "Warning: copies" not in (tmp_path / "clean" / "summary.md").read_text()
+    metrics = json.loads((tmp_path / "out" / "E1_zero_shot_clip" / "metrics.json").read_text())
+    assert metrics["train_test_duplicates"] == 1
+    # Without a copy, or without a split file (the folder's own splits), no warning.
+    assert copy_warnings([{**metrics, "train_test_duplicates": 0}]) == ""
+    assert copy_warnings([{**metrics, "split_file": None}]) == ""
