@@ -37,7 +37,7 @@ from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, auroc, bootstrap_interval, classification_metrics,
                                   code_version, library_versions, plot_closest_pairs, write_report)
-from clip_adapt.shots import check_shots, split_record
+from clip_adapt.shots import check_shots, coop_epochs, split_record
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                                  precision_used, predict_everywhere, summary_writer_class, train)
 
@@ -112,6 +112,11 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
                               f"[default: {PATIENCE_STEPS}; with --smoke: {SMOKE_PATIENCE}]")
     optimisation.add_argument("--min-steps", type=int, help=f"never stop early before this many optimiser steps "
                                                             f"[default: {MIN_STEPS}; with --smoke: 0]")
+    optimisation.add_argument("--schedule", default="converge", choices=["converge", "coop"],
+                              help="converge: train until the loss converges, report the epoch of lowest validation "
+                                   "loss (docs/how-a-run-works.md); coop: CoOp's fixed schedule for --shots K (50 "
+                                   "epochs at 1 shot, 100 at 2 and 4, 200 at 8 and 16, a cosine rate, the last epoch "
+                                   "reported), for comparison with its tables; --epochs overrides its epochs")
     optimisation.add_argument("--batch-size", type=int, default=32)
     optimisation.add_argument("--lr", type=float, default=lr,
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
@@ -248,6 +253,7 @@ def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, aug
                        resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
                        checkpoint_every=a.checkpoint_every, settings=settings, accelerator=accelerator,
                        min_steps=a.min_steps, head_lr=a.head_lr, head_start=a.head_start,
+                       fixed_schedule=a.schedule == "coop",
                        tensorboard_dir=out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
 
@@ -256,7 +262,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.model = TINY_CLIP if args.smoke else DEFAULT_MODEL
     if args.data is None:
         args.data = str(SAMPLE_DATA) if args.smoke else DEFAULT_DATA
-    if args.epochs is None and args.smoke:
+    if args.schedule == "coop":
+        if not args.shots:
+            raise UserError("--schedule coop is CoOp's schedule per number of shots: pass --shots K")
+        if args.epochs is None and not isinstance(args.shots, list):   # run_all: each run sets its own K's
+            args.epochs = coop_epochs(args.shots)
+    if args.epochs is None and args.smoke and args.schedule != "coop":
         args.epochs = SMOKE_EPOCHS
     if args.patience is None:
         args.patience = SMOKE_PATIENCE if args.smoke else PATIENCE_STEPS

@@ -223,7 +223,9 @@ def main():
     if is_main_process() and not args.resume:
         clear_previous_run(out_dir, experiments, seeds, shots)
 
-    planned = [Run(name, [*forwarded, "--seed", str(seed)], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
+    # CoOp's schedule is defined per K: the full-data runs of a sweep with it converge as every other run.
+    full_data = ["--schedule", "converge"] if args.schedule == "coop" else []
+    planned = [Run(name, [*forwarded, "--seed", str(seed), *full_data], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
                    f"{name} (seed {seed})") for seed in seeds for name in experiments]
     # The sweep over K: seed s draws its own shots (--split-seed s) and seeds the training; what trains nothing
     # (E1) sees no shots and runs on the full data only.
@@ -263,7 +265,7 @@ def main():
         plot_shots(k_rows, rows, out_dir / "summary_shots.png", chance=1 / len(done[0]["class_names"])
                    if done else None)
     extra = (copy_warnings([m for r in runs.values() for m in r] + [m for v in by_shots.values() for m, _ in v])
-             + (shots_section(k_rows, rows, seeds) if shots else "")
+             + (shots_section(k_rows, rows, seeds, args.schedule) if shots else "")
              + paired_section(full, by_shots, SCRIPTS, seed=args.seed))
     not_the_recipe = {name: differs for name, r in runs.items() if r
                       and (differs := SCRIPTS[name].differs_from_study(r[0]["settings"]))}

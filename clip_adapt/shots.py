@@ -22,11 +22,18 @@ import numpy as np
 from clip_adapt.base import UserError
 
 MAX_VALIDATION_SHOTS = 4   # CoOp: min(K, 4) validation images per class
+# CoOp's epochs per K (its COOP.md: the *_ep50 config at 1 shot, *_ep100 at 2 and 4, the 200-epoch one at 8 and 16;
+# cosine rate, the last epoch kept). K between the table's: the next table entry up.
+COOP_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 SPLIT_KEYS = ("train", "val", "test")
 
 
 def validation_shots(shots: int) -> int:
     return min(shots, MAX_VALIDATION_SHOTS)
+
+
+def coop_epochs(shots: int) -> int:
+    return next((epochs for k, epochs in COOP_EPOCHS.items() if shots <= k), COOP_EPOCHS[16])
 
 
 def check_shots(shots: int | list[int] | None) -> None:

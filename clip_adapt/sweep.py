@@ -22,9 +22,9 @@ def shots_rows(by_shots: dict) -> list[dict]:
     return [{"shots": k, **aggregate(name, [m for m, _ in runs])} for (k, name), runs in sorted(by_shots.items())]
 
 
-def shots_section(k_rows: list[dict], full_rows: list[dict], seeds: list[int]) -> str:
+def shots_section(k_rows: list[dict], full_rows: list[dict], seeds: list[int], schedule: str = "converge") -> str:
     """summary.md's K table: test accuracy mean ± std over seeds per method and K, the full-data result beside
-    it, and the cost of each K."""
+    it, and the cost of each K. schedule: the K-shot runs' --schedule, said in the text."""
     if not k_rows:
         return ""
     shots = sorted({r["shots"] for r in k_rows})
@@ -35,9 +35,13 @@ def shots_section(k_rows: list[dict], full_rows: list[dict], seeds: list[int]) -
     lines = ["\n## Data efficiency: test accuracy against labelled images per class (K shots)\n",
              f"Test accuracy, {spread_of} {seeds}. Seed s draws its own K-shot split (--split-seed s: K training "
              f"and min(K, 4) validation images per class) and seeds the training, as CoOp's seed s draws its split "
-             f"s: the spread covers both. The test split is whole and the same for every K. Every run follows the "
-             f"project's convergence and selection rules (docs/how-a-run-works.md); selection sees only min(K, 4) "
-             f"validation images per class. 'all': the full training data.\n",
+             f"s: the spread covers both. The test split is whole and the same for every K. "
+             + ("Schedule: CoOp's fixed one (--schedule coop: 50 epochs at K = 1, 100 at 2 and 4, 200 at 8 and 16, "
+                "a cosine rate, the last epoch reported; E2's L-BFGS fit has no epochs); the full-data runs converge "
+                "as every other run. " if schedule == "coop" else
+                "Schedule: every run follows the project's convergence and selection rules "
+                "(docs/how-a-run-works.md); selection sees only min(K, 4) validation images per class. ")
+             + "'all': the full training data.\n",
              "| experiment | " + " | ".join(f"K = {k}" for k in shots) + " | all |",
              "|---|" + "---|" * (len(shots) + 1)]
     for name in names:

@@ -319,3 +319,28 @@ def test_a_split_file_whose_test_has_copies_in_train_gets_the_warning(tmp_path):
     # Without a copy, or without a split file (the folder's own splits), no warning.
     assert copy_warnings([{**metrics, "train_test_duplicates": 0}]) == ""
     assert copy_warnings([{**metrics, "split_file": None}]) == ""
+
+
+# --------------------------------------------------------------------------- CoOp's fixed schedule
+
+def test_coop_schedule_is_its_epochs_per_k_a_cosine_rate_and_the_last_epoch(tmp_path):
+    import csv
+    import math
+    from clip_adapt.shots import coop_epochs
+    assert [coop_epochs(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]   # CoOp's COOP.md
+    run_script("E3_shallow_vpt.py", "--smoke", "--shots", 1, "--schedule", "coop", "--epochs", 6, "--output-dir",
+               tmp_path, "--quiet", expect_exit=0)
+    metrics = metrics_of(tmp_path / "E3_shallow_vpt")
+    assert metrics["epochs_run"] == 6 and metrics["best_epoch"] == 6   # every epoch run, the last one reported
+    assert metrics["convergence"] == "fixed-schedule" and "not applied" in metrics["convergence_reason"]
+    assert metrics["selection"]["metric"] == "last epoch (fixed schedule)"
+    # 4 training images, one step an epoch, no warm-up: the rate after epoch e is the peak x (1 + cos(pi e / 6)) / 2.
+    rates = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "E3_shallow_vpt" / "history.csv"))][1:]
+    peak = metrics["settings"]["lr"]
+    assert rates == pytest.approx([peak * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(1, 7)], abs=1e-12)
+
+
+def test_coop_schedule_without_shots_is_one_line(tmp_path, capsys):
+    run_script("E3_shallow_vpt.py", "--smoke", "--schedule", "coop", "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --schedule coop is CoOp's schedule per number of shots: pass --shots K"]
