@@ -344,3 +344,9 @@ def test_coop_schedule_without_shots_is_one_line(tmp_path, capsys):
     run_script("E3_shallow_vpt.py", "--smoke", "--schedule", "coop", "--output-dir", tmp_path, expect_exit=2)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --schedule coop is CoOp's schedule per number of shots: pass --shots K"]
+
+
+def test_the_captioning_script_refuses_the_classification_protocol_flags(tmp_path, capsys):
+    run_script("E8_caption_peft.py", "--smoke", "--shots", 2, "--output-dir", tmp_path, expect_exit=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shots, --split-file and --schedule are the classification scripts'" in err[0]
