@@ -44,6 +44,8 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 
 from clip_adapt.models import clip_image_processor  # noqa: E402
 
+PROJECT = Path(__file__).resolve().parent.parent
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -349,6 +351,91 @@ def measure_credit(output_dir: Path, seeds: list[int], precision: str, names: li
                 + f" ({time.time() - started:.0f} s)", flush=True)
 
 
+# --------------------------------------------------------------------------- the task family (defaults proven)
+
+# The gradient-trained methods held to the family's bar (tests/test_task_family.py), with their extra flags.
+FAMILY_GRADIENT = {"E2 by AdamW": ("E2_linear_probe", "--solver", "adamw"), "E3": ("E3_shallow_vpt",),
+                   "E4": ("E4_deep_vpt",), "E7": ("E7_lora",)}
+
+
+def write_family(root: Path, clip_dir: Path) -> dict[str, Path]:
+    """{task: folder laid out as train_method reads it (clip/, a link to clip_dir, and shapes/)} for every
+    TASK_FAMILY member."""
+    folders = {}
+    for task, settings in TASK_FAMILY.items():
+        folder = root / task
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "clip").exists():
+            (folder / "clip").symlink_to(Path(clip_dir).resolve(), target_is_directory=True)
+        if not (folder / "shapes").exists():
+            write_weak_task(folder / "shapes", **settings)
+        folders[task] = folder
+    return folders
+
+
+def family_references(folder: Path) -> dict[str, float]:
+    """Test accuracies of two scikit-learn logistic regressions on the CLIP's image features of train + validation
+    (the whole training folder, so the same for every split seed), computed by transformers and scikit-learn
+    alone: "e2_recipe", E2's recipe end to end (StandardScaler and LogisticRegression in a Pipeline, C by
+    GridSearchCV's 5-fold cross-validated log-loss), and "plain", LogisticRegressionCV on the raw features with C by
+    cross-validated accuracy."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from transformers import CLIPImageProcessor, CLIPModel
+    clip = CLIPModel.from_pretrained(folder / "clip").eval()
+    processor = CLIPImageProcessor.from_pretrained(folder / "clip")
+
+    def features(split):
+        files = sorted((folder / "shapes" / split).glob("*/*.png"))
+        labels = np.array([SHAPES.index(f.parent.name) for f in files])
+        with torch.no_grad():
+            pixels = processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+            return clip.get_image_features(pixel_values=pixels).pooler_output.double().numpy(), labels
+    (x, y), (test_x, test_y) = features("train"), features("test")
+    folds, grid = StratifiedKFold(5, shuffle=True, random_state=0), np.logspace(-6, 6, 25)
+    e2_recipe = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000, tol=1e-8)),
+                             {"logisticregression__C": grid}, cv=folds, scoring="neg_log_loss").fit(x, y)
+    plain = LogisticRegressionCV(Cs=grid, cv=folds, scoring="accuracy", l1_ratios=(0.0,), max_iter=100_000, tol=1e-8,
+                                 use_legacy_attributes=False).fit(x, y)
+    return {name: float((fit.predict(test_x) == test_y).mean())
+            for name, fit in (("e2_recipe", e2_recipe), ("plain", plain))}
+
+
+def e2_lbfgs_run(folder: Path, seed: int, output_dir: Path) -> dict:
+    """metrics.json of E2 with its default flags (the L-BFGS probe), run as a user runs it, at split and
+    training seed `seed`."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(PROJECT / "E2_linear_probe.py"), "--model", str(folder / "clip"), "--data",
+                    str(folder / "shapes"), "--seed", str(seed), "--split-seed", str(seed), "--noise-levels", "0",
+                    "--quiet", "--device", "cpu", "--output-dir", str(output_dir)], check=True, cwd=PROJECT,
+                   stdout=subprocess.DEVNULL)
+    return json.loads((output_dir / "E2_linear_probe" / "metrics.json").read_text())
+
+
+def measure_family(output_dir: Path, seeds: list[int]) -> None:
+    """Prints, per family member, both references and each method's test accuracy and verdict per seed (seed s:
+    split seed and training seed s): the measurement behind tests/test_task_family.py's bars."""
+    import tempfile
+    from clip_adapt import progress
+    progress.set_quiet(True)
+    for task, folder in write_family(output_dir / "family", output_dir / "clip").items():
+        print(f"{task}: references {json.dumps(family_references(folder))}", flush=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            runs = [e2_lbfgs_run(folder, seed, Path(scratch) / str(seed)) for seed in seeds]
+        print(f"{task} E2 (L-BFGS): " + ", ".join(f"{run['test_accuracy']:.4f} {run['convergence']}" for run in runs),
+              flush=True)
+        for method, (name, *flags) in FAMILY_GRADIENT.items():
+            cells = []
+            for seed in seeds:
+                data = load_task(folder, split_seed=seed)
+                model, result = train_method(folder, data, name, *flags, "--split-seed", str(seed), "--quiet", seed=seed)
+                cells.append(f"{accuracy(model, data.test):.4f} {result.verdict}")
+            print(f"{task} {method}: " + ", ".join(cells), flush=True)
+
+
 # --------------------------------------------------------------------------- captioning (E8)
 
 # Two phrasings per image, as COCO has several captions per image.
@@ -565,6 +652,10 @@ def main():
                         "(credited(): E3, E4, E5, E7) adds (credit_run) for these training seeds")
     p.add_argument("--credit-experiments", nargs="+", metavar="NAME", help="for --credit-seeds: only these")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for --credit-seeds")
+    p.add_argument("--family-seeds", type=int, nargs="+", metavar="SEED",
+                   help="instead of building: on the CLIP already in --output-dir, write the task family (TASK_FAMILY) "
+                        "under family/ and print both references and every method's test accuracy and verdict per "
+                        "seed (docs/known-answer.md, \"The task family\")")
     p.add_argument("--captioning-seeds", type=int, default=0, metavar="N",
                    help="then train E8's adapter, prefix, LoRA and cross-attention alone (--peft none) on captions/ "
                         "from seeds 0..N-1 and print their "
@@ -573,6 +664,9 @@ def main():
     if args.steps < 3:
         p.error("--steps must be at least 3 (a warm-up, then the decay)")
     output_dir = Path(args.output_dir)
+    if args.family_seeds:
+        measure_family(output_dir, args.family_seeds)
+        return
     if args.credit_seeds:
         measure_credit(output_dir, args.credit_seeds, args.precision, args.credit_experiments)
         return
