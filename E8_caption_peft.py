@@ -101,6 +101,9 @@ def check_flags(args) -> None:
     if args.data is None and not args.smoke:
         raise UserError("E8 needs --data: a COCO-format caption folder or a datasets dataset with images and "
                         "captions (or --smoke for a synthetic set)")
+    if args.shots or args.split_file or args.schedule != "converge":
+        raise UserError("--shots, --split-file and --schedule are the classification scripts' (K images per class, "
+                        "CoOp's splits and schedule); E8 captions: leave them out")
     if args.tune:
         raise UserError("E8 has no --tune yet: set --lr and --weight-decay yourself (its default is the study's "
                         "recipe)")

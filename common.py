@@ -35,8 +35,9 @@ from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_
 from clip_adapt.progress import set_quiet
 from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
-from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
+from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, auroc, bootstrap_interval, classification_metrics,
                                   code_version, library_versions, plot_closest_pairs, write_report)
+from clip_adapt.shots import check_shots, coop_epochs, split_record
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                                  precision_used, predict_everywhere, summary_writer_class, train)
 
@@ -57,8 +58,10 @@ NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"
                 "report_to", "save_merged", "noise_levels", "threads"}   # noise levels: the final evaluation only
 
 
-def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> argparse.ArgumentParser:
-    """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags)."""
+def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep: bool = False
+           ) -> argparse.ArgumentParser:
+    """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags).
+    sweep: for run_all_experiments.py, whose --shots takes several K (its own flag)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and "
@@ -77,6 +80,12 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
     data.add_argument("--duplicates", default="near", choices=["exact", "near"],
                       help="exact: identical decoded pixels only; near: also re-encoded, resized, re-contrasted, "
                            "cropped or shifted copies (clip_adapt/copies.py)")
+    if not sweep:
+        add_shots_flag(data, nargs=None)
+    data.add_argument("--split-file", metavar="FILE",
+                      help="train, val and test lists of [relative path, label, class name] in CoOp's JSON format "
+                           "(e.g. BiomedCoOp's split_BTMRI.json), the paths relative to --data; replaces the "
+                           "folder's own splits. Every run writes the split it used as split.json in this format")
     data.add_argument("--drop-test-duplicates", action="store_true",
                       help="remove the train members of every cluster of copies that reaches into test")
 
@@ -103,6 +112,11 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                               f"[default: {PATIENCE_STEPS}; with --smoke: {SMOKE_PATIENCE}]")
     optimisation.add_argument("--min-steps", type=int, help=f"never stop early before this many optimiser steps "
                                                             f"[default: {MIN_STEPS}; with --smoke: 0]")
+    optimisation.add_argument("--schedule", default="converge", choices=["converge", "coop"],
+                              help="converge: train until the loss converges, report the epoch of lowest validation "
+                                   "loss (docs/how-a-run-works.md); coop: CoOp's fixed schedule for --shots K (50 "
+                                   "epochs at 1 shot, 100 at 2 and 4, 200 at 8 and 16, a cosine rate, the last epoch "
+                                   "reported), for comparison with its tables; --epochs overrides its epochs")
     optimisation.add_argument("--batch-size", type=int, default=32)
     optimisation.add_argument("--lr", type=float, default=lr,
                               help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
@@ -153,6 +167,17 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0) -> ar
                          help="also log per-epoch losses, accuracies and learning rate for TensorBoard, in "
                               "<output-dir>/<script name>/tensorboard (needs the optional tensorboard package)")
     return p
+
+
+def add_shots_flag(group, nargs: str | None) -> None:
+    """--shots K for a script; run_all_experiments.py's takes several (nargs "+"), a sweep over K."""
+    group.add_argument("--shots", type=int, metavar="K", nargs=nargs,
+                       help="K training images per class, drawn with --split-seed as CoOp draws its few-shot sets, "
+                            "and min(K, 4) validation images per class from the dataset's validation split or else "
+                            "from the training images left; the test split stays whole; copies never straddle "
+                            "them (docs/k-shot.md). --val-fraction is then unused" + (
+                                "; several K: the data-efficiency sweep, each K and seed a run, seed s drawing "
+                                "its own shots (--split-seed s)" if nargs else ""))
 
 
 def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N, learnable prompt tokens"
@@ -228,6 +253,7 @@ def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, aug
                        resume=a.resume, stop_after_epochs=a.stop_after_epochs, precision=a.precision,
                        checkpoint_every=a.checkpoint_every, settings=settings, accelerator=accelerator,
                        min_steps=a.min_steps, head_lr=a.head_lr, head_start=a.head_start,
+                       fixed_schedule=a.schedule == "coop",
                        tensorboard_dir=out_dir / "tensorboard" if a.report_to == "tensorboard" else None)
 
 
@@ -236,7 +262,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.model = TINY_CLIP if args.smoke else DEFAULT_MODEL
     if args.data is None:
         args.data = str(SAMPLE_DATA) if args.smoke else DEFAULT_DATA
-    if args.epochs is None and args.smoke:
+    if args.schedule == "coop":
+        if not args.shots:
+            raise UserError("--schedule coop is CoOp's schedule per number of shots: pass --shots K")
+        if args.epochs is None and not isinstance(args.shots, list):   # run_all: each run sets its own K's
+            args.epochs = coop_epochs(args.shots)
+    if args.epochs is None and args.smoke and args.schedule != "coop":
         args.epochs = SMOKE_EPOCHS
     if args.patience is None:
         args.patience = SMOKE_PATIENCE if args.smoke else PATIENCE_STEPS
@@ -262,6 +293,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"{flag(name)} must be positive")
     if not 0 <= getattr(args, "prompt_dropout", 0) < 1:
         raise UserError("--prompt-dropout must be in [0, 1)")
+    check_shots(args.shots)
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must be between 0 and 1")
     if args.templates:
@@ -278,7 +310,8 @@ def check_sources(args: argparse.Namespace) -> None:
     """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py): a
     wrong path, an unreachable hub or a missing cache is one line within seconds, not one per experiment after
     the hub's retries. A hub dataset is downloaded here (into the cache the experiments then read)."""
-    check_data_early(args.data)
+    for shots in (args.shots if isinstance(args.shots, list) else [args.shots]):   # run_all: several K
+        check_data_early(args.data, shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
     if not is_local(args.data):
@@ -355,7 +388,7 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
 
 def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
     args, out_dir, device, accelerator = open_run(name, args)
-    check_data_early(args.data)
+    check_data_early(args.data, args.shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
     clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
@@ -364,7 +397,8 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
         data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
                          skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
                          image_column=args.image_column, label_column=args.label_column, test_split=args.test_split,
-                         class_names=args.class_names, duplicates=args.duplicates)
+                         class_names=args.class_names, duplicates=args.duplicates, shots=args.shots,
+                         split_file=args.split_file)
     if is_main_process():   # one log, not one per process
         print(f"{name}: {args.model} on {device}; data {args.data}: {len(data.train)} train / {len(data.val)} val / "
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
@@ -479,6 +513,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
            for metric in ("accuracy", "loss")},
         **{f"test_{metric}": scores["test"][metric] for metric in ("macro_f1", "balanced_accuracy", "ece")},
         "test_accuracy_ci95": bootstrap_interval(correct, args.seed),
+        **auroc_metrics(split_logits["test"], data.test.labels.cpu(), data.class_names, args.seed),
         "best_epoch": result.best_epoch if result else 0,
         "epochs_run": result.epochs_run if result else 0,
         # Convergence (of the training loss) and selection (of the reported epoch, on validation): apart.
@@ -492,7 +527,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "model": args.model, "weights": weights_of(args.model), **provenance(exp), "data": args.data, "seed": args.seed,
-        "split_seed": args.split_seed,
+        "split_seed": args.split_seed, "shots": args.shots, "split_file": args.split_file,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
         "model_dims": model_dims(exp.clip),
@@ -512,6 +547,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         if data.closest_pairs:
             plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"),
                                exp.out_dir / "closest_pairs.png")
+        write_json(exp.out_dir / "split.json", split_record(data.splits(), data.class_names))
         write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
                      data.test.files, history, metrics, robustness, report)
     # The reports' own time is known only once they are written: metrics.json again, with every phase.
@@ -522,6 +558,13 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
           f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
           f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
     return metrics
+
+
+def auroc_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], seed: int) -> dict:
+    """metrics.json's one-vs-rest AUROC of the test softmax: `auroc` (macro, per class and the macro's 95% bootstrap
+    interval) and `test_auroc` (the macro, for the summary)."""
+    scores = auroc(logits.softmax(1).numpy(), labels.numpy(), class_names, seed)
+    return {"test_auroc": scores["macro"], "auroc": scores}
 
 
 def provenance(exp: Experiment) -> dict:

@@ -26,9 +26,11 @@ from clip_adapt.models import is_study_model, weights_of
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plot_robustness, plt, save_figure
 from clip_adapt.runner import aggregate, classification_scripts, spread
+from clip_adapt.sweep import (copy_warnings, paired_section, plot_shots, shots_folder, shots_rows, shots_section)
 
 SCRIPTS = {script.name: script for script in classification_scripts()}
-SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness.png", "report.html", "run.json")
+SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness.png", "summary_shots.png",
+                 "report.html", "run.json")
 
 
 def experiment_name(name: str) -> str:
@@ -46,6 +48,7 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--seeds", type=int, nargs="+", help="run every experiment once per training seed (--seed: "
                                                             "initialisation and batch order; the validation split "
                                                             "stays --split-seed's); summary: mean ± std")
+    common.add_shots_flag(group, nargs="+")
     group.add_argument("--experiments", nargs="+", type=experiment_name, default=list(SCRIPTS),
                        metavar="NAME", help=f"a subset to run, by name or number (E4): {', '.join(SCRIPTS)}")
     return add_launcher_flags(p)
@@ -93,16 +96,18 @@ def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command
     if run["weights"] == "random":
         lines.append(random_weights_banner(run["model"]))
     lines += [f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
-              f"reported (convergence speed)." + (" 'Study' is the accuracy the reproduced study reported, not "
+              f"reported (convergence speed). AUROC: macro one-vs-rest from the softmax (per class and its "
+              f"interval: `auroc` in each metrics.json)." + (" 'Study' is the accuracy the reproduced study reported, not "
                                                    "measured here." if study else "") + "\n",
-              "| experiment | test accuracy | " + ("study | " if study else "") + "macro-F1 | balanced acc. | ECE | "
+              "| experiment | test accuracy | " + ("study | " if study else "") + "macro-F1 | AUROC | balanced acc. | ECE | "
               "train acc. | best epoch | epochs run | converged | trainable params | share of total | "
               "wall time (s) |",
-              "|---|" + "---|" * (12 if study else 11)]
+              "|---|" + "---|" * (13 if study else 12)]
     for r in rows:
         lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | " +
                      (f"{study_accuracy(r['experiment'], not_the_recipe)} | " if study else "") +
-                     f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
+                     f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_auroc')} | "
+                     f"{spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | "
@@ -190,11 +195,12 @@ def plot_summary(rows: list[dict], out_dir: Path, chance: float) -> None:
                     "Robustness to pixel noise", out_dir / "summary_robustness.png", chance)
 
 
-def clear_previous_run(out_dir: Path, experiments: list[str], seeds: list[int]) -> None:
+def clear_previous_run(out_dir: Path, experiments: list[str], seeds: list[int], shots: list[int] = ()) -> None:
     """A new run into a used folder: the folders of the experiments it runs and the previous summary files go
     first, so that nothing there is left from an earlier run. Other experiments' folders stay, outside this run's
     summary and report (run.json lists this run's)."""
     seed_dirs = [out_dir] if len(seeds) == 1 else [out_dir / f"seed_{seed}" for seed in seeds]
+    seed_dirs += [shots_folder(out_dir, k, seed) for k in shots for seed in seeds]
     for folder in (seed_dir / name for seed_dir in seed_dirs for name in experiments):
         shutil.rmtree(folder, ignore_errors=True)
     for name in SUMMARY_FILES:
@@ -202,10 +208,11 @@ def clear_previous_run(out_dir: Path, experiments: list[str], seeds: list[int]) 
 
 
 def main():
-    args = add_own_flags(common.parser(__doc__, lr=None)).parse_args()   # validates every flag; --help
+    args = add_own_flags(common.parser(__doc__, lr=None, sweep=True)).parse_args()   # validates every flag; --help
     own = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False))   # --seed is not --seeds
     _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
+    shots = list(dict.fromkeys(args.shots or []))
     experiments = list(dict.fromkeys(args.experiments))
     check_one_learning_rate(args.lr, experiments)
     common.resolve_defaults(args)   # every setting checked once, not once per experiment
@@ -214,17 +221,29 @@ def main():
     common.check_writable(out_dir)
     common.check_sources(args)   # the data and the model, once, before any experiment starts
     if is_main_process() and not args.resume:
-        clear_previous_run(out_dir, experiments, seeds)
+        clear_previous_run(out_dir, experiments, seeds, shots)
 
-    planned = [Run(name, [*forwarded, "--seed", str(seed)], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
+    # CoOp's schedule is defined per K: the full-data runs of a sweep with it converge as every other run.
+    full_data = ["--schedule", "converge"] if args.schedule == "coop" else []
+    planned = [Run(name, [*forwarded, "--seed", str(seed), *full_data], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
                    f"{name} (seed {seed})") for seed in seeds for name in experiments]
+    # The sweep over K: seed s draws its own shots (--split-seed s) and seeds the training; what trains nothing
+    # (E1) sees no shots and runs on the full data only.
+    planned += [Run(name, [*forwarded, "--seed", str(seed), "--shots", str(k), "--split-seed", str(seed)],
+                    shots_folder(out_dir, k, seed), f"{name} ({k} shots, seed {seed})")
+                for k in shots for seed in seeds for name in experiments if SCRIPTS[name].trains]
     runs, failed, finished = {name: [] for name in experiments}, {}, []
+    by_shots = {}   # (K, experiment) -> [(metrics, folder)], one per seed
     for run, (metrics, reason) in zip(planned, launch(planned, args)):
+        k = run.argv[run.argv.index("--shots") + 1] if "--shots" in run.argv else None
         if metrics is not None:
-            runs[run.script].append(metrics)
+            if k is None:
+                runs[run.script].append(metrics)
+            else:
+                by_shots.setdefault((int(k), run.script), []).append((metrics, run.out_dir / run.script))
             finished.append(run.out_dir / run.script)
         else:
-            failed[run.label if len(seeds) > 1 else run.script] = reason
+            failed[run.label if len(seeds) > 1 or k is not None else run.script] = reason
 
     if not is_main_process():
         return
@@ -236,12 +255,21 @@ def main():
            "study_data": is_study_data(args.data), "study_model": is_study_model(args.model),
            "split_seed": args.split_seed,
            "experiments": [folder.relative_to(out_dir).as_posix() for folder in finished], "failed": failed}
+    full = {name: [out_dir / name if len(seeds) == 1 else out_dir / f"seed_{m['seed']}" / name for m in r]
+            for name, r in runs.items() if r}
+    k_rows = shots_rows(by_shots)
     if rows:
-        write_csv(out_dir / "summary.csv", rows)
+        write_csv(out_dir / "summary.csv", [{"shots": "all", **r} for r in rows] + k_rows if shots else rows)
         plot_summary(rows, out_dir, chance=1 / len(done[0]["class_names"]))
+    if k_rows:
+        plot_shots(k_rows, rows, out_dir / "summary_shots.png", chance=1 / len(done[0]["class_names"])
+                   if done else None)
+    extra = (copy_warnings([m for r in runs.values() for m in r] + [m for v in by_shots.values() for m, _ in v])
+             + (shots_section(k_rows, rows, seeds, args.schedule) if shots else "")
+             + paired_section(full, by_shots, SCRIPTS, seed=args.seed))
     not_the_recipe = {name: differs for name, r in runs.items() if r
                       and (differs := SCRIPTS[name].differs_from_study(r[0]["settings"]))}
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run, not_the_recipe)
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run, not_the_recipe) + extra
                + figure_links(out_dir, finished))
     write_json(out_dir / "run.json", run)
     print(f"\nsummary written to {out_dir / 'summary.md'}")

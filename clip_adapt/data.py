@@ -19,6 +19,7 @@ from clip_adapt.base import UserError, is_main_process
 from clip_adapt.copies import (NEAR_COPY_SCORE, Fingerprints, find_duplicates, fingerprint, near_copy_report,
                               pixel_hash)
 from clip_adapt.progress import progress_bar
+from clip_adapt.shots import check_shots_early, draw_shots, relative_to, split_file_source
 
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data" / "brain_mri"
@@ -236,11 +237,25 @@ def is_local(data: str) -> bool:
     return Path(data).expanduser().exists() or not looks_like_hub_id(data)
 
 
-def check_data_early(data: str) -> None:
-    """The cheap checks of --data, made before any model is loaded: a wrong path fails at once with a message
-    about the data, not after the model hub's retries."""
+def check_data_early(data: str, shots: int | None = None, split_file: str | None = None) -> None:
+    """The cheap checks of --data (and --shots, --split-file), made before any model is loaded: a wrong path
+    fails at once with a message about the data, not after the model hub's retries."""
+    if split_file:
+        if not is_local(data) or is_saved_dataset(Path(data).expanduser()) or not Path(data).expanduser().is_dir():
+            raise UserError(f"--split-file lists image files relative to --data, which must be a local folder "
+                            f"(not {data})")
+        from clip_adapt.shots import read_split_file
+        entries, names = read_split_file(split_file, data)
+        labels = np.array([label for _, label in entries["train"]])
+        check_shots_early({name: int((labels == c).sum()) for c, name in enumerate(names)}, shots, True)
+        return
     if is_local(data) and not is_saved_dataset(Path(data).expanduser()):
-        check_image_folder(Path(data).expanduser())
+        root = Path(data).expanduser()
+        check_image_folder(root)
+        if shots:
+            files = image_files(root)["train"]
+            check_shots_early({name: sum(Path(f).parent.name == name for f in files)
+                               for name in sorted(d.name for d in (root / "train").iterdir() if d.is_dir())}, shots)
 
 
 def is_study_data(data: str) -> bool:
@@ -423,10 +438,11 @@ class Loaded:
 
 
 def stream_images(source, parts, image_processor, skip_bad_images: bool, fingerprint_them: bool,
-                  workers: int | None = None) -> Loaded:
+                  workers: int | None = None, root: str | None = None) -> Loaded:
     """Decodes, hashes, fingerprints (when fingerprint_them) and preprocesses the images STREAM_CHUNK at a time
     in threads, into one uint8 tensor allocated once: peak memory is that tensor plus a few chunks of decoded
-    images, not every decoded image at once."""
+    images, not every decoded image at once. root: a local --data folder, which the files are named relative to
+    (as a split file names them)."""
     total = sum(len(source[source_split]) for _, source_split in parts)
 
     def chunks():
@@ -441,7 +457,7 @@ def stream_images(source, parts, image_processor, skip_bad_images: bool, fingerp
         kept = []
         for index, (image, label) in enumerate(zip(images, labels), start):
             path = image.get("path")
-            name = relative_name(path) if path else f"{source_split}[{index}]"
+            name = (relative_to(path, root) or relative_name(path)) if path else f"{source_split}[{index}]"
             try:
                 img = open_rgb(image)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -557,16 +573,25 @@ def grouped_val_indices(labels: np.ndarray, groups: list[list[int]], fraction: f
 def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int = 0,
               skip_bad_images: bool = False, drop_test_duplicates: bool = False, image_column: str | None = None,
               label_column: str | None = None, test_split: str = "test",
-              class_names: list[str] | None = None, duplicates: str = "near") -> MRIData:
+              class_names: list[str] | None = None, duplicates: str = "near", shots: int | None = None,
+              split_file: str | None = None) -> MRIData:
     """A dataset's own `validation` split is used as the validation set; without one, a stratified share of
-    train is carved out. `test_split` names the held-out split (some datasets call it 'validation' or 'val')."""
+    train is carved out. `test_split` names the held-out split (some datasets call it 'validation' or 'val').
+    shots: K training images per class and min(K, 4) validation images, drawn with `seed` (clip_adapt/shots.py);
+    split_file: a CoOp-format split of the images under `data`, which replaces the folder's own splits."""
     if duplicates not in ("exact", "near"):
         raise UserError(f"--duplicates must be exact or near, not {duplicates}")
-    source, class_names = load_source(data, image_column, label_column, test_split, class_names)
+    if split_file:
+        check_data_early(data, shots, split_file)
+        source, names = split_file_source(split_file, data)
+        class_names, test_split = class_names or names, "test"
+    else:
+        source, class_names = load_source(data, image_column, label_column, test_split, class_names)
     own_validation = VALIDATION_SPLIT in source and test_split != VALIDATION_SPLIT
     parts = [("train", "train"), *([("val", VALIDATION_SPLIT)] if own_validation else []), ("test", test_split)]
     mode = duplicates
-    loaded = stream_images(source, parts, image_processor, skip_bad_images, mode == "near" and runs_checks_here())
+    loaded = stream_images(source, parts, image_processor, skip_bad_images, mode == "near" and runs_checks_here(),
+                           root=data if is_local(data) else None)
     files, splits = loaded.files, loaded.splits
     with timing.phase("copy_check"):
         duplicates = checked_once(lambda: near_copy_report(loaded.fingerprints, loaded.hashes, splits, files)
@@ -598,22 +623,30 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     test = kept[split_of[kept] == "test"]
     moved = []
     if own_validation:
-        # As a carved split keeps every cluster of copies on one side, a cluster reaching from train into the
-        # dataset's own validation split goes wholly to validation: its train members move there (the given
-        # validation images stay, and no copy of one is trained on).
-        moved = sorted({i for members in clusters if any(split_of[j] == "val" for j in members)
-                        for i in members if split_of[i] == "train" and keep[i]})
-        train = np.setdiff1d(train_all, moved)
-        val = np.sort(np.concatenate([kept[split_of[kept] == "val"], np.array(moved, dtype=kept.dtype)]))
+        train, val = train_all, kept[split_of[kept] == "val"]
+        if not (split_file or shots):
+            # As a carved split keeps every cluster of copies on one side, a cluster reaching from train into the
+            # dataset's own validation split goes wholly to validation: its train members move there (the given
+            # validation images stay, and no copy of one is trained on). Not for a split file, which is the split
+            # as given (its copies are counted in the report), nor for K shots, which draw around copies.
+            moved = sorted({i for members in clusters if any(split_of[j] == "val" for j in members)
+                            for i in members if split_of[i] == "train" and keep[i]})
+            train = np.setdiff1d(train_all, moved)
+            val = np.sort(np.concatenate([kept[split_of[kept] == "val"], np.array(moved, dtype=kept.dtype)]))
+    elif shots:   # the shots, and their validation images after them, are drawn from the whole of train below
+        train, val = train_all, None
     else:
         train_position = {i: p for p, i in enumerate(train_all)}
         train_groups = [[train_position[i] for i in members if i in train_position] for members in clusters]
         train_pos, val_pos = grouped_val_indices(labels[train_all], [g for g in train_groups if len(g) > 1],
                                                  val_fraction, seed)
         train, val = train_all[train_pos], train_all[val_pos]
+    if shots:
+        train, val = draw_shots(labels, train, val, clusters, test, shots, seed, [readable(c) for c in class_names])
 
     # Each split a slice of the one tensor, rearranged in place: train, val, test, then the dropped images.
-    order = np.concatenate([train, val, test, np.flatnonzero(~keep)]).astype(np.int64)
+    unused = np.setdiff1d(np.arange(len(files)), np.concatenate([train, val, test]))   # dropped, or not drawn
+    order = np.concatenate([train, val, test, unused]).astype(np.int64)
     arrange(loaded.pixels, order)
     bounds = np.cumsum([0, len(train), len(val), len(test)])
 
@@ -625,16 +658,22 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
               "skipped_images": loaded.skipped, "source": data,
               "train_copies_moved_to_val": [files[i] for i in moved],
               "num_images": {"train": len(train), "val": len(val), "test": len(test)},
-              "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
+              "validation": ("the split file's" if split_file else "the dataset's own split" if own_validation
+                             else f"{val_fraction:g} of train"),
+              **({"shots": shots, "validation_shots": len(val) // len(class_names)} if shots else {}),
+              **({"split_file": str(split_file)} if split_file else {})}
     return MRIData([readable(c) for c in class_names], subset(0, train), subset(1, val), subset(2, test), report,
                    closest, copy_group_ids(np.concatenate([train, val]), clusters))
 
 
 def copy_group_ids(images: np.ndarray, clusters: list[list[int]]) -> np.ndarray:
     """A group id per image (indices into the loaded files): the cluster's for members of a cluster of copies,
-    else one of its own."""
+    else one of its own; numbered in the order the images come, so that the same images in the same order get
+    the same ids however many more were loaded (a run given its own split.json forms the same folds)."""
     group_of = {i: number for number, members in enumerate(clusters) for i in members}
-    return np.array([group_of.get(int(i), len(clusters) + int(i)) for i in images])
+    raw = np.array([group_of.get(int(i), len(clusters) + int(i)) for i in images])
+    _, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
 
 
 def relative_name(path: str) -> str:

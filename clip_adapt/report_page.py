@@ -25,7 +25,8 @@ from clip_adapt.base import write_text
 from clip_adapt.copies import describe_copies
 
 SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters"),
-                   ("summary_robustness.png", "Test accuracy under pixel noise")]
+                   ("summary_robustness.png", "Test accuracy under pixel noise"),
+                   ("summary_shots.png", "Test accuracy against labelled images per class (K shots)")]
 RUN_FIGURES = [("loss_curves.png", "loss"), ("accuracy_curves.png", "accuracy"),
                ("confusion_matrix.png", "confusion matrix (test)"), ("reliability_diagram.png", "reliability (test)"),
                ("robustness.png", "accuracy under noise")]
@@ -140,11 +141,22 @@ def convergence_text(metrics: dict) -> str:
     return f"{'yes' if metrics['converged'] else 'NOT CONVERGED'}: {metrics['convergence_reason']}"
 
 
+def auroc_facts(metrics: dict) -> list[tuple[str, str]]:
+    """The macro one-vs-rest AUROC with its interval, and each class's; none for a run from before it existed."""
+    scores = metrics.get("auroc")
+    if not scores or scores["macro"] is None:
+        return []
+    low, high = scores["macro_ci95"] or (float("nan"), float("nan"))
+    return [("AUROC, macro one-vs-rest", f"{scores['macro']:.4f} (95% CI {low:.3f}–{high:.3f})"),
+            ("AUROC per class", ", ".join(f"{name} {'–' if v is None else f'{v:.3f}'}"
+                                          for name, v in scores["per_class"].items()))]
+
+
 def run_section(folder: Path, title: str) -> str:
     m = json.loads((folder / "metrics.json").read_text())
     low, high = m["test_accuracy_ci95"]
     facts = [("test accuracy", f"{m['test_accuracy']:.4f} (95% CI {low:.3f}–{high:.3f})"),
-             ("macro-F1", f"{m['test_macro_f1']:.4f}"), ("balanced accuracy", f"{m['test_balanced_accuracy']:.4f}"),
+             ("macro-F1", f"{m['test_macro_f1']:.4f}"), *auroc_facts(m), ("balanced accuracy", f"{m['test_balanced_accuracy']:.4f}"),
              ("ECE", f"{m['test_ece']:.4f}"),
              ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
              ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}"),

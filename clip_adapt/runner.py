@@ -32,7 +32,7 @@ from clip_adapt.base import is_main_process, process_count, process_index
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = re.compile(r"E(\d+)_\w+")
-METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece",
+METRICS = ["test_accuracy", "train_accuracy", "test_macro_f1", "test_balanced_accuracy", "test_ece", "test_auroc",
            "best_epoch", "epochs_run", "wall_time_s"]
 COUNTS = {"best_epoch", "epochs_run"}   # whole numbers, unless a mean over seeds
 
@@ -199,7 +199,7 @@ def aggregate(name: str, runs: list[dict]) -> dict:
            "convergence_reasons": " | ".join(sorted({r["convergence_reason"] for r in runs
                                                      if not r.get("converged", True)}))}
     for metric in METRICS:
-        values = np.array([r[metric] for r in runs], dtype=float)
+        values = np.array([r[metric] for r in runs], dtype=float)   # None (no AUROC): nan
         row[f"{metric}_mean"] = float(values.mean())
         row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else ""
     row["test_accuracy_ci95_low"], row["test_accuracy_ci95_high"] = (runs[0]["test_accuracy_ci95"]

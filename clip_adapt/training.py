@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clip_adapt import timing
-from clip_adapt.convergence import CUT_FACTOR, TrainingLoss, after_epoch, judge
+from clip_adapt.convergence import CUT_FACTOR, TrainingLoss, Verdict, after_epoch, judge
 from clip_adapt.base import UserError, atomic_save, is_main_process
 from clip_adapt.data import Split
 from clip_adapt.models import FITTED_BUFFERS
@@ -55,6 +55,7 @@ class TrainConfig:
     min_steps: int = 0                       # no early stop before this many optimiser steps
     head_lr: float | None = None             # the rate of parameters under `head.` when it differs from `lr`
     head_start: str = "none"                 # a linear head's start (clip_adapt/probe.py HEAD_STARTS)
+    fixed_schedule: bool = False             # CoOp's: exactly `epochs`, a cosine rate, the last epoch kept
 
 
 @dataclass
@@ -225,25 +226,34 @@ def own_loss_and_accuracy(model: torch.nn.Module, split, batch_size: int, device
 
 class Schedule:
     """Linear warm-up over `warmup_steps` optimiser steps, then the peak rate until the training loss reaches a
-    plateau, when the loop cuts it (cut(); clip_adapt/convergence.py says when). Nothing here reads validation."""
+    plateau, when the loop cuts it (cut(); clip_adapt/convergence.py says when). Nothing here reads validation.
+    cosine_steps (the fixed schedule, CoOp's): after the warm-up the rate follows a cosine from the peak to 0 over
+    the remaining steps, and is never cut."""
 
-    def __init__(self, optimizer, warmup_steps: int):
-        self.optimizer = optimizer
+    def __init__(self, optimizer, warmup_steps: int, cosine_steps: int | None = None):
+        self.optimizer, self.warmup_steps, self.cosine_steps, self.steps = optimizer, warmup_steps, cosine_steps, 0
+        self.peaks = [group["lr"] for group in optimizer.param_groups]   # before the warm-up lowers them
         self.warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup_steps, total_iters=warmup_steps)
                        if warmup_steps else None)
 
     def after_step(self):
+        self.steps += 1
         if self.warmup is not None:
             self.warmup.step()   # multiplies the current rate, so it keeps any cut; a no-op once warm
+        if self.cosine_steps and self.steps > self.warmup_steps:
+            done = min(1.0, (self.steps - self.warmup_steps) / max(1, self.cosine_steps - self.warmup_steps))
+            for group, peak in zip(self.optimizer.param_groups, self.peaks):
+                group["lr"] = peak * 0.5 * (1 + math.cos(math.pi * done))
 
     def cut(self):
         for group in self.optimizer.param_groups:
             group["lr"] *= CUT_FACTOR
 
     def state_dict(self) -> dict:
-        return {"warmup": self.warmup.state_dict() if self.warmup else None}
+        return {"warmup": self.warmup.state_dict() if self.warmup else None, "steps": self.steps}
 
     def load_state_dict(self, state: dict):
+        self.steps = state.get("steps", 0)
         if self.warmup is not None:
             self.warmup.load_state_dict(state["warmup"])
 
@@ -466,7 +476,10 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     window_epochs = max(1, math.ceil(config.patience / steps_per_epoch))   # the plateau test's window
     epochs = config.epochs or max(DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS * window_epochs)
-    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch))
+    if config.fixed_schedule and not config.epochs:
+        raise ValueError("a fixed schedule needs its epochs")
+    schedule = Schedule(optimizer, round(config.warmup_epochs * steps_per_epoch),
+                        epochs * steps_per_epoch if config.fixed_schedule else None)
     generator = torch.Generator().manual_seed(config.seed)   # batch order and augmentation, saved for resume
     checkpoint = ResumeState(config, model, optimizer, schedule, generator)
     progress = checkpoint.restore()
@@ -580,7 +593,9 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
                                          else row["val_loss"], epoch)
             checkpoint.end_epoch(row)
             progress.training_loss.losses.append(row["train_loss"])
-            decision = after_epoch(progress.training_loss, progress.steps, config.min_steps)
+            # The fixed schedule runs its epochs whatever the loss does: no cut, no early stop.
+            decision = "go on" if config.fixed_schedule else after_epoch(progress.training_loss, progress.steps,
+                                                                         config.min_steps)
             if decision == "cut":
                 schedule.cut()
                 say(f"the training loss stopped falling over {config.patience} optimiser steps: learning rate cut to "
@@ -598,13 +613,22 @@ def train(model: torch.nn.Module, train_split: Split, val: Split, test: Split, c
 
     reachable = progress.head_start.get("reachable_train_loss")
     final_train_loss = scores(train_split, "train", progress.epoch)[0] if reachable is not None else None
+    if config.fixed_schedule:   # the last epoch is the reported one, as CoOp reports it
+        progress.best_state, progress.best_epoch = trainable_state(model), progress.history[-1]["epoch"]
+        progress.best_val_loss = progress.history[-1]["val_loss"]
     checkpoint.load_best()
-    verdict = judge(progress.training_loss, progress.steps, epochs, config.patience, config.min_steps,
-                    progress.history, progress.best_epoch, final_train_loss, reachable,
-                    progress.head_start.get("classes"))
-    if not verdict.converged:
-        say(f"not converged: {verdict.reason}")
-    selection = {"epoch": progress.best_epoch, "metric": "val_loss", "value": progress.best_val_loss}
+    if config.fixed_schedule:
+        verdict = Verdict(False, "fixed-schedule", f"CoOp's fixed schedule: {epochs} epochs at a cosine rate, the "
+                          f"last one kept; the convergence test was not applied")
+        selection = {"epoch": progress.best_epoch, "metric": "last epoch (fixed schedule)",
+                     "value": progress.best_val_loss}
+    else:
+        verdict = judge(progress.training_loss, progress.steps, epochs, config.patience, config.min_steps,
+                        progress.history, progress.best_epoch, final_train_loss, reachable,
+                        progress.head_start.get("classes"))
+        if not verdict.converged:
+            say(f"not converged: {verdict.reason}")
+        selection = {"epoch": progress.best_epoch, "metric": "val_loss", "value": progress.best_val_loss}
     return TrainResult(progress.history, progress.best_epoch, len(progress.history) - 1, verdict.converged,
                        verdict.reason, verdict.verdict, selection, verdict.notes, progress.head_start)
 
