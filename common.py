@@ -184,8 +184,13 @@ def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace,
     """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
     if head != "clip":
         return None
-    return TextHead(clip, tokenizer, class_names, load_templates(args.templates) if args.templates
-                    else ZERO_SHOT_TEMPLATES)
+    return TextHead(clip, tokenizer, class_names, class_templates(args))
+
+
+def class_templates(args: argparse.Namespace) -> tuple[str, ...]:
+    """The class-text templates of E1's zero-shot classifier (--templates, else the MRI templates), for the methods
+    that classify by CLIP's text embeddings."""
+    return load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
 
 
 def prompt_options(args: argparse.Namespace) -> dict:

@@ -1,11 +1,14 @@
 """The ground floor every other module may import, and which imports none of them: the one-line user error,
-files written atomically, and the one way to ask whether this is the main process."""
+files written atomically, the one way to ask whether this is the main process, and how a model names its
+trainable parts."""
 
 import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 class UserError(Exception):
@@ -52,3 +55,21 @@ def process_index() -> int:
 def process_count() -> int:
     """How many processes an `accelerate launch` started (1 when run plainly)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Part:
+    """One trainable part of a method's model, as its model class names it in parts(): the prompts, the text
+    context, an adapter, a prefix, LoRA, a head, the backbone. tests/test_part_contract.py checks every part of
+    every experiment script's model by this description: each of its tensors gets gradients, perturbing it
+    changes the output, and, where declared, it starts as the identity and its removal gives the base model back.
+
+    tensors: the part's trainable tensors by name. removed: for a part that can be taken out, a function giving
+    a context manager in which the model computes exactly as if the part had never been added (its hooks pass
+    through, peft's adapter is disabled), not with the part zeroed. identity_start: the part, as built, leaves
+    the model's output what it is without the part (LoRA's zero B, the bottleneck adapter's zero
+    up-projection)."""
+    name: str
+    tensors: dict
+    removed: Callable | None = None
+    identity_start: bool = False

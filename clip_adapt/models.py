@@ -329,6 +329,13 @@ class Fp32Linear(nn.Linear):
 FITTED_BUFFERS = ("input_shift", "input_scale")
 
 
+def trainable(module: nn.Module | None, prefix: str = "") -> dict:
+    """The module's parameters that train, by name (for a Part)."""
+    if module is None:
+        return {}
+    return {f"{prefix}{name}": p for name, p in module.named_parameters() if p.requires_grad}
+
+
 def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
     """Unit class embeddings from CLIP's text tower; with several templates, prompt ensembling as in CLIP's
     paper: the unit vectors are averaged, then renormalised."""
