@@ -9,6 +9,8 @@ logit scale (exp(4.6052) = 100 for OpenAI's ViT-B/16, the reference's fixed 100)
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,8 +125,9 @@ class TipAdapter(Classifier):
         embeddings = {name: split.with_inputs(batched(self.embed, split, 2 * config.batch_size, config.device,
                                                       config.precision, desc=f"image embeddings ({name})"))
                       for name, split in splits.items()}
-        finetune = self.cache.keys.requires_grad
-        return fit_tip_adapter(self, embeddings, config.checkpoint_dir, config if finetune else None, scale, steps)
+        finetune = self.cache.keys.requires_grad   # on embeddings: no augmentation (a flip would need the tower)
+        return fit_tip_adapter(self, embeddings, config.checkpoint_dir,
+                               dataclasses.replace(config, augment=False) if finetune else None, scale, steps)
 
     def parts(self) -> list[Part]:
         keys = trainable(self.cache, "cache.")

@@ -181,7 +181,8 @@ def test_script_searches_on_validation_and_records_the_grid(flags, tmp_path):
                expect_exit=0)
     folder = tmp_path / "E9_tip_adapter"
     metrics = json.loads((folder / "metrics.json").read_text())
-    grid = list(csv.DictReader(open(folder / "alpha_beta_search.csv")))
+    with open(folder / "alpha_beta_search.csv") as file:
+        grid = list(csv.DictReader(file))
     assert len(grid) == 200 * 20
     best = max(float(row["val_accuracy"]) for row in grid)
     first = next(row for row in grid if float(row["val_accuracy"]) == best)
