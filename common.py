@@ -381,7 +381,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
                       started, accelerator)
 
 
-def tune(exp: Experiment, build, augment: bool = True) -> dict:
+def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = None) -> dict:
     """With --tune, chooses --lr and --weight-decay on the validation split, then re-seeds, so that the run
     that follows equals a plain run given the chosen values. VPT's protocol searched 10 rates x 4 weight decays
     on validation; here the rates are the method's default times TUNE_LR_FACTORS and the decays
@@ -391,7 +391,8 @@ def tune(exp: Experiment, build, augment: bool = True) -> dict:
     same seed. A point is ranked by the rule training selects its epoch by: the lowest validation loss of any of
     its epochs. A point whose loss diverges (or becomes non-finite) is recorded and dropped. Test data steers
     nothing: the loop records it, and nothing here reads it. Returns what metrics.json records: every point
-    of every rung, the choice and the seconds it took; without --tune, {}."""
+    of every rung, the choice and the seconds it took; without --tune, {}. splits: what the points train on, when
+    not the images (train, val, test; E11's adapter trains on cached embeddings)."""
     args = exp.args
     if not args.tune:
         return {}
@@ -409,7 +410,8 @@ def tune(exp: Experiment, build, augment: bool = True) -> dict:
             out_dir = exp.out_dir / "tune" / f"lr{lr:g}_wd{weight_decay:g}_e{budget}"
             row = {"lr": lr, "weight_decay": weight_decay, "epochs": budget}
             try:
-                result = train(build(clip), exp.data.train, exp.data.val, exp.data.test,
+                result = train(build(clip), *(exp.data.train, exp.data.val, exp.data.test) if splits is None
+                               else (splits["train"], splits["val"], splits["test"]),
                                train_config(point, exp.device, out_dir, augment, exp.accelerator))
             except UserError as error:   # a non-finite loss: refuse_non_finite stopped it
                 rung.append({**row, "diverged": True, "reason": str(error)})

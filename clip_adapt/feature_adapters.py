@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_adapt.base import Part
-from clip_adapt.models import (ZERO_SHOT_TEMPLATES, Classifier, class_text_embeddings, freeze, trainable)
+from clip_adapt.models import ZERO_SHOT_TEMPLATES, Classifier, class_text_embeddings, freeze, trainable
 
 # Tip-Adapter's hyper-parameter search (utils.py search_hp): `steps` values from 0.1 up to, not including,
 # `scale`. The reference's configs set (beta, alpha) scales per data set, from (7, 3) for ImageNet to (13, 13);
@@ -99,35 +99,52 @@ class TipCache(nn.Module):
                 "accuracy_grid": [[count / len(labels) for count in row] for row in correct]}
 
 
-class TipAdapter(Classifier):
-    """E9: CLIP's frozen image tower and projection, then TipCache on the image embedding."""
+def embeddings_of(model: nn.Module, splits: dict, config) -> dict:
+    """Each pixel split with its image embeddings (model.embed) as inputs, computed here: what a known-answer run
+    fits on (the scripts read them from the disk cache, clip_adapt.training.cached_embeddings)."""
+    from clip_adapt.training import batched
+    model.to(config.device)
+    return {name: split.with_inputs(batched(model.embed, split, 2 * config.batch_size, config.device,
+                                            config.precision, desc=f"image embeddings ({name})"))
+            for name, split in splits.items()}
+
+
+class FrozenImageTower(Classifier):
+    """CLIP's frozen image tower and projection, then a method (`self.on_embedding`) on the projected image
+    embedding, as E2's ImageClassifier.embed computes it (so that they share the embedding cache)."""
     frozen = ("vision", "projection")
 
-    def __init__(self, clip, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES,
-                 finetune: bool = False, alpha: float = INIT_ALPHA, beta: float = INIT_BETA):
+    def __init__(self, clip):
         super().__init__()
         self.vision, self.projection = freeze(clip.vision_model), freeze(clip.visual_projection)
-        self.cache = TipCache(class_text_embeddings(clip, tokenizer, class_names, templates),
-                              clip.logit_scale.exp(), finetune, alpha, beta)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The projected image embedding, as E2's ImageClassifier.embed (so that they share the cache)."""
         return self.projection(self.vision(pixel_values=pixels).pooler_output)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.cache(self.embed(pixels))
+        return self.on_embedding(self.embed(pixels))
+
+
+class TipAdapter(FrozenImageTower):
+    """E9: CLIP's frozen image tower and projection, then TipCache on the image embedding."""
+
+    def __init__(self, clip, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES,
+                 finetune: bool = False, alpha: float = INIT_ALPHA, beta: float = INIT_BETA):
+        super().__init__(clip)
+        self.cache = TipCache(class_text_embeddings(clip, tokenizer, class_names, templates),
+                              clip.logit_scale.exp(), finetune, alpha, beta)
+
+    @property
+    def on_embedding(self) -> TipCache:
+        return self.cache
 
     def fit(self, splits: dict, config, scale=SEARCH_SCALE, steps=SEARCH_STEPS):
         """fit_tip_adapter on pixel splits (train, val, test), their embeddings computed here (the scripts use
-        the disk cache instead); config trains the keys only if they train (--finetune)."""
-        from clip_adapt.training import batched
-        self.to(config.device)
-        embeddings = {name: split.with_inputs(batched(self.embed, split, 2 * config.batch_size, config.device,
-                                                      config.precision, desc=f"image embeddings ({name})"))
-                      for name, split in splits.items()}
+        the disk cache instead); config trains the keys only if they train (--finetune). The TrainResult."""
+        embeddings = embeddings_of(self, splits, config)
         finetune = self.cache.keys.requires_grad   # on embeddings: no augmentation (a flip would need the tower)
         return fit_tip_adapter(self, embeddings, config.checkpoint_dir,
-                               dataclasses.replace(config, augment=False) if finetune else None, scale, steps)
+                               dataclasses.replace(config, augment=False) if finetune else None, scale, steps)[0]
 
     def parts(self) -> list[Part]:
         keys = trainable(self.cache, "cache.")
@@ -179,3 +196,58 @@ def fit_tip_adapter(model: TipAdapter, embeddings: dict, checkpoint_dir, config=
                     "beta": search["beta"], "search_scale": list(scale), "search_steps": list(steps),
                     "search_val_accuracy": search["accuracy"], "cache_size": cache.size,
                     "after_search": {k: v for k, v in row.items() if k != "lr"}}, grid
+
+
+# --------------------------------------------------------------------------- CLIP-Adapter
+
+REDUCTION, RESIDUAL_RATIO = 4, 0.2   # gaopengcuhk/CLIP-Adapter clip_adapter.py: Adapter(1024, 4), ratio = 0.2
+
+
+class ResidualAdapter(nn.Module):
+    """CLIP-Adapter on an image embedding f (unnormalised, as CLIP's image encoder gives it): a bottleneck
+    A(f) = ReLU(W₂ ReLU(W₁ f)) without biases, W₁ width → width / reduction, mixed in as r · A(f) + (1 − r) · f,
+    then classified by CLIP's scaled cosine similarity to the class text embeddings T."""
+
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: torch.Tensor, reduction: int = REDUCTION,
+                 ratio: float = RESIDUAL_RATIO):
+        super().__init__()
+        width = class_embeddings.shape[1]
+        self.down = nn.Linear(width, width // reduction, bias=False)
+        self.up = nn.Linear(width // reduction, width, bias=False)
+        self.ratio = ratio
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        self.register_buffer("logit_scale", logit_scale.detach().float().clone())
+
+    def adapted(self, embeddings: torch.Tensor) -> torch.Tensor:
+        f = embeddings.float()
+        return self.ratio * F.relu(self.up(F.relu(self.down(f)))) + (1 - self.ratio) * f
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.logit_scale * F.normalize(self.adapted(embeddings), dim=-1) @ self.class_embeddings.T
+
+
+class CLIPAdapter(FrozenImageTower):
+    """E11: CLIP's frozen image tower and projection, then ResidualAdapter on the image embedding, classified by
+    E1's class text."""
+
+    def __init__(self, clip, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES,
+                 reduction: int = REDUCTION, ratio: float = RESIDUAL_RATIO):
+        super().__init__(clip)
+        self.adapter = ResidualAdapter(class_text_embeddings(clip, tokenizer, class_names, templates),
+                                       clip.logit_scale.exp(), reduction, ratio)
+
+    @property
+    def on_embedding(self) -> ResidualAdapter:
+        return self.adapter
+
+    def fit(self, splits: dict, config):
+        """The adapter trained by the project's loop on the splits' embeddings (no augmentation: a flipped image
+        would need the tower again); the TrainResult."""
+        from clip_adapt.training import train
+        embeddings = embeddings_of(self, splits, config)
+        return train(self.adapter, embeddings["train"], embeddings["val"], embeddings["test"],
+                     dataclasses.replace(config, augment=False))
+
+    def parts(self) -> list[Part]:
+        return [Part("adapter", trainable(self.adapter, "adapter."))]

@@ -190,3 +190,62 @@ def test_script_searches_on_validation_and_records_the_grid(flags, tmp_path):
     assert metrics["cache_size"]["images"] == metrics["num_images"]["train"]
     assert metrics["trainable_params"] == (metrics["num_images"]["train"] * 16 if flags else 0)
     assert metrics["val_accuracy"] == pytest.approx(best, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- CLIP-Adapter (E11)
+
+# gaopengcuhk/CLIP-Adapter at 08d07f8, clip_adapter.py: Adapter(1024, 4) and CustomCLIP.forward, run unchanged on
+# a CPU in fp32 on clip_adapter_inputs(), logit_scale 4.6052, the adapter's two weights set to its `down` and `up`.
+# Stubbed: dassl and clip (imports only), a CLIP whose image encoder returns the features given and whose
+# encode_text returns the fixed text features; its prompts.to('cuda') sent to the CPU.
+CLIP_ADAPTER_LOGITS = [
+    [2.274461, -2.950812, -3.131284, 2.015481],
+    [2.671348, -1.404811, 0.520458, -4.339719],
+    [6.043278, 3.460590, 2.779487, 2.835694],
+]
+
+
+def clip_adapter_inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(images=torch.randn(3, 1024, generator=g), text=torch.randn(4, 1024, generator=g),
+                down=0.05 * torch.randn(256, 1024, generator=g), up=0.05 * torch.randn(1024, 256, generator=g))
+
+
+def test_clip_adapter_logits_equal_the_reference():
+    from clip_adapt.feature_adapters import ResidualAdapter
+    x = clip_adapter_inputs()
+    adapter = ResidualAdapter(x["text"], torch.tensor(4.6052).exp())
+    with torch.no_grad():
+        adapter.down.weight.copy_(x["down"])
+        adapter.up.weight.copy_(x["up"])
+        torch.testing.assert_close(adapter(x["images"]), torch.tensor(CLIP_ADAPTER_LOGITS), **SAME)
+
+
+def test_clip_adapter_trains_only_its_bottleneck_and_classifies_by_e1s_text():
+    from clip_adapt.feature_adapters import CLIPAdapter
+    clip, processor, tokenizer = tiny_clip()
+    frozen = {name: p.clone() for name, p in clip.state_dict().items()}
+    torch.manual_seed(0)
+    model = CLIPAdapter(clip, tokenizer, list(CLASSES))
+    (part,) = model.parts()
+    assert set(part.tensors) == {"adapter.down.weight", "adapter.up.weight"}
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == set(part.tensors)
+    pixels = tiny_batch(processor, 4)
+    model.train()
+    F.cross_entropy(model(pixels), torch.arange(4)).backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in part.tensors.values())
+    assert all(torch.equal(p, frozen[name]) for name, p in clip.state_dict().items())
+    # With the residual ratio at 0 the adapter is out of the mix: E1's logits.
+    zero_shot = ZeroShot(clip, tokenizer, list(CLASSES), ZERO_SHOT_TEMPLATES)
+    model.eval()
+    model.adapter.ratio = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), zero_shot(pixels), rtol=0, atol=1e-5)
+
+
+def test_clip_adapter_script_trains_on_the_cached_embeddings(tmp_path):
+    run_script("E11_clip_adapter.py", "--smoke", "--quiet", "--noise-levels", 0, "--output-dir", tmp_path,
+               expect_exit=0)
+    metrics = json.loads((tmp_path / "E11_clip_adapter" / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 2 * 16 * 4   # the tiny CLIP's 16-wide embedding, reduction 4
+    assert metrics["epochs_run"] == 3 and metrics["selection"]["metric"] == "val_loss"

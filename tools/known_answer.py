@@ -262,8 +262,8 @@ def train_method(output_dir: Path, data, name: str, *argv: str, seed: int = 0, p
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         config = common.train_config(args, torch.device("cpu"), Path(folder))
-        if hasattr(model, "fit"):   # a method fitted on its frozen embeddings brings its own procedure (E9)
-            return model, model.fit({"train": data.train, "val": data.val, "test": data.test}, config)[0]
+        if hasattr(model, "fit"):   # a method fitted on its frozen embeddings brings its own procedure (E9, E11)
+            return model, model.fit({"train": data.train, "val": data.val, "test": data.test}, config)
         return model, train(model, data.train, data.val, data.test, config)
 
 
