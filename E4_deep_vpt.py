@@ -10,6 +10,8 @@ from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = 0.92
+# Other command lines whose models the part contract checks too (tests/test_part_contract.py).
+MODEL_VARIANTS = [("--head", "clip")]
 
 
 def add_flags(parser):

@@ -14,6 +14,8 @@ from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None   # not in the study
+# Other command lines whose models the part contract checks too (tests/test_part_contract.py).
+MODEL_VARIANTS = [("--adapter", kind) for kind in ADAPTERS if kind != "lora"] + [("--head", "clip")]
 
 
 def add_flags(parser):

@@ -1,10 +1,11 @@
 """E8 — image captioning on a frozen CLIP vision tower: a GPT-2 decoder (--decoder) reads it through new
 cross-attention layers (transformers' VisionEncoderDecoderModel); CLIP and GPT-2's own weights stay frozen, and
 only the cross-attention and one parameter-efficient module train: --peft adapter (the study's bottleneck,
-354 wide for GPT-2, applied twice after cross-attention), prefix (peft, 20 tokens), lora (peft, self-attention)
-or none. Trained by the project's one loop on next-token loss (early stopping on validation loss); test
-captions by greedy or beam search (--num-beams), scored by CIDEr-D (COCO's PTB tokenizer: needs Java), CLIPScore
-and RefCLIPScore (by CLIP ViT-B/32, --clipscore-model).
+354 wide for GPT-2, applied twice after cross-attention), prefix (prefix tuning, 20 tokens, with peft's
+reparameterisation MLP; GPT-2 decoders), lora (peft, self-attention) or none. Trained by the project's one loop
+on next-token loss (early stopping on validation loss); test captions by greedy or beam search (--num-beams),
+scored by CIDEr-D (COCO's PTB tokenizer: needs Java), CLIPScore and RefCLIPScore (by CLIP ViT-B/32,
+--clipscore-model).
 
 --data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`
 dataset with an image and a caption column. --smoke: a tiny random CLIP and GPT-2 on synthetic shape captions.
@@ -14,8 +15,6 @@ See docs/captioning.md.
 import time
 from pathlib import Path
 
-import transformers
-
 import common
 from clip_adapt.base import UserError
 from clip_adapt.caption_report import finish_captioning
@@ -23,12 +22,14 @@ from clip_adapt.captioning import (CAPTIONER_CLIP, CLIPSCORE_MODEL, DEFAULT_DECO
                                    SMOKE_CAPTIONS, TINY_DECODER, Captioner, check_cider, check_decoder,
                                    load_captions, load_decoder, write_shape_captions)
 from clip_adapt import hub
-from clip_adapt.models import TINY_CLIP, check_model, is_random, load_clip
+from clip_adapt.models import TINY_CLIP, check_model, is_random, load_clip, weights_identity
 from clip_adapt.training import train
 
 TASK = "captioning"   # not run on classification data by run_all_experiments.py, bench.py or their tests
 LEARNING_RATE = 1e-4  # the study's AdamW rate
 STUDY_ACCURACY = None  # a captioner has no accuracy; the study's CIDEr / CLIPScore are in docs/captioning.md
+# Other command lines whose models the part contract checks too (tests/test_part_contract.py).
+MODEL_VARIANTS = [("--peft", method) for method in PEFT_METHODS if method != "adapter"]
 
 
 def add_flags(parser):
@@ -84,8 +85,16 @@ def check_inputs(args) -> None:
 
 def build_model(clip, tokenizer, class_names, args):
     decoder, decoder_tokenizer = load_decoder(decoder_of(args))
-    return Captioner(clip, decoder, decoder_tokenizer, args.peft, args.prefix_tokens, args.rank, args.alpha,
-                     args.lora_dropout, args.adapter_dropout)
+    identity = weights_identity(decoder_of(args), decoder)   # the decoder as loaded, for metrics.json
+    positions = getattr(decoder.config, "n_positions", None)   # GPT-2's, the decoders prefix tuning supports
+    if args.peft == "prefix" and positions and args.prefix_tokens + args.max_caption_tokens + 1 > positions:
+        raise UserError(f"--prefix-tokens {args.prefix_tokens} and --max-caption-tokens {args.max_caption_tokens} "
+                        f"(with the start token) need more than the decoder's {positions} positions: the prefix "
+                        f"shifts every caption's positions; lower one of them")
+    model = Captioner(clip, decoder, decoder_tokenizer, args.peft, args.prefix_tokens, args.rank, args.alpha,
+                      args.lora_dropout, args.adapter_dropout)
+    model.decoder_weights = identity
+    return model
 
 
 def check_flags(args) -> None:
@@ -113,10 +122,8 @@ def main():
     check_inputs(args)
     data_source = str(write_shape_captions(out_dir / "smoke_data")) if args.data == SMOKE_CAPTIONS else args.data
     clip, image_processor, tokenizer = load_clip(args.model, image_processor=args.image_processor)
-    # transformers warns at every generate() that GPT-2's pad token is its end token (expected: targets pad with
-    # -100) and that the new cross-attention weights are untrained (they are what E8 trains).
-    transformers.logging.set_verbosity_error()
     common.seed_everything(args.seed)   # the new layers' initial weights
+    identity = weights_identity(args.model, clip)   # before anything trains
     model = build_model(clip, tokenizer, [], args)
     data = load_captions(data_source, image_processor, model.tokenizer, args.val_fraction, args.split_seed,
                          args.image_column, args.caption_column, args.test_split, args.max_caption_tokens)
@@ -127,11 +134,12 @@ def main():
                                                     if args.clipscore_model == CAPTIONER_CLIP
                                                     else load_clip(args.clipscore_model))
     exp = common.Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer,
-                            data.to(device), started, accelerator)
+                            data.to(device), started, accelerator, identity)
     # No flips: they would turn "left" into "right" in the picture but not in its caption.
     result = train(exp.maybe_compile(model), exp.data.train, exp.data.val, exp.data.test,
                    exp.train_config(augment=False))
-    finish_captioning(exp, model, result, score_clip.to(device), score_processor, score_tokenizer)
+    finish_captioning(exp, model, result, score_clip.to(device), score_processor, score_tokenizer,
+                      **common.provenance(exp), decoder_weights=model.decoder_weights)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
                                check_model, check_torchvision, count_params, is_random, load_clip, load_templates,
-                               model_dims, weights_of)
+                               model_dims, weights_identity, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
-                                  plot_closest_pairs, write_report)
+                                  code_version, library_versions, plot_closest_pairs, write_report)
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                                  precision_used, predict_everywhere, summary_writer_class, train)
 
@@ -210,6 +210,7 @@ class Experiment:
     data: MRIData
     started: float
     accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
+    model_identity: dict | None = None   # the loaded weights' hub revision or fingerprint (weights_identity)
 
     @property
     def cache_dir(self) -> Path:
@@ -363,6 +364,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
     if needs_hub(args):
         hub.notice_offline()
     clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
+    identity = weights_identity(args.model, clip)   # before anything trains (E6 changes the tower)
     with timing.phase("loading"):
         data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
                          skip_bad_images=args.skip_bad_images, drop_test_duplicates=args.drop_test_duplicates,
@@ -373,12 +375,14 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
               f"{len(data.test)} test images; classes {', '.join(data.class_names)}")
         print(describe_copies(data.report))
         for key, what in (("skipped_images", "skipped unreadable images"),
-                          ("dropped_train_duplicates", "dropped train copies (exact or near) of test images")):
+                          ("dropped_train_duplicates", "dropped train copies (exact or near) of test images"),
+                          ("train_copies_moved_to_val", "train copies of the dataset's own validation images, "
+                                                        "moved to validation")):
             if data.report[key]:
                 print(f"{what}: {', '.join(data.report[key])}")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
-                      started, accelerator)
+                      started, accelerator, identity)
 
 
 def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = None) -> dict:
@@ -494,7 +498,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
         "wall_time_s": round(time.time() - exp.started, 2),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "model": args.model, "weights": weights_of(args.model), "data": args.data, "seed": args.seed,
+        "model": args.model, "weights": weights_of(args.model), **provenance(exp), "data": args.data, "seed": args.seed,
         "split_seed": args.split_seed,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
@@ -525,6 +529,12 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
           f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
           f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
     return metrics
+
+
+def provenance(exp: Experiment) -> dict:
+    """What metrics.json records so that a result can be traced: the model's weights (hub revision or
+    fingerprint), the libraries' versions and the code's git commit with whether the checkout was dirty."""
+    return {"model_weights": exp.model_identity, "versions": library_versions(), "code": code_version()}
 
 
 def run_timings(exp: Experiment) -> dict:

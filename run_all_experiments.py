@@ -22,7 +22,7 @@ import common
 from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text
 from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
 from clip_adapt.data import is_study_data
-from clip_adapt.models import weights_of
+from clip_adapt.models import is_study_model, weights_of
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plot_robustness, plt, save_figure
 from clip_adapt.runner import aggregate, classification_scripts, spread
@@ -63,9 +63,9 @@ def check_one_learning_rate(lr: float | None, experiments: list[str]) -> None:
                         f"pass --lr with --experiments that share a default, or run a script on its own")
 
 
-def study_accuracy(name: str) -> str:
+def study_accuracy(name: str, not_the_recipe: dict) -> str:
     reported = SCRIPTS[name].study_accuracy
-    return "–" if reported is None else f"{reported:.3f}"
+    return "–" if reported is None else f"{reported:.3f}" + (" †" if name in not_the_recipe else "")
 
 
 def random_weights_banner(model: str) -> str:
@@ -79,13 +79,16 @@ def converged(row: dict) -> str:
     return "**no**" if row["runs"] == 1 else f"**no** in {row['not_converged']} of {row['runs']}"
 
 
-def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command: str, run: dict) -> str:
-    """run: what run.json records (model, data, weights, study_data, split_seed)."""
+def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command: str, run: dict,
+             not_the_recipe: dict | None = None) -> str:
+    """run: what run.json records (model, data, weights, study_data, study_model, split_seed). not_the_recipe:
+    {experiment: {setting: (this run's, the study's)}} where a run's settings differ from the study's (marked †)."""
+    not_the_recipe = not_the_recipe or {}
     noise = [k for k in rows[0] if k.startswith("test_accuracy_noise_")] if rows else []
     interval = (f"mean ± std over training seeds {seeds} (initialisation and batch order; one validation split, "
                 f"--split-seed {run['split_seed']})" if len(seeds) > 1
                 else "[95% bootstrap interval over test images]")
-    study = run["study_data"] and run["weights"] != "random"
+    study = run["study_data"] and run["study_model"] and run["weights"] != "random"
     lines = [f"# Summary: `{run['model']}` on `{run['data']}`\n", f"`{command}`\n"]
     if run["weights"] == "random":
         lines.append(random_weights_banner(run["model"]))
@@ -98,12 +101,19 @@ def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command
               "|---|" + "---|" * (12 if study else 11)]
     for r in rows:
         lines.append(f"| {r['experiment']} | {spread(r, 'test_accuracy')} | " +
-                     (f"{study_accuracy(r['experiment'])} | " if study else "") +
+                     (f"{study_accuracy(r['experiment'], not_the_recipe)} | " if study else "") +
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
                      f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
                      f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | "
                      f"{spread(r, 'wall_time_s', 1)} |")
+    marked = [(name, differs) for name, differs in not_the_recipe.items()
+              if study and SCRIPTS[name].study_accuracy is not None]
+    if marked:
+        lines.append("\n† Not the study's recipe: " + "; ".join(
+            f"{name} ran with " + ", ".join(f"--{key.replace('_', '-')} {ours} (the study: {theirs})"
+                                            for key, (ours, theirs) in differs.items())
+            for name, differs in marked) + ".")
     tuned = [r for r in rows if r["tune_choice"]]
     if tuned:
         lines += ["\n## Tuned on the validation split (--tune)\n",
@@ -223,12 +233,16 @@ def main():
     command = " ".join(["python", *sys.argv])
     run = {"command": command, "model": args.model, "data": args.data,
            "weights": weights_of(args.model),
-           "study_data": is_study_data(args.data), "split_seed": args.split_seed,
+           "study_data": is_study_data(args.data), "study_model": is_study_model(args.model),
+           "split_seed": args.split_seed,
            "experiments": [folder.relative_to(out_dir).as_posix() for folder in finished], "failed": failed}
     if rows:
         write_csv(out_dir / "summary.csv", rows)
         plot_summary(rows, out_dir, chance=1 / len(done[0]["class_names"]))
-    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run) + figure_links(out_dir, finished))
+    not_the_recipe = {name: differs for name, r in runs.items() if r
+                      and (differs := SCRIPTS[name].differs_from_study(r[0]["settings"]))}
+    write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run, not_the_recipe)
+               + figure_links(out_dir, finished))
     write_json(out_dir / "run.json", run)
     print(f"\nsummary written to {out_dir / 'summary.md'}")
     print(f"report written to {write_html_report(out_dir, finished, command)}")

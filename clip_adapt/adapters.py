@@ -2,14 +2,15 @@
 the vision encoder by a regular expression, and the classifier that trains them with a linear head.
 """
 
+import contextlib
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import CLIPModel
 
-from clip_adapt.base import UserError
-from clip_adapt.models import Classifier, Fp32Linear, freeze
+from clip_adapt.base import Part, UserError
+from clip_adapt.models import Classifier, Fp32Linear, freeze, trainable
 
 
 ADAPTERS = ("lora", "loha", "lokr", "ia3")
@@ -68,6 +69,16 @@ def adapter_settings(args) -> dict:
             "target_modules": targets}
 
 
+@contextlib.contextmanager
+def peft_warnings_silenced():
+    """peft 0.21 asks transformers 5 the deprecated `is_gradient_checkpointing` when it wraps a model: a
+    FutureWarning about peft's code that the user can do nothing about, and harmless (transformers answers it).
+    Silenced by that one message here, where peft wraps a model, and nowhere else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 class AdapterClassifier(Classifier):
     """E7: peft adapters (LoRA by default) in CLIP's vision encoder, then the projection and a linear head
     on the projected embedding, as in ImageClassifier. The whole CLIPModel is wrapped, with target modules
@@ -86,9 +97,7 @@ class AdapterClassifier(Classifier):
         from peft import PeftModel, get_peft_model
         super().__init__()
         freeze(clip)
-        with warnings.catch_warnings():
-            # peft asks transformers a deprecated question; the user can do nothing about that warning.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with peft_warnings_silenced():
             peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
                           else get_peft_model(clip, config or peft_config()))
         # Not a registered submodule: it holds the text tower too, which this classifier does not use.
@@ -114,6 +123,15 @@ class AdapterClassifier(Classifier):
     def disabled(self):
         """A context without the adapters: the frozen tower as it was (peft's disable_adapter)."""
         return self.peft_model.disable_adapter()
+
+    def parts(self) -> list[Part]:
+        """The adapter (peft initialises every kind it offers here as a no-op: LoRA's B, LoHa's and LoKr's second
+        factors at zero, (IA)^3's scales at one), and the head when it trains."""
+        adapter = {name: p for name, p in self.vision.named_parameters(prefix="vision") if p.requires_grad}
+        parts = [Part("adapter", adapter, self.disabled, identity_start=True)]
+        if trainable(self.head):
+            parts.append(Part("head", trainable(self.head, "head.")))
+        return parts
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.projection(self.vision(pixel_values=pixels).pooler_output)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clip_adapt.base import atomic_save, is_main_process, write_csv, write_json
 from clip_adapt.captioning import (CAPTIONER_CLIP, MAX_CAPTION_TOKENS, Captioner, CaptionSplit, LazyImages,
-                                   cider_d, clean_caption, clip_scores)
+                                   cider_d, clean_caption, clip_scores, set_attention)
 from clip_adapt.data import preprocess
 from clip_adapt.models import count_params, normalized_image_embeddings
 from clip_adapt.reporting import plot_curves, plt
@@ -152,11 +152,11 @@ def word_attention(model: Captioner, pixels: torch.Tensor, sequences: list[list[
     for row, tokens in enumerate(sequences):
         inputs[row, 1:1 + len(tokens[:width - 1])] = torch.tensor(tokens[:width - 1], dtype=torch.long)
     previous = language_model.config._attn_implementation
-    language_model.set_attn_implementation("eager")
+    set_attention(language_model, model.eager_attention())   # with the prefix, when there is one
     try:
         out = model.model(pixel_values=pixels, decoder_input_ids=inputs.to(pixels.device), output_attentions=True)
     finally:
-        language_model.set_attn_implementation(previous)
+        set_attention(language_model, previous)
     # the query at position k (start token, then the caption's first k tokens) chose token k
     steps = out.cross_attentions[-1].float().mean(1)[..., 1:]   # [images, positions, patches]
     side = math.isqrt(steps.shape[-1])

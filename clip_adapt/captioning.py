@@ -5,23 +5,22 @@ layer norm, and a projection when the widths differ) and one parameter-efficient
 - adapter: the study's bottleneck (width // 2 - 30 = 354 for GPT-2: down, GELU, up, residual, dropout, then the
   same block again with the same weights), one per decoder layer, on the cross-attention's output before its
   residual sum (so after cross-attention and before the MLP), attached by a forward hook;
-- prefix: peft's prefix tuning (learned keys and values in front of every self-attention layer's own);
+- prefix: prefix tuning (Li & Liang 2021; learned keys and values in front of every self-attention layer's
+  own, through peft's reparameterisation MLP), put in by this module (PrefixTuning: peft's own prefix tuning
+  never reaches attention inside VisionEncoderDecoderModel);
 - lora: peft's LoRA on the decoder's self-attention input projection (GPT-2: attn.c_attn, peft's default
-  target for GPT-2; the cross-attention trains in full anyway);
+  target for GPT-2; the cross-attention trains in full anyway), added after the encoder-decoder is built;
 - none: cross-attention alone.
-
-peft's prefix tuning with GPT-2 and cross-attention works because GPT-2 wraps the prefix cache peft passes in
-an EncoderDecoderCache whenever use_cache is on (the default, kept on here): the prefix goes to the
-self-attention and the cross-attention gets its own cache. With use_cache off, GPT-2's cross-attention would
-read and write the prefix cache; so use_cache is never turned off.
 
 Also here: the caption data (COCO-format files or a `datasets` dataset), the tiny smoke models and data, and
 the scores (CIDEr-D as COCO's evaluation computes it, PTB tokenizer included; CLIPScore and RefCLIPScore as
 Hessel et al. 2021's code computes them).
 """
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,9 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from clip_adapt.base import UserError
+from clip_adapt.base import Part, UserError
 from clip_adapt.data import Split, is_saved_dataset, looks_like_hub_id, open_rgb, placed, preprocess
 from clip_adapt.models import freeze
+from clip_adapt.prompts import Removable, removed_together
 
 DEFAULT_DECODER = "gpt2"
 TINY_DECODER = "tiny-random-gpt2"   # what --smoke loads
@@ -61,14 +61,15 @@ def clean_caption(text: str) -> str:
 
 # --------------------------------------------------------------------------- the model
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(Removable):
     """down, GELU, up, residual, dropout; applied twice with the same weights (the study's adapter).
 
     The up-projection starts at zero, so that the untrained adapter is the identity and the decoder starts as the
     language model it was: Houlsby et al. 2019's near-identity initialisation (as LoRA zeroes B). With PyTorch's
     default initialisation instead, the up-projection's random bias shifted every layer's residual stream: on
     the known-answer decoder (width 64, bottleneck 2) the untrained captioner wrote empty captions, and training
-    needed three times the epochs to recover (docs/captioning.md)."""
+    needed three times the epochs to recover (docs/captioning.md). attach() puts it on a module's first output
+    by a forward hook; removed() (Removable) takes it out."""
 
     def __init__(self, width: int, bottleneck: int, dropout: float = 0.1, repeats: int = 2):
         super().__init__()
@@ -82,6 +83,15 @@ class BottleneckAdapter(nn.Module):
             x = self.dropout(x + self.up(F.gelu(self.down(x))))
         return x
 
+    def attach(self, module: nn.Module) -> "BottleneckAdapter":
+        module.register_forward_hook(self._adapt_first_output)
+        return self
+
+    def _adapt_first_output(self, module, inputs, output):
+        if self._removed:
+            return None
+        return (self(output[0]), *output[1:]) if isinstance(output, tuple) else self(output)
+
 
 def adapter_width(decoder_width: int) -> int:
     return decoder_width // 2 - 30   # 354 for GPT-2's 768, as in the study
@@ -91,10 +101,156 @@ def is_cross_attention(name: str) -> bool:
     return any(part in name.split(".") for part in CROSS_ATTENTION_NAMES)
 
 
+class PrefixTuning(Removable):
+    """Prefix tuning (Li & Liang, ACL 2021): learned keys and values in front of every self-attention layer's
+    own, for GPT-2 decoders. As peft builds it with prefix_projection: an embedding of the virtual tokens and
+    Li & Liang's reparameterisation MLP (Linear, Tanh, Linear; peft's PrefixEncoder, hidden width the decoder's)
+    give each layer's prefix keys and values, laid out as peft lays them; the real tokens' positions start after
+    the prefix (peft shifts position ids by the virtual tokens). After training only the prefix itself is needed
+    (2·L·d per token); the MLP is how it is trained.
+
+    Why not peft's PrefixTuningConfig: peft hands the prefix to the decoder as a pre-filled cache, which
+    VisionEncoderDecoderModel does not carry (on transformers 5.2x GPT-2 drops it with a FutureWarning, and the
+    prefix never reaches attention), and inside the encoder-decoder peft's forward replaces the cache with a
+    fresh prefix at every generated step (transformers 5.17: each step saw only the prefix and its last token).
+    Here the prefix never enters the cache: a forward pre-hook on each self-attention module passes its layer's
+    prefix to a registered attention function (transformers' AttentionInterface) that puts it in front of the
+    keys and values that the module computed or read from the cache. So training, cached generation and beam
+    search all see the same prefix, and the cache holds only the real tokens."""
+
+    def __init__(self, decoder: nn.Module, num_tokens: int = 20):
+        from peft import PrefixEncoder, PrefixTuningConfig
+        super().__init__()
+        config = decoder.config
+        if config.model_type != "gpt2":
+            raise UserError(f"--peft prefix is implemented for GPT-2 decoders, not {config.model_type}: use "
+                            f"--peft adapter or lora")
+        if num_tokens >= config.n_positions:
+            raise UserError(f"--prefix-tokens {num_tokens} leave no positions of the decoder's {config.n_positions}")
+        self.num_tokens, self.num_layers, self.num_heads = num_tokens, config.n_layer, config.n_head
+        self.encoder = PrefixEncoder(PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_tokens, token_dim=config.n_embd, num_layers=config.n_layer,
+            num_attention_heads=config.n_head, encoder_hidden_size=config.n_embd, prefix_projection=True))
+        self.register_buffer("tokens", torch.arange(num_tokens), persistent=False)
+        self._key_values = None
+        self.base_attention = config._attn_implementation
+        set_attention(decoder, prefix_attention(self.base_attention))
+        decoder.register_forward_pre_hook(self._compute_prefix)
+        decoder.register_forward_hook(self._forget_prefix)
+        for block in decoder.transformer.h:
+            block.attn.register_forward_pre_hook(self._give_layer_its_prefix, with_kwargs=True)
+        decoder.transformer.wpe.register_forward_pre_hook(self._shift_positions)
+
+    def key_values(self) -> torch.Tensor:
+        """[layers, 2 (keys, values), heads, tokens, head width], from the reparameterisation."""
+        out = self.encoder(self.tokens[None])[0]   # [tokens, layers * 2 * width], as peft's get_prompt views it
+        out = out.view(self.num_tokens, self.num_layers, 2, self.num_heads, -1)
+        return out.permute(1, 2, 3, 0, 4)
+
+    def _compute_prefix(self, module, args):   # once per decoder pass, shared by its layers
+        self._key_values = None if self._removed else self.key_values()
+
+    def _forget_prefix(self, module, args, output):
+        self._key_values = None
+
+    def _give_layer_its_prefix(self, module, args, kwargs):
+        if self._removed or self._key_values is None:
+            return None
+        return args, {**kwargs, "prefix_key_values": self._key_values[module.layer_idx]}
+
+    def _shift_positions(self, module, args):
+        return None if self._removed else (args[0] + self.num_tokens,)
+
+
+class _WithoutMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def logs_silenced(logger_name: str, text: str, when: bool = True):
+    """One named log message of one library logger left out while the block runs (nothing else)."""
+    if not when:
+        yield
+        return
+    silencer = _WithoutMessage(text)
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(silencer)
+    try:
+        yield
+    finally:
+        logger.removeFilter(silencer)
+
+
+def set_attention(language_model: nn.Module, name: str) -> None:
+    """The decoder's attention implementation, in every part of it. VisionEncoderDecoderModel gives the language
+    model a copy of its config while its inner modules keep the original, and transformers 5.17's
+    set_attn_implementation reaches only the former: set on each sub-model, then checked on every attention
+    module, since one left on the old implementation would drop the prefix silently."""
+    from transformers import PreTrainedModel
+    for module in language_model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation(name)
+    left = {m.config._attn_implementation for m in language_model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "config")} - {name}
+    if left:
+        raise RuntimeError(f"the decoder's attention stayed {left}, not {name}")
+
+
+def prefix_attention(base: str) -> str:
+    """The name of an attention function registered with transformers that runs `base` ("sdpa", "eager", ...)
+    with a layer's prefix keys and values in front of its own, when its module was given them."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    name = f"clip_adapt_prefix_{base}"
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    if base == "eager":
+        from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward as base_function
+    else:
+        base_function = ALL_ATTENTION_FUNCTIONS[base]
+
+    def attention(module, query, key, value, attention_mask, prefix_key_values=None, **kwargs):
+        if prefix_key_values is not None:
+            prefix = prefix_key_values.to(key.dtype)[:, None].expand(-1, key.shape[0], -1, -1, -1)
+            attention_mask = mask_with_prefix(attention_mask, query, key, prefix.shape[-2], base == "eager")
+            key, value = torch.cat([prefix[0], key], dim=2), torch.cat([prefix[1], value], dim=2)
+        return base_function(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def mask_with_prefix(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, prefix_tokens: int,
+                     additive: bool) -> torch.Tensor:
+    """The attention mask for [prefix, keys]: every query sees the whole prefix. Without a mask, causal over the
+    keys (the last query is the last key's token, as with a cache). additive: a float mask (eager attention),
+    else a boolean one (True: attend)."""
+    if mask is None:
+        queries, keys = query.shape[-2], key.shape[-2]
+        rows = torch.arange(queries, device=key.device)[:, None] + (keys - queries)
+        mask = (torch.arange(keys, device=key.device)[None, :] <= rows)[None, None]
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=key.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min)
+    seen = (torch.zeros if mask.dtype != torch.bool else torch.ones)(
+        (*mask.shape[:-1], prefix_tokens), dtype=mask.dtype, device=mask.device)
+    return torch.cat([seen, mask], dim=-1)
+
+
 class Captioner(nn.Module):
     """pixels -> caption. forward(pixels, targets) gives (mean next-token loss, summed per-caption next-token
     accuracy), the `own_loss` that clip_adapt.training.train() trains and evaluates on. targets: the token ids
-    [start, caption..., end], padded with -100."""
+    [start, caption..., end], padded with -100.
+
+    The PEFT module is added after VisionEncoderDecoderModel is built: its constructor's post_init()
+    re-initialises every module not yet marked as initialised, and would redraw LoRA's zero B and the prefix."""
     own_loss = True
 
     def __init__(self, clip, decoder, decoder_tokenizer, peft: str = "adapter", prefix_tokens: int = 20,
@@ -109,14 +265,16 @@ class Captioner(nn.Module):
         self.peft, self.tokenizer = peft, decoder_tokenizer
         encoder = freeze(clip.vision_model)
         decoder.requires_grad_(False)
-        if peft in ("prefix", "lora"):
+        self.model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)   # adds enc_to_dec_proj if needed
+        if peft == "lora":
+            from clip_adapt.adapters import peft_warnings_silenced
             from peft import get_peft_model
-            decoder = get_peft_model(decoder, peft_config(peft, decoder.config, prefix_tokens, rank, alpha,
-                                                          lora_dropout))
-        for name, parameter in decoder.named_parameters():
+            with peft_warnings_silenced():
+                self.model.decoder = get_peft_model(self.model.decoder, lora_config(decoder.config, rank, alpha,
+                                                                                    lora_dropout))
+        for name, parameter in self.model.decoder.named_parameters():
             if is_cross_attention(name):
                 parameter.requires_grad_(True)
-        self.model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder)   # adds enc_to_dec_proj if needed
         config = self.model.config
         start = decoder_tokenizer.bos_token_id
         end = decoder_tokenizer.eos_token_id
@@ -129,9 +287,8 @@ class Captioner(nn.Module):
             width = decoder.config.hidden_size
             for module_name, module in decoder.named_modules():
                 if module_name.split(".")[-1] == "crossattention":
-                    adapter = BottleneckAdapter(width, adapter_width(width), adapter_dropout)
-                    self.adapters.append(adapter)
-                    module.register_forward_hook(adapt_first_output(adapter))
+                    self.adapters.append(BottleneckAdapter(width, adapter_width(width), adapter_dropout).attach(module))
+        self.prefix = PrefixTuning(decoder, prefix_tokens) if peft == "prefix" else None
 
     @property
     def encoder(self):
@@ -162,13 +319,43 @@ class Captioner(nn.Module):
     def generate(self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int = MAX_CAPTION_TOKENS,
                  **kwargs):
         self.eval()
-        return self.model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                   do_sample=False, **kwargs)
+        # Two named transformers warnings that do not apply here, silenced for this call only. Its inputs are
+        # pixels, which have no padding to mask (GPT-2's pad token being its end token is what it warns of);
+        # and with output_attentions (the attention maps) the frozen CLIP encoder, on sdpa, returns no
+        # attention weights, which are not wanted: only the decoder's cross-attention is read, in eager mode.
+        with logs_silenced("transformers.generation.utils", "The attention mask is not set with a batched input"), \
+                logs_silenced("transformers.integrations.sdpa_attention", "does not support `output_attentions=True`",
+                              when=bool(kwargs.get("output_attentions"))):
+            return self.model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                       do_sample=False, **kwargs)
 
     def captions(self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int = MAX_CAPTION_TOKENS
                  ) -> list[str]:
         sequences = self.generate(pixels, num_beams, max_new_tokens)
         return [clean_caption(text) for text in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+    def eager_attention(self) -> str:
+        """The decoder's eager attention (which returns attention weights), with the prefix when there is one."""
+        return prefix_attention("eager") if self.prefix is not None else "eager"
+
+    def parts(self) -> list[Part]:
+        """The cross-attention (with its layer norms), the encoder projection when there is one, and the --peft
+        module: the adapter and LoRA start as the identity, the prefix does not (its keys and values take part in
+        attention from the start); all three can be removed."""
+        named = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        cross = {name: p for name, p in named.items() if is_cross_attention(name)}
+        projection = {name: p for name, p in named.items() if "enc_to_dec_proj" in name}
+        module = {name: p for name, p in named.items() if name not in cross and name not in projection}
+        parts = [Part("cross-attention", cross)]
+        if projection:
+            parts.append(Part("encoder projection", projection))
+        if self.peft == "adapter":
+            parts.append(Part("adapter", module, lambda: removed_together([a.removed for a in self.adapters]), identity_start=True))
+        elif self.peft == "prefix":
+            parts.append(Part("prefix", module, self.prefix.removed))
+        elif self.peft == "lora":
+            parts.append(Part("lora", module, self.model.decoder.disable_adapter, identity_start=True))
+        return parts
 
     def trainable_counts(self) -> dict[str, int]:
         """Trainable parameters by part: cross_attention, encoder_projection, and the --peft module."""
@@ -181,18 +368,10 @@ class Captioner(nn.Module):
         return counts
 
 
-def adapt_first_output(adapter: nn.Module):
-    def hook(module, inputs, output):
-        return (adapter(output[0]), *output[1:]) if isinstance(output, tuple) else adapter(output)
-    return hook
-
-
-def peft_config(method: str, decoder_config, prefix_tokens: int, rank: int, alpha: float, dropout: float):
-    from peft import LoraConfig, PrefixTuningConfig
-    if method == "prefix":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_tokens)
-    # GPT-2: the self-attention's input projection only (peft's default target for GPT-2 also matches the
-    # cross-attention's c_attn, which trains in full); other decoders: peft's default targets.
+def lora_config(decoder_config, rank: int, alpha: float, dropout: float):
+    """peft's LoRA on GPT-2's self-attention input projection only (peft's default target for GPT-2 also matches
+    the cross-attention's c_attn, which trains in full); other decoders: peft's default targets."""
+    from peft import LoraConfig
     targets = r".*\.attn\.c_attn" if decoder_config.model_type == "gpt2" else None
     return LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=targets, fan_in_fan_out=decoder_config.model_type == "gpt2")
@@ -203,12 +382,20 @@ def expected_trainable(decoder_width: int, decoder_layers: int, encoder_width: i
     """The trainable counts of a GPT-2 decoder by formula (d: decoder width, L: layers, e: encoder width):
     cross-attention L·(4d² + 6d) (query d×d, key and value d×2d, output d×d, with biases, and a layer norm);
     the encoder projection e·d + d when e ≠ d; adapter L·(2·d·b + b + d) with b = d // 2 - 30;
-    prefix 2·L·d per prefix token; LoRA L·r·(d + 3d) on the d → 3d self-attention projection."""
+    prefix P·d for the P virtual tokens' embedding, then the reparameterisation MLP d → d → 2·L·d with biases,
+    d² + d + 2·L·d·(d + 1) (after training, only the prefix's P·2·L·d values are needed: prefix_values);
+    LoRA L·r·(d + 3d) on the d → 3d self-attention projection."""
     d, layers, b = decoder_width, decoder_layers, adapter_width(decoder_width)
-    module = {"adapter": layers * (2 * d * b + b + d), "prefix": prefix_tokens * 2 * layers * d,
+    module = {"adapter": layers * (2 * d * b + b + d),
+              "prefix": prefix_tokens * d + d * d + d + 2 * layers * d * (d + 1),
               "lora": layers * rank * 4 * d, "none": 0}[peft]
     return {"cross_attention": layers * (4 * d * d + 6 * d),
             "encoder_projection": encoder_width * d + d if encoder_width != d else 0, peft: module}
+
+
+def prefix_values(decoder_width: int, decoder_layers: int, prefix_tokens: int = 20) -> int:
+    """The prefix's own keys and values, P·2·L·d: what a trained prefix amounts to once the MLP is dropped."""
+    return prefix_tokens * 2 * decoder_layers * decoder_width
 
 
 # --------------------------------------------------------------------------- loading the decoder

@@ -23,6 +23,7 @@ from clip_adapt.progress import progress_bar
 DEFAULT_DATA = "aggr8/brain_mri_train_test_split"
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data" / "brain_mri"
 STUDY_CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]   # the reproduced study's four, as folders
+STUDY_SIZES = {"train": 480, "test": 320}   # its images per split
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 READABLE_NAMES = {"notumor": "no tumor"}
 DEVICE_SHARE = 0.5   # of the GPU's free memory the images may take; the rest is for the model and activations
@@ -243,14 +244,17 @@ def check_data_early(data: str) -> None:
 
 
 def is_study_data(data: str) -> bool:
-    """Whether --data is the reproduced study's: its hub dataset, or a local image folder whose class folders are
-    exactly the study's four (a copy of it, or the shipped sample of it). Only then do the study's reported
-    accuracies stand beside ours."""
+    """Whether --data is the reproduced study's: its hub dataset, or a local image folder of the study's four
+    classes and its size (480 train, 320 test images: a copy of it, or a same-size draw of the same release such
+    as shared/data/brain_mri). Not the 40-image sample ("not for results") nor any other four-class folder.
+    Only then do the study's reported accuracies stand beside ours."""
     if data == DEFAULT_DATA:
         return True
     root = Path(data).expanduser()
-    return all((root / split).is_dir() and sorted(d.name for d in (root / split).iterdir() if d.is_dir())
-               == STUDY_CLASSES for split in ("train", "test"))
+    if not all((root / split).is_dir() and sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+               == STUDY_CLASSES for split in ("train", "test")):
+        return False
+    return {split: len(files) for split, files in image_files(root).items()} == STUDY_SIZES
 
 
 def is_saved_dataset(root: Path) -> bool:
@@ -592,8 +596,15 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
     kept = np.flatnonzero(keep)
     train_all = kept[split_of[kept] == "train"]
     test = kept[split_of[kept] == "test"]
+    moved = []
     if own_validation:
-        train, val = train_all, kept[split_of[kept] == "val"]
+        # As a carved split keeps every cluster of copies on one side, a cluster reaching from train into the
+        # dataset's own validation split goes wholly to validation: its train members move there (the given
+        # validation images stay, and no copy of one is trained on).
+        moved = sorted({i for members in clusters if any(split_of[j] == "val" for j in members)
+                        for i in members if split_of[i] == "train" and keep[i]})
+        train = np.setdiff1d(train_all, moved)
+        val = np.sort(np.concatenate([kept[split_of[kept] == "val"], np.array(moved, dtype=kept.dtype)]))
     else:
         train_position = {i: p for p, i in enumerate(train_all)}
         train_groups = [[train_position[i] for i in members if i in train_position] for members in clusters]
@@ -612,6 +623,7 @@ def load_data(data: str, image_processor, val_fraction: float = 0.15, seed: int 
 
     report = {"duplicate_check": mode, **duplicates, "dropped_train_duplicates": dropped,
               "skipped_images": loaded.skipped, "source": data,
+              "train_copies_moved_to_val": [files[i] for i in moved],
               "num_images": {"train": len(train), "val": len(val), "test": len(test)},
               "validation": "the dataset's own split" if own_validation else f"{val_fraction:g} of train"}
     return MRIData([readable(c) for c in class_names], subset(0, train), subset(1, val), subset(2, test), report,

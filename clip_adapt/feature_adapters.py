@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_adapt.base import Part
-from clip_adapt.models import ZERO_SHOT_TEMPLATES, Classifier, class_text_embeddings, freeze, trainable
+from clip_adapt.models import ZERO_SHOT_TEMPLATES, Classifier, class_text_embeddings, exact_fp32, freeze, trainable
 
 # Tip-Adapter's hyper-parameter search (utils.py search_hp): `steps` values from 0.1 up to, not including,
 # `scale`. The reference's configs set (beta, alpha) scales per data set, from (7, 3) for ImageNet to (13, 13);
@@ -69,7 +69,7 @@ class TipCache(nn.Module):
         return torch.exp(-beta * (1 - unit @ self.keys.T)) @ self.values
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with exact_fp32(embeddings.device.type):
             unit = F.normalize(embeddings.float(), dim=-1)
             return self.zero_shot_logits(unit) + self.alpha * self.cache_logits(unit, self.beta)
 
@@ -223,7 +223,7 @@ class ResidualAdapter(nn.Module):
         return self.ratio * F.relu(self.up(F.relu(self.down(f)))) + (1 - self.ratio) * f
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with exact_fp32(embeddings.device.type):
             return self.logit_scale * F.normalize(self.adapted(embeddings), dim=-1) @ self.class_embeddings.T
 
 

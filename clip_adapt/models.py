@@ -5,6 +5,7 @@ The prompts they train are in prompts.py, E7's peft adapters in adapters.py (bot
 
 from __future__ import annotations   # CLIPModel in signatures, without importing transformers' models for them
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,10 +221,40 @@ def random_clip(architecture: str, seed: int = 0, device: torch.device | str | N
     return clip.eval(), clip_image_processor(config.vision_config.image_size, image_processor), tokenizer
 
 
+def is_study_model(name: str) -> bool:
+    """Whether --model is the reproduced study's CLIP: openai/clip-vit-base-patch16 from the hub, or a local
+    directory holding pretrained weights of its architecture (a saved copy; what can be checked offline)."""
+    if name == DEFAULT_MODEL:
+        return True
+    path = Path(name).expanduser()
+    if is_random(name) or not (path / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return False
+    study = vit_b16_config()
+    return config.model_type == "clip" and all(
+        getattr(config.vision_config, key) == getattr(study.vision_config, key)
+        for key in ("hidden_size", "num_hidden_layers", "patch_size", "image_size")) and \
+        config.projection_dim == study.projection_dim
+
+
 def weights_of(name: str) -> str:
     """'random' for the models load_clip builds with random weights (TINY_CLIP, random:<architecture>), else
     'pretrained'; metrics.json records it, so that no one reads a random model's accuracy as CLIP's."""
     return "random" if is_random(name) else "pretrained"
+
+
+def weights_identity(name: str, model: nn.Module) -> dict:
+    """Which weights a run loaded: the hub revision (the commit of the snapshot) for a hub model, else a
+    fingerprint of the weights themselves (a local directory, random weights). Taken when the model is loaded,
+    before anything trains."""
+    revision = getattr(model.config, "_commit_hash", None)
+    if revision and not Path(name).expanduser().exists() and not is_random(name):
+        return {"revision": revision}
+    return {"weights_fingerprint": fingerprint(model)}
 
 
 def load_clip(name: str, device: torch.device | str | None = None, image_processor: str = "pil"):
@@ -275,7 +306,7 @@ def fingerprint(*modules: nn.Module) -> str:
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -301,15 +332,28 @@ def normalized_image_embeddings(clip: CLIPModel, pixels: torch.Tensor) -> torch.
     return F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
 
+@contextlib.contextmanager
+def exact_fp32(device_type: str):
+    """fp32 as it says: autocast off, and on CUDA no TF32 either, which pick_device turns on for the rest of a
+    run (TF32 rounds a matmul's inputs to 10 bits of mantissa: about 3e-4 relative error)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def similarity_logits(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """CLIP's scaled cosine similarities, in fp32 even under autocast: at a logit scale of 100, bf16 logits
-    of 16–32 fall on steps of 0.125, and the ties it makes go to class 0."""
-    with torch.autocast(image.device.type, enabled=False):
+    """CLIP's scaled cosine similarities, in fp32 even under autocast and without TF32: at a logit scale of 100,
+    bf16 logits of 16–32 fall on steps of 0.125, and the ties it makes go to class 0."""
+    with exact_fp32(image.device.type):
         return clip.logit_scale.exp().float() * image.float() @ text.float().T
 
 
 class Fp32Linear(nn.Linear):
-    """A linear head that computes in fp32 under autocast too, for the same reason as similarity_logits.
+    """A linear head that computes in fp32 (no autocast, no TF32), for the same reason as similarity_logits.
 
     Its input may be standardised first: `input_shift` and `input_scale` (buffers, identity until set) are the
     training split's per-feature mean and standard deviation of the initial features, set once before training
@@ -321,7 +365,7 @@ class Fp32Linear(nn.Linear):
         self.register_buffer("input_scale", torch.ones(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
+        with exact_fp32(x.device.type):
             return super().forward((x.float() - self.input_shift) / self.input_scale)
 
 
@@ -352,6 +396,9 @@ class ZeroShot(Classifier):
     """E1: CLIP as it is, each class described by text; the class embedding averages several templates."""
     frozen = ("clip",)
 
+    def parts(self) -> list[Part]:
+        return []   # nothing trains
+
     def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
         super().__init__()
         self.clip = freeze(clip)
@@ -373,7 +420,7 @@ class TextHead(nn.Module):
         self.register_buffer("logit_scale", clip.logit_scale.detach().exp().float().clone())
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(embeddings.device.type, enabled=False):
+        with exact_fp32(embeddings.device.type):
             return self.logit_scale * F.normalize(embeddings.float(), dim=-1) @ self.class_embeddings.T
 
 
@@ -388,10 +435,11 @@ class ImageClassifier(Classifier):
                  num_prompts: int = 0, prompt_layers=(0,), prompt_dropout: float = 0.0,
                  pixel_prompt: nn.Module | None = None, head: nn.Module | None = None, features: str = "projected",
                  **prompt_options):
-        """pixel_prompt: a pixel-space prompter applied to the normalised image first; head: in place of the
-        linear head (TextHead for CLIP's text classifier); features: "projected" (the image embedding CLIP
-        compares with text) or "pooled" (the tower's pooled output before the projection, as the CLIP paper's
-        linear probes read ViTs, appendix A.3); prompt_options: VisualPrompts' position, entry, init."""
+        """pixel_prompt: a pixel-space prompter (clip_adapt.prompts.PixelPrompter) added to the normalised image
+        as it enters the tower; head: in place of the linear head (TextHead for CLIP's text classifier);
+        features: "projected" (the image embedding CLIP compares with text) or "pooled" (the tower's pooled
+        output before the projection, as the CLIP paper's linear probes read ViTs, appendix A.3); prompt_options:
+        VisualPrompts' position, entry, init."""
         super().__init__()
         self.vision, self.projection = clip.vision_model, clip.visual_projection
         if not train_backbone:
@@ -399,21 +447,33 @@ class ImageClassifier(Classifier):
             freeze(self.vision), freeze(self.projection)
         self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
                         if num_prompts else None)
-        self.pixel_prompt = pixel_prompt
+        self.pixel_prompt = pixel_prompt.attach(self.vision) if pixel_prompt is not None else None
         if features not in FEATURES:
             raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
         self.features = features
         width = clip.config.projection_dim if features == "projected" else clip.config.vision_config.hidden_size
         self.head = head if head is not None else Fp32Linear(width, num_classes)
+        self.train_backbone = train_backbone
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.pixel_prompt is not None:
-            pixels = self.pixel_prompt(pixels)
         pooled = self.vision(pixel_values=pixels).pooler_output
         return self.projection(pooled) if self.features == "projected" else pooled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixels))
+
+    def parts(self) -> list[Part]:
+        parts = []
+        if self.prompts is not None:
+            parts.append(Part("prompts", trainable(self.prompts, "prompts."), self.prompts.removed))
+        if self.pixel_prompt is not None:
+            parts.append(Part("pixel prompt", trainable(self.pixel_prompt, "pixel_prompt."), self.pixel_prompt.removed))
+        if trainable(self.head):
+            parts.append(Part("head", trainable(self.head, "head.")))
+        if self.train_backbone:
+            parts.append(Part("backbone", {**trainable(self.vision, "vision."),
+                                           **trainable(self.projection, "projection.")}))
+        return parts
 
 
 class CoOp(Classifier):
@@ -439,7 +499,7 @@ class CoOp(Classifier):
         return similarity_logits(self.clip, image, self.class_embeddings())
 
     def parts(self) -> list[Part]:
-        return [Part("text context", trainable(self.text_context, "text_context."))]
+        return [Part("text context", trainable(self.text_context, "text_context."), self.text_context.removed)]
 
 
 class KgCoOp(CoOp):
@@ -480,4 +540,4 @@ class PromptedCLIP(CoOp):
 
     def parts(self) -> list[Part]:
         return [Part("visual prompts", trainable(self.visual_prompts, "visual_prompts."), self.visual_prompts.removed),
-                Part("text context", trainable(self.text_context, "text_context."))]
+                Part("text context", trainable(self.text_context, "text_context."), self.text_context.removed)]

@@ -15,12 +15,39 @@ from torch import nn
 from clip_adapt.base import UserError
 
 
+class Removable(nn.Module):
+    """A module that joins a frozen model through hooks, with removed(): a context in which its hooks pass
+    everything through untouched, so that the model computes exactly what it computes without it (not with the
+    module zeroed: a zero prompt would still take part in attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self._removed = False
+
+    @contextlib.contextmanager
+    def removed(self):
+        self._removed = True
+        try:
+            yield
+        finally:
+            self._removed = False
+
+
+@contextlib.contextmanager
+def removed_together(removals):
+    """Several removals at once: each of `removals` gives a context manager (a Removable's removed, a Part's)."""
+    with contextlib.ExitStack() as stack:
+        for removed in removals:
+            stack.enter_context(removed())
+        yield
+
+
 PROMPT_POSITIONS = ("front", "back")
 PROMPT_ENTRIES = ("pre-ln", "post-ln")
 PROMPT_INITS = ("normal", "xavier")
 
 
-class VisualPrompts(nn.Module):
+class VisualPrompts(Removable):
     """VPT (Jia et al., ECCV 2022): N learnable tokens among the image tokens at the input of the chosen
     encoder layers. The first chosen layer inserts them; every later chosen layer throws away the previous
     layer's prompt outputs and puts in its own (VPT-deep); a layer not chosen carries the prompts along.
@@ -43,8 +70,7 @@ class VisualPrompts(nn.Module):
     init: "normal" draws N(0, 0.02) as MaPLe and IVLP do (the default); "xavier" is VPT's uniform bound
     sqrt(6 / (3·patch² + width)).
 
-    removed(): a context in which the hooks pass every layer's input through untouched, so the tower computes
-    exactly what it computes without prompts (a zero prompt would still take part in attention).
+    removed() (Removable): the tower as it is without prompts.
     """
 
     def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
@@ -68,21 +94,12 @@ class VisualPrompts(nn.Module):
             nn.init.uniform_(prompts, -bound, bound)
         self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)
-        self._removed = False
         for index, layer in enumerate(self.layers):
             if index == 0 and self.entry == "pre-ln":
                 vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
             else:
                 vision_model.encoder.layers[layer].register_forward_pre_hook(
                     partial(self._put_prompts, index, index == 0), with_kwargs=True)
-
-    @contextlib.contextmanager
-    def removed(self):
-        self._removed = True
-        try:
-            yield
-        finally:
-            self._removed = False
 
     def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
         if self._removed:
@@ -105,7 +122,24 @@ def scaled_prompt_size(image_size: int, size_at_224: int = 30) -> int:
     return max(1, round(size_at_224 * image_size / 224))
 
 
-class PadPrompter(nn.Module):
+class PixelPrompter(Removable):
+    """A pixel-space prompt added to the normalised image as it enters the vision tower: attach() puts a hook on
+    the tower's patch embedding, so that the prompt joins the frozen tower the way the prompt tokens do and
+    removed() takes it out. Calling the prompter itself adds it to the pixels it is given."""
+
+    def attach(self, vision_model: nn.Module) -> "PixelPrompter":
+        vision_model.embeddings.register_forward_pre_hook(self._prompt_pixels, with_kwargs=True)
+        return self
+
+    def _prompt_pixels(self, module, args, kwargs):
+        if self._removed:
+            return None
+        if args:
+            return (self(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "pixel_values": self(kwargs["pixel_values"])}
+
+
+class PadPrompter(PixelPrompter):
     """Bahng et al. (2022), "Exploring Visual Prompts for Adapting Large-Scale Models": a learnable frame
     `pad_size` pixels wide, added to the normalised image; the inside is untouched.
     Parameters: 3·2·p·S (top, bottom) + 3·2·p·(S − 2p) (left, right) = 12·p·(S − p); 69,840 at S = 224,
@@ -134,7 +168,7 @@ class PadPrompter(nn.Module):
         return pixels + frame.to(pixels.dtype)
 
 
-class FixedPatchPrompter(nn.Module):
+class FixedPatchPrompter(PixelPrompter):
     """Bahng et al. (2022): a learnable `patch_size`² square added at the top-left corner. Parameters: 3·s²."""
 
     def __init__(self, image_size: int, patch_size: int):
@@ -185,7 +219,7 @@ PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "r
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
 
-class TextContext(nn.Module):
+class TextContext(Removable):
     """CoOp (Zhou et al., IJCV 2022): M learnable context vectors in place of a hand-written template, shared by
     every class (KaiyangZhou/CoOp trainers/coop.py, PromptLearner with CSC off). Each class's sentence is
     [BOS] ctx_1 ... ctx_M <class name> . [EOS] (class_token_position "end"), [BOS] ctx_1 ... ctx_M/2 <class name>
@@ -194,7 +228,10 @@ class TextContext(nn.Module):
 
     init: words whose token embeddings start the context (CoOp's CTX_INIT, e.g. "a photo of a"), which then sets
     M to their number of tokens (CoOp counts words, the same for words of one token each); else M vectors drawn
-    from N(0, 0.02), as CoOp does."""
+    from N(0, 0.02), as CoOp does.
+
+    removed(): the context vectors are not put in, so the M slots hold the placeholder token's own embedding, as
+    the text tower reads the ids without the hook."""
 
     def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int,
                  class_token_position: str = "end", init: str | None = None):
@@ -236,11 +273,11 @@ class TextContext(nn.Module):
         self.register_buffer("input_ids", torch.stack(ids), persistent=False)
         self.register_buffer("attention_mask", torch.stack(masks), persistent=False)
         self.register_buffer("slots", torch.tensor(slots), persistent=False)   # where each class's context goes
-        self._active = False
+        self._active = False   # any other use of this text tower sees plain token embeddings
         token_embedding.register_forward_hook(self._put_context)
 
     def _put_context(self, module, args, token_embeddings):
-        if not self._active:   # any other use of this text tower sees plain token embeddings
+        if not self._active or self._removed:
             return None
         rows = torch.arange(len(token_embeddings), device=token_embeddings.device)[:, None]
         context = self.context.to(token_embeddings.dtype).expand(len(token_embeddings), -1, -1)

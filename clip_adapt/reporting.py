@@ -1,6 +1,8 @@
 """Metrics, plots and the files in outputs/: everything written atomically, so a kill never leaves half a report."""
 
 import functools
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +20,38 @@ ECE_BINS = 15
 
 
 # --------------------------------------------------------------------------- numbers
+
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "scikit-learn", "datasets")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of the libraries whose numbers a run depends on (None: not installed); torch's with
+    its build (e.g. 2.14.1+cu130), as torch.__version__ gives it."""
+    def version(name):
+        if name == "torch":
+            return torch.__version__
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+    return {name: version(name) for name in LIBRARIES}
+
+
+def code_version(root: Path = REPO) -> dict:
+    """The git commit the code ran from and whether the checkout had changes not committed (dirty), so that a
+    result can be traced to its code; both None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """Gap between confidence and accuracy, averaged over equal-width confidence bins weighted by size."""

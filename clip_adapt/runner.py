@@ -5,7 +5,10 @@ An experiment is a script at the repository's root named E<number>_<name>.py tha
 when it trains nothing), STUDY_ACCURACY (the study's reported accuracy, or None), add_flags(parser) and
 build_model(clip, tokenizer, class_names, args). Nothing lists them: a new script is found by its name. A script
 may declare TASK (default "classification"); E8 is "captioning", and the tools that run classifiers on
-classification data take only classification_scripts().
+classification data take only classification_scripts(). STUDY_RECIPE (optional): settings in which the study's
+run differed from this script's defaults (E2: {"solver": "adamw"}), so that the summary marks the study's figure
+when a run's settings are not the study's. MODEL_VARIANTS (optional): other command lines whose models the part
+contract checks too (tests/test_part_contract.py).
 """
 
 import argparse
@@ -66,6 +69,11 @@ class ExperimentScript:
     @property
     def study_accuracy(self) -> float | None:
         return self.module.STUDY_ACCURACY
+
+    def differs_from_study(self, settings: dict) -> dict:
+        """{setting: (this run's, the study's)} where a run's settings are not the study's recipe."""
+        recipe = getattr(self.module, "STUDY_RECIPE", {})
+        return {key: (settings.get(key), value) for key, value in recipe.items() if settings.get(key) != value}
 
     def parser(self) -> argparse.ArgumentParser:
         """The script's own command line, as its main() builds it."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_adapt.models import exact_fp32
 from clip_adapt.reporting import classification_metrics, save_figure
 
 ALPHAS = tuple(round(i / 10, 1) for i in range(11))   # 0, 0.1, ..., 1
@@ -19,7 +20,7 @@ ALPHAS = tuple(round(i / 10, 1) for i in range(11))   # 0, 0.1, ..., 1
 class ZeroShotLinear(nn.Linear):
     """WiSE-FT's head (its ClassificationHead with normalize=True, from get_zeroshot_classifier): a linear layer on
     the unit image embedding, its weight CLIP's logit scale times the class text embeddings, its bias 0, so that
-    as built it gives E1's logits. Computed in fp32 (no autocast), as the project's other heads are."""
+    as built it gives E1's logits. Computed in fp32 (no autocast, no TF32), as the project's other heads are."""
 
     def __init__(self, class_embeddings: torch.Tensor, logit_scale: torch.Tensor):
         classes, width = class_embeddings.shape
@@ -29,7 +30,7 @@ class ZeroShotLinear(nn.Linear):
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
+        with exact_fp32(x.device.type):
             return F.linear(F.normalize(x.float(), dim=-1), self.weight, self.bias)
 
 

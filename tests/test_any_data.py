@@ -112,6 +112,24 @@ def test_own_validation_split_is_used_and_test_split_can_be_renamed(tmp_path, im
     assert (len(carved.train), len(carved.val), len(carved.test)) == (8, 4, 8)
 
 
+@pytest.mark.parametrize("duplicates", ["exact", "near"])
+def test_a_train_copy_of_an_own_validation_image_moves_to_validation(tmp_path, image_processor, duplicates):
+    """Copies are grouped with a dataset's own validation split as with a carved one: the whole cluster on one
+    side. The given validation images stay where they are; the train image that copies one joins them."""
+    source = cifar_like({"train": 3, "validation": 2, "test": 1}, coarse=False)
+    train = source["train"].to_dict()
+    val = source["validation"].to_dict()
+    val["img"][0], val["fine_label"][0] = train["img"][5], train["fine_label"][5]   # val 0 is train 5's copy
+    features = source["train"].features
+    datasets.DatasetDict({"train": source["train"], "validation": datasets.Dataset.from_dict(val, features=features),
+                          "test": source["test"]}).save_to_disk(tmp_path / "d")
+    data = load_data(str(tmp_path / "d"), image_processor, duplicates=duplicates)
+    assert data.report["train_copies_moved_to_val"] == ["train[5]"]
+    assert "train[5]" in data.val.files and "train[5]" not in data.train.files
+    assert (len(data.train), len(data.val), len(data.test)) == (11, 9, 4)
+    assert set(data.val.files) >= {f"validation[{i}]" for i in range(8)}
+
+
 def test_integer_labels_need_names_from_a_flag(tmp_path, image_processor):
     cifar_like({"train": 3, "test": 1}, integer_labels=True).save_to_disk(tmp_path / "d")
     with pytest.raises(UserError, match="integer labels without class names: pass --class-names"):
@@ -305,7 +323,7 @@ def test_two_process_accelerate_launch_resumes_and_matches_one_process(tmp_path)
         torch.testing.assert_close(two_weights[name], weights, rtol=0, atol=1e-5, msg=name)
     for key in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"):
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
-    two_robustness, one_robustness = (list(csv.DictReader(open(f / "robustness.csv"))) for f in (folder, one_folder))
+    two_robustness, one_robustness = (list(csv.DictReader((f / "robustness.csv").read_text().splitlines())) for f in (folder, one_folder))
     assert [row.keys() for row in two_robustness] == [row.keys() for row in one_robustness]
     for two_row, one_row in zip(two_robustness, one_robustness):
         assert {k: float(v) for k, v in two_row.items()} == pytest.approx(

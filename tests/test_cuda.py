@@ -14,7 +14,7 @@ from conftest import tiny_batch  # noqa: E402
 
 from clip_adapt import data as data_module  # noqa: E402
 from clip_adapt.data import MRIData, Split  # noqa: E402
-from clip_adapt.models import Fp32Linear, ImageClassifier, tiny_clip  # noqa: E402
+from clip_adapt.models import Fp32Linear, ImageClassifier, TextHead, similarity_logits, tiny_clip  # noqa: E402
 from clip_adapt.training import TrainConfig, predict, train  # noqa: E402
 
 
@@ -33,17 +33,36 @@ def test_bf16_logits_on_the_gpu_match_fp32_on_the_cpu():
     assert torch.linalg.norm(on_gpu - reference) / torch.linalg.norm(reference) < 2e-2
 
 
-def test_fp32_head_computes_in_fp32_on_the_gpu_as_the_run_sets_it_up():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fp32_heads_and_similarities_compute_without_tf32_on_the_gpu_as_the_run_sets_it_up(compiled):
     """pick_device turns TF32 on for the fp32 leftovers outside autocast; the heads that must stay fp32
-    (Fp32Linear, similarity_logits) must still land at fp32's error, far under TF32's ~1e-3."""
+    (Fp32Linear, TextHead, similarity_logits) turn it off inside (models.exact_fp32) and must land at fp32's
+    error, far under TF32's ~3e-4, under bf16 autocast too; TF32 is on again afterwards."""
     device = common.pick_device("cuda")
-    head = Fp32Linear(512, 4).to(device)
-    x = torch.randn(256, 512, device=device)
-    reference = x.double() @ head.weight.double().T + head.bias.double()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = head(x)
-    assert out.dtype == torch.float32
-    assert (torch.linalg.norm(out.double() - reference) / torch.linalg.norm(reference)).item() < 1e-5
+    assert torch.backends.cuda.matmul.allow_tf32
+    clip, _, tokenizer = tiny_clip()
+    clip = clip.to(device)
+    linear = Fp32Linear(512, 4).to(device)
+    text_head = TextHead(clip, tokenizer, ["a", "b", "c", "d"]).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(256, 512, device=device, generator=generator)
+    image = torch.nn.functional.normalize(torch.randn(256, 16, device=device, generator=generator), dim=-1)
+    text = text_head.class_embeddings
+    heads = {
+        "Fp32Linear": (linear, x, x.double() @ linear.weight.double().T + linear.bias.double()),
+        "TextHead": (text_head, image, text_head.logit_scale.double()
+                     * torch.nn.functional.normalize(image.double(), dim=-1) @ text.double().T),
+        "similarity_logits": (lambda e: similarity_logits(clip, e, text), image,
+                              clip.logit_scale.exp().double() * image.double() @ text.double().T),
+    }
+    for name, (head, inputs, reference) in heads.items():
+        run = torch.compile(head) if compiled else head
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(inputs)
+        assert out.dtype == torch.float32, name
+        error = (torch.linalg.norm(out.double() - reference) / torch.linalg.norm(reference)).item()
+        assert error < 1e-5, (name, error)
+        assert torch.backends.cuda.matmul.allow_tf32, name   # back on for the rest of the run
 
 
 def test_data_kept_in_pinned_host_memory_trains_as_data_on_the_gpu(monkeypatch, tmp_path):

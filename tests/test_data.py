@@ -7,7 +7,8 @@ from PIL import Image
 
 from clip_adapt.base import UserError
 from clip_adapt.data import DEFAULT_DATA, is_study_data, load_data, open_rgb, stratified_val_indices
-from clip_adapt.models import tiny_clip
+from clip_adapt.models import DEFAULT_MODEL, is_study_model, tiny_clip, weights_of
+from clip_adapt.runner import METRICS, aggregate
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,37 @@ def test_project_data_has_no_pixel_copies_across_splits(image_processor):
 
 
 def test_the_study_column_is_for_the_study_data_only(tmp_path):
-    """The study's reported accuracies stand beside ours only on its data: its hub id, or its four class folders."""
-    assert is_study_data(DEFAULT_DATA) and is_study_data(str(SAMPLE_DATA))
-    assert is_study_data(str(make_image_folder(tmp_path / "copy")))
+    """The study's reported accuracies stand beside ours only on its data: its hub id, or a folder of its four
+    classes at its size (480 / 320), not the 40-image sample or any other four-class folder."""
+    assert is_study_data(DEFAULT_DATA)
+    if SHARED_DATA.exists():   # the project's 800-image copy: the study's classes and split sizes
+        assert is_study_data(str(SHARED_DATA))
+    assert not is_study_data(str(SAMPLE_DATA))
+    assert not is_study_data(str(make_image_folder(tmp_path / "copy")))
     shapes = make_image_folder(tmp_path / "shapes", per_class=1, classes=("circle", "square"))
     assert not is_study_data(str(shapes)) and not is_study_data("cifar100") and not is_study_data("someone/mri")
+
+
+def summary_metrics(name: str, solver: str | None = None) -> dict:
+    return {"experiment": name, "trainable_params": 2052, "total_params": 10, "trainable_share": 0.5,
+            **{metric: 0.5 for metric in METRICS}, "test_accuracy_ci95": [0.4, 0.6], "robustness": {"0.0": 0.5},
+            "settings": {"solver": solver} if solver else {}, "converged": True, "convergence_reason": ""}
+
+
+@pytest.mark.parametrize("model, data, shown", [(DEFAULT_MODEL, DEFAULT_DATA, True),
+                                                (DEFAULT_MODEL, str(SAMPLE_DATA), False),
+                                                ("random:vit-b16", DEFAULT_DATA, False),
+                                                ("openai/clip-vit-large-patch14", DEFAULT_DATA, False)])
+def test_the_study_column_needs_the_study_model_on_the_study_data_and_marks_another_recipe(model, data, shown):
+    import run_all_experiments as run_all
+    metrics = {"E1_zero_shot_clip": summary_metrics("E1_zero_shot_clip"),
+               "E2_linear_probe": summary_metrics("E2_linear_probe", "lbfgs")}
+    rows = [aggregate(name, [m]) for name, m in metrics.items()]
+    run = {"model": model, "data": data, "weights": weights_of(model), "study_data": is_study_data(data),
+           "study_model": is_study_model(model), "split_seed": 0}
+    differs = {name: d for name, m in metrics.items() if (d := run_all.SCRIPTS[name].differs_from_study(m["settings"]))}
+    assert differs == {"E2_linear_probe": {"solver": ("lbfgs", "adamw")}}
+    text = run_all.markdown(rows, {}, [0], "python run_all_experiments.py", run, differs)
+    assert ("| study |" in text) == shown
+    assert ("| E2_linear_probe | 0.500 [0.400, 0.600] | 0.910 † |" in text) == shown
+    assert ("† Not the study's recipe: E2_linear_probe ran with --solver lbfgs (the study: adamw)." in text) == shown

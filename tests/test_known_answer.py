@@ -5,8 +5,9 @@ that the zero-shot path, the prompts, the text context, the adapters and the hea
 Credit only for what a method adds: the frozen features already separate the shapes, so a trained linear head
 alone scores well. The prompts and the adapter are therefore trained through CLIP's frozen text classifier
 (--head clip, E1's templates), which cannot learn: each must beat E1 by a measured margin, and with its prompts
-removed (not zeroed) or its adapter disabled the same classifier must give E1's accuracy back. A head-only run
-fails that bar.
+removed (not zeroed) or its adapter disabled the same classifier must give E1's accuracy back. Prompts trained
+beside a linear head fail that bar: removing them leaves the head's accuracy, not E1's. E5, which has no head to
+freeze, is judged part by part against the same run with that part removed.
 
 Thresholds come from five training seeds on 2 CPU cores (docs/known-answer.md), with a margin below the lowest.
 """
@@ -32,16 +33,29 @@ pytestmark = pytest.mark.slow
 
 ZERO_SHOT = next(script.name for script in classification_scripts() if not script.trains)   # E1
 CHANCE = 1 / len(known_answer.SHAPES)
-ZERO_SHOT_AT_LEAST = 0.5        # measured 0.7625 (the same for every seed: nothing is trained)
-TRAINED_AT_LEAST = 0.8          # E2 and E6, linear heads: measured 0.90-0.99 over five seeds
+ZERO_SHOT_AT_LEAST = 0.5        # measured 0.7625 (the same for every seed: nothing is trained; margin 0.2625)
+TRAINED_AT_LEAST = 0.8          # E2 and E6, linear heads: measured 0.90-0.99 over five seeds (margin 0.10)
 BEATS_ZERO_SHOT_BY = 0.05
+# The credited methods, from the scripts (known_answer.credited): those taking --head clip are trained through
+# the frozen text head, the others (E5) judged against their own run with a part removed.
+CREDITED = known_answer.credited()
+THROUGH_HEAD = [name for name in CREDITED if known_answer.takes_clip_head(
+    next(s for s in classification_scripts() if s.name == name))]
 # Through the frozen text head, E1 + this much: below the lowest of five seeds (docs/known-answer.md).
-# Measured over seeds 0-4, fp32: E3 0.8125-0.8625, E4 0.8375-0.875, E7 0.9375-0.9875 (E1 0.7625).
-PROMPTS_BEAT_ZERO_SHOT_BY = dict(zip(known_answer.CREDITED, (0.025, 0.05, 0.1)))
-# E5 trained jointly, each half alone: the text context 0.900-0.925; the visual prompts with E1's hand-written
-# text 0.7625-0.8125, no better than E1 in two seeds of five (they co-adapt with the learned context), so
-# they are held only to not fall below E1 here; visual prompts earn their credit through E3 --head clip.
-E5_PARTS_AT_LEAST_ZERO_SHOT_PLUS = {"visual prompts": 0.0, "text context": 0.1}
+# Measured over seeds 0-4, fp32 (E1 0.7625), lowest gain over E1 / margin left above the threshold:
+# E3 0.8125-0.8625 (+0.05 / 0.025), E4 0.8375-0.875 (+0.075 / 0.025), E7 0.9375-0.9875 (+0.175 / 0.075).
+# A script added later that takes --head clip is held to the smallest of them until it is measured.
+PROMPTS_BEAT_ZERO_SHOT_BY = {"E3_shallow_vpt": 0.025, "E4_deep_vpt": 0.05, "E7_lora": 0.1}
+# E5, its text context with the visual prompts removed: 0.900-0.925 over seeds 0-4, E1 + 0.1375 at the lowest
+# (margin left 0.0375).
+E5_TEXT_CONTEXT_BEATS_ZERO_SHOT_BY = 0.1
+# E5's visual prompts against the same run with them removed: the test loss with them is lower by 0.028-0.139
+# over seeds 0-4 (0.028 at seed 0, the test's; margin left 0.013). Prompts that never reached the model would
+# lower it by exactly 0. By accuracy they are not reliably better (+0.025 to -0.0125: seed 3 loses an image).
+E5_VISUAL_PROMPTS_LOWER_LOSS_BY = 0.015
+# E3's token prompts trained beside its linear head: with them removed the head alone keeps 0.900-0.9625 over
+# seeds 0-4, at least 0.1375 above E1 (margin left 0.0375), where a credited part must give E1 back exactly.
+HEAD_KEEPS_AWAY_FROM_ZERO_SHOT_BY = 0.1
 # A patience of 25 steps (5 epochs here) instead of the default 200 keeps the test short (as CREDIT_FLAGS);
 # the default flags converge too (docs/known-answer.md). E6 fine-tunes a 116k-parameter tower, for which the default rate meant
 # for ViT-B/16 (1e-5) is too low; run_all takes one --lr per call.
@@ -89,7 +103,7 @@ def zero_shot_accuracy(known_answer_dir, task):
 @pytest.fixture(scope="session")
 def frozen_head_runs(known_answer_dir, task):
     """E3's token prompts, E4 and E7 trained through the frozen text head, seed 0 (known_answer.credit_run)."""
-    return {name: known_answer.credit_run(known_answer_dir[0], task, name) for name in PROMPTS_BEAT_ZERO_SHOT_BY}
+    return {name: known_answer.credit_run(known_answer_dir[0], task, name) for name in THROUGH_HEAD}
 
 
 def credited(accuracy: float, removed: float, zero_shot: float, margin: float) -> bool:
@@ -132,7 +146,7 @@ def test_known_answer_full_finetune_converges_within_its_cap_after_its_rate_cuts
     if "E6_full_finetune" not in metrics:
         pytest.skip(f"E6 is not in the {precision} subset")
     assert metrics["E6_full_finetune"]["epochs_run"] < 60, precision
-    rows = list(csv.DictReader(open(out_dir / "E6_full_finetune" / "history.csv")))[1:]   # epoch 0 trains nothing
+    rows = list(csv.DictReader((out_dir / "E6_full_finetune" / "history.csv").read_text().splitlines()))[1:]   # epoch 0 trains nothing
     rates = [float(row["lr"]) for row in rows]
     assert max(rates) == pytest.approx(float(FULL_FINETUNE_LR))
     assert rates[-1] == pytest.approx(max(rates) * CUT_FACTOR ** RATE_CUTS), (precision, rates)
@@ -164,33 +178,42 @@ def test_known_answer_linear_probe_matches_scikit_learn(known_answer_runs, known
     assert abs(e2["test_accuracy"] - reference) <= 1 / 80 + 1e-9, (precision, e2["test_accuracy"], reference)
 
 
-@pytest.mark.parametrize("name", list(PROMPTS_BEAT_ZERO_SHOT_BY))
+def test_known_answer_every_credited_method_is_found_from_the_scripts():
+    assert set(THROUGH_HEAD) >= {"E3_shallow_vpt", "E4_deep_vpt", "E7_lora"} and "E5_clip_vpt" in CREDITED
+    assert not {"E1_zero_shot_clip", "E2_linear_probe", "E6_full_finetune"} & set(CREDITED)
+
+
+@pytest.mark.parametrize("name", THROUGH_HEAD)
 def test_known_answer_prompts_and_adapters_earn_their_gain_through_a_frozen_head(name, frozen_head_runs,
                                                                                   zero_shot_accuracy):
     run = frozen_head_runs[name]
     accuracy, removed = run["accuracy"], run["removed"]
-    assert accuracy >= zero_shot_accuracy + PROMPTS_BEAT_ZERO_SHOT_BY[name], (name, accuracy, zero_shot_accuracy)
+    margin = PROMPTS_BEAT_ZERO_SHOT_BY.get(name, min(PROMPTS_BEAT_ZERO_SHOT_BY.values()))
+    assert accuracy >= zero_shot_accuracy + margin, (name, accuracy, zero_shot_accuracy)
     # Removed, not zeroed: the same trained classifier without its prompts (or adapter) is E1 again.
     assert removed == pytest.approx(zero_shot_accuracy, abs=1e-9), (name, removed)
-    assert credited(accuracy, removed, zero_shot_accuracy, PROMPTS_BEAT_ZERO_SHOT_BY[name])
+    assert credited(accuracy, removed, zero_shot_accuracy, margin)
 
 
-def test_known_answer_e5_text_context_alone_beats_zero_shot_and_visual_prompts_alone_keep_it(known_answer_dir, task,
-                                                                                             zero_shot_accuracy):
-    """E5 trained jointly, then each half alone: its visual prompts with E1's hand-written class text, and its
-    text context with the visual prompts removed."""
+def test_known_answer_e5_each_part_beats_its_own_run_without_it(known_answer_dir, task, zero_shot_accuracy):
+    """E5 trained jointly, then judged part by part against the same run with that part removed: the visual
+    prompts lower the test loss that the run has without them (prompts that never reached the model would leave
+    it exactly as it is); the text context, with the visual prompts removed, beats E1's hand-written templates
+    (the text it replaces)."""
     run = known_answer.credit_run(known_answer_dir[0], task, "E5_clip_vpt")
-    for part, at_least in E5_PARTS_AT_LEAST_ZERO_SHOT_PLUS.items():
-        assert run[part] >= zero_shot_accuracy + at_least, (part, run[part])
+    assert run["loss"] <= run["visual prompts removed loss"] - E5_VISUAL_PROMPTS_LOWER_LOSS_BY, run
+    assert run["visual prompts removed"] >= zero_shot_accuracy + E5_TEXT_CONTEXT_BEATS_ZERO_SHOT_BY, run
 
 
-def test_known_answer_a_head_alone_fails_the_prompt_bar(known_answer_dir, task, zero_shot_accuracy):
-    """Nothing but a linear head trains (no prompts): it learns the task, yet earns no credit as a prompt method,
-    since there is nothing to remove and its accuracy does not fall back to E1's."""
-    model, _ = known_answer.train_method(known_answer_dir[0], task, "E3_shallow_vpt", "--num-prompts", "0",
-                                         "--head", "linear", *SHORT, "--lr", "1e-1",
-                                         "--epochs", "15")
-    assert model.prompts is None
+def test_known_answer_prompts_beside_a_linear_head_fail_the_prompt_bar(known_answer_dir, task, zero_shot_accuracy):
+    """E3's token prompts trained with its default linear head: the classifier learns the task, and removing the
+    prompts (a real removal, the same as above) leaves most of it, the head's, not E1's: no credit as a prompt
+    method, however high the accuracy."""
+    model, _ = known_answer.train_method(known_answer_dir[0], task, "E3_shallow_vpt", "--head", "linear", *SHORT,
+                                         "--lr", "1e-1", "--epochs", "15")
     accuracy = known_answer.accuracy(model, task.test)
-    assert accuracy > zero_shot_accuracy   # it learned
-    assert not credited(accuracy, accuracy, zero_shot_accuracy, min(PROMPTS_BEAT_ZERO_SHOT_BY.values()))
+    with model.prompts.removed():
+        removed = known_answer.accuracy(model, task.test)
+    assert accuracy >= zero_shot_accuracy + min(PROMPTS_BEAT_ZERO_SHOT_BY.values())   # learned: 0.9625-0.9875
+    assert abs(removed - zero_shot_accuracy) >= HEAD_KEEPS_AWAY_FROM_ZERO_SHOT_BY, (removed, zero_shot_accuracy)
+    assert not credited(accuracy, removed, zero_shot_accuracy, min(PROMPTS_BEAT_ZERO_SHOT_BY.values()))

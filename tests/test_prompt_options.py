@@ -166,7 +166,7 @@ def test_e1_reports_each_template_and_the_ensemble(tmp_path, capsys):
     templates.write_text("a photo of a {}.\n# a comment\n\nThis is not a photo of {}\n")
     run_script("E1_zero_shot_clip.py", "--smoke", "--templates", templates, "--output-dir", tmp_path, expect_exit=0)
     folder = tmp_path / "E1_zero_shot_clip"
-    rows = list(csv.DictReader(open(folder / "templates.csv")))
+    rows = list(csv.DictReader((folder / "templates.csv").read_text().splitlines()))
     assert [r["template"] for r in rows] == ["a photo of a {}.", "This is not a photo of {}", "ensemble of 2"]
     metrics = metrics_of(folder)
     assert set(metrics["template_accuracy"]) == {"a photo of a {}.", "This is not a photo of {}"}
@@ -184,7 +184,7 @@ def test_e1_reports_each_template_and_the_ensemble(tmp_path, capsys):
 def test_ablate_smoke_writes_one_row_per_cell_and_resumes(tmp_path, capsys):
     args = ["--smoke", "--epochs", 1, "--counts", 1, "--output-dir", tmp_path]
     run_script("tools/ablate_prompts.py", *args, expect_exit=0)
-    rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
+    rows = list(csv.DictReader((tmp_path / "ablation.csv").read_text().splitlines()))
     # 1 count × layers 0, all × front, back + padding + fixed patch
     assert [r["cell"] for r in rows] == ["token_layer0_n1_front", "token_layer0_n1_back", "token_layerall_n1_front",
                                          "token_layerall_n1_back", "padding", "fixed-patch"]
@@ -199,4 +199,4 @@ def test_ablate_smoke_writes_one_row_per_cell_and_resumes(tmp_path, capsys):
     run_script("tools/ablate_prompts.py", *args, expect_exit=0)
     assert capsys.readouterr().out.count("finished before, not rerun") == len(rows)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
-    assert list(csv.DictReader(open(tmp_path / "ablation.csv"))) == rows
+    assert list(csv.DictReader((tmp_path / "ablation.csv").read_text().splitlines())) == rows

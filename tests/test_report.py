@@ -240,7 +240,7 @@ def test_report_to_tensorboard_logs_every_epoch(tmp_path):
     run_script("E3_shallow_vpt.py", "--smoke", "--output-dir", tmp_path, "--report-to", "tensorboard", "--quiet",
                "--noise-levels", 0, expect_exit=0)
     logged = scalars(tmp_path / "E3_shallow_vpt" / "tensorboard")
-    history = list(csv.DictReader(open(tmp_path / "E3_shallow_vpt" / "history.csv")))
+    history = list(csv.DictReader((tmp_path / "E3_shallow_vpt" / "history.csv").read_text().splitlines()))
     assert set(logged) == {f"{m}/{s}" for m in ("loss", "accuracy") for s in ("train", "val", "test")} | {
         "learning_rate"}
     for tag, values in logged.items():
@@ -300,7 +300,7 @@ def test_summary_and_report_flag_every_run_that_did_not_converge(smoke_run):
     metrics = {name: json.loads((out_dir / name / "metrics.json").read_text()) for name in RUN}
     assert metrics["E3_shallow_vpt"]["converged"] is False and metrics["E1_zero_shot_clip"]["converged"] is True
     summary, page = (out_dir / "summary.md").read_text(), (out_dir / "report.html").read_text()
-    rows = {r["experiment"]: r for r in csv.DictReader(open(out_dir / "summary.csv"))}
+    rows = {r["experiment"]: r for r in csv.DictReader((out_dir / "summary.csv").read_text().splitlines())}
     for name, m in metrics.items():
         row = next(line for line in summary.splitlines() if line.startswith(f"| {name} |"))
         assert ("| **no** |" in row) == (not m["converged"]) and int(rows[name]["not_converged"]) == (not m["converged"])

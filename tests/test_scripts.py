@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from clip_adapt.base import UserError
 from clip_adapt.data import Split
 from clip_adapt.models import TINY_CLIP
+from clip_adapt.reporting import LIBRARIES
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
 
@@ -49,13 +50,18 @@ def assert_complete_outputs(folder, trained: bool):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+    # What a result is traced by: the libraries' versions, the code's commit and dirty flag, the weights loaded.
+    assert set(metrics["versions"]) == set(LIBRARIES) and metrics["versions"]["torch"] == torch.__version__
+    assert metrics["code"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", metrics["code"]["commit"])
+    assert metrics["code"]["dirty"] in (True, False, None)
+    assert len(metrics["model_weights"]) == 1 and set(metrics["model_weights"]) <= {"revision", "weights_fingerprint"}
     assert metrics["weights"] == ("random" if metrics["model"] == TINY_CLIP else "pretrained")
     # The run's time split into phases (clip_adapt/timing.py) adds up to its whole wall time.
     timings = metrics["timings"]
     assert set(timings) == {*PHASES, "other", "total"} and all(v >= 0 for v in timings.values())
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.01)
     assert timings["copy_check"] > 0 and timings["reports"] > 0 and (timings["training"] > 0) == trained
-    history = list(csv.DictReader(open(folder / "history.csv")))
+    history = list(csv.DictReader((folder / "history.csv").read_text().splitlines()))
     # One row per trained epoch and epoch 0, the model as built; one row for what trains nothing, or is fitted once
     # (E2's L-BFGS probe, E9's training-free cache with its search).
     looped = trained and metrics.get("solver") not in FITTED_ONCE
@@ -97,7 +103,7 @@ def test_run_all_smoke_writes_the_complete_tree(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for script in SCRIPTS:
         assert_complete_outputs(tmp_path / script.removesuffix(".py"), trained=script in TRAINED)
-    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    rows = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert [r["experiment"] for r in rows] == [s.removesuffix(".py") for s in SCRIPTS]
     shares = {r["experiment"]: float(r["trainable_share"]) for r in rows}
     assert shares["E1_zero_shot_clip"] == 0 and shares["E6_full_finetune"] == 1.0
@@ -112,7 +118,7 @@ def test_run_all_with_seeds_reports_mean_and_std_and_refuses_bad_data_before_any
     args = ["--smoke", "--output-dir", tmp_path, "--seeds", 0, 1, "--experiments", "E1_zero_shot_clip",
             "E2_linear_probe"]
     run_script("run_all_experiments.py", *args, expect_exit=0)
-    row = next(csv.DictReader(open(tmp_path / "summary.csv")))
+    row = next(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert row["runs"] == "2" and row["test_accuracy_std"] != ""
     assert (tmp_path / "seed_1" / "E2_linear_probe" / "metrics.json").exists()
     assert "±" in (tmp_path / "summary.md").read_text()

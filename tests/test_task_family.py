@@ -13,13 +13,8 @@ accuracy, 0.744 standardised by log-loss, 0.781 raw by log-loss): E2 must equal 
 must reach what a plain logistic regression reaches. Measured figures: docs/known-answer.md ("The task family").
 """
 
-import json
-
 import numpy as np
 import pytest
-import torch
-
-from conftest import run_script
 
 from tools import known_answer
 
@@ -29,63 +24,27 @@ SEEDS = (0, 1, 2)
 E2_WITHIN = 0.03          # measured: see docs/known-answer.md
 GRADIENT_WITHIN = 0.05    # measured: the lowest mean -0.042 (E3, imbalanced)
 SEED_BELOW = 0.05
-GRADIENT = {"E2 by AdamW": ("E2_linear_probe", "--solver", "adamw"), "E3": ("E3_shallow_vpt",),
-            "E4": ("E4_deep_vpt",), "E7": ("E7_lora",)}
+GRADIENT = known_answer.FAMILY_GRADIENT
 
 
 @pytest.fixture(scope="session")
 def family(known_answer_dir, tmp_path_factory):
-    """{task: folder laid out as train_method reads it (clip/ and shapes/)} for every TASK_FAMILY member."""
-    folders = {}
-    for task, settings in known_answer.TASK_FAMILY.items():
-        folder = tmp_path_factory.mktemp(f"family_{task}")
-        (folder / "clip").symlink_to(known_answer_dir[0] / "clip", target_is_directory=True)
-        known_answer.write_weak_task(folder / "shapes", **settings)
-        folders[task] = folder
-    return folders
+    """{task: folder with clip/ and shapes/} for every TASK_FAMILY member."""
+    return known_answer.write_family(tmp_path_factory.mktemp("family"), known_answer_dir[0] / "clip")
 
 
 @pytest.fixture(scope="session")
 def references(family):
-    """{task: {"e2_recipe": test accuracy, "plain": test accuracy}}, the same for every seed: train + validation
-    is the whole training folder, in file order, whichever validation split a seed draws."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from transformers import CLIPImageProcessor, CLIPModel
-    from PIL import Image
-    accuracies = {}
-    for task, folder in family.items():
-        clip = CLIPModel.from_pretrained(folder / "clip").eval()
-        processor = CLIPImageProcessor.from_pretrained(folder / "clip")
-
-        def features(split):
-            files = sorted((folder / "shapes" / split).glob("*/*.png"))
-            labels = np.array([known_answer.SHAPES.index(f.parent.name) for f in files])
-            with torch.no_grad():
-                pixels = processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
-                return clip.get_image_features(pixel_values=pixels).pooler_output.double().numpy(), labels
-        (x, y), (test_x, test_y) = features("train"), features("test")
-        folds, grid = StratifiedKFold(5, shuffle=True, random_state=0), np.logspace(-6, 6, 25)
-        e2_recipe = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000, tol=1e-8)),
-                                 {"logisticregression__C": grid}, cv=folds, scoring="neg_log_loss").fit(x, y)
-        plain = LogisticRegressionCV(Cs=grid, cv=folds, scoring="accuracy", l1_ratios=(0.0,), max_iter=100_000,
-                                     tol=1e-8, use_legacy_attributes=False).fit(x, y)
-        accuracies[task] = {name: float((fit.predict(test_x) == test_y).mean())
-                            for name, fit in (("e2_recipe", e2_recipe), ("plain", plain))}
-    return accuracies
+    """{task: {"e2_recipe": test accuracy, "plain": test accuracy}} (known_answer.family_references: transformers
+    and scikit-learn alone, none of the project's training code)."""
+    return {task: known_answer.family_references(folder) for task, folder in family.items()}
 
 
 @pytest.mark.parametrize("task", list(known_answer.TASK_FAMILY))
 def test_e2_lbfgs_equals_its_recipe_done_by_scikit_learn(task, family, references, tmp_path):
     accuracies = []
     for seed in SEEDS:
-        out = tmp_path / str(seed)
-        run_script("E2_linear_probe.py", "--model", family[task] / "clip", "--data", family[task] / "shapes",
-                   "--seed", seed, "--split-seed", seed, "--noise-levels", 0, "--quiet", "--output-dir", out,
-                   expect_exit=0)
-        metrics = json.loads((out / "E2_linear_probe" / "metrics.json").read_text())
+        metrics = known_answer.e2_lbfgs_run(family[task], seed, tmp_path / str(seed))
         assert metrics["converged"] and not metrics["c_at_grid_edge"], metrics["convergence_reason"]
         accuracies.append(metrics["test_accuracy"])
     mean = float(np.mean(accuracies))

@@ -44,6 +44,8 @@ if __package__ in (None, ""):   # run as a script (python tools/X.py): the repos
 
 from clip_adapt.models import clip_image_processor  # noqa: E402
 
+PROJECT = Path(__file__).resolve().parent.parent
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -275,57 +277,165 @@ def accuracy(model, split, precision: str = "fp32") -> float:
 
 # --------------------------------------------------------------------------- credit only for what a method adds
 
-# Token prompts (E3), deep prompts (E4) and LoRA (E7) trained through CLIP's frozen text head from E1's
-# templates, which cannot learn on its own, at the prompts' rate on this task; a patience of 25 steps (5 epochs
-# here) keeps the runs short (docs/known-answer.md).
-CREDITED = ("E3_shallow_vpt", "E4_deep_vpt", "E7_lora")
+# The methods whose own parts are credited: every classification script whose model has a part that can be
+# removed (clip_adapt.base.Part), found from the scripts. A script that accepts --head clip (E3's token prompts,
+# E4, E7) is trained through CLIP's frozen text head from E1's templates, which cannot learn on its own, so that
+# with its parts removed it is E1 again; one without a head to freeze (E5) is judged part by part against the
+# same run with that part removed. The prompts' rate on this task; a patience of 25 steps (5 epochs here) keeps
+# the runs short (docs/known-answer.md).
 CREDIT_FLAGS = ("--epochs", "60", "--patience", "25", "--min-steps", "0", "--lr", "1e-2")
 
 
+def takes_clip_head(script) -> bool:
+    return any("--head" in action.option_strings and "clip" in (action.choices or ())
+               for action in script.parser()._actions)
+
+
+def credited() -> list[str]:
+    """The classification scripts that train a removable part (built on the tiny random CLIP to ask)."""
+    from clip_adapt.models import tiny_clip
+    from clip_adapt.runner import classification_scripts
+    names = []
+    for script in classification_scripts():
+        if script.trains:
+            clip, _, tokenizer = tiny_clip()
+            model = script.build_model(clip, tokenizer, list(SHAPES))
+            if any(part.removed is not None for part in model.parts()):
+                names.append(script.name)
+    return names
+
+
+def scores_on(model, split, precision: str = "fp32") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) on a split."""
+    import torch.nn.functional as F
+    from clip_adapt.training import predict
+    logits = predict(model, split, 64, torch.device("cpu"), precision).float()
+    labels = split.labels.cpu()
+    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+
+
 def credit_run(output_dir: Path, data, name: str, seed: int = 0, precision: str = "fp32") -> dict:
-    """Test accuracy of one credited method through the frozen text head, and of the same trained classifier
-    with its part removed (prompts removed: the hooks pass every layer through; adapter disabled), which must
-    be E1's again. E5 has no head to freeze: its two jointly trained halves alone instead, the text context
-    with the visual prompts removed, and the visual prompts with E1's hand-written class text."""
-    if name == "E5_clip_vpt":
-        model, result = train_method(output_dir, data, name, *CREDIT_FLAGS, seed=seed, precision=precision)
-        return {"accuracy": accuracy(model, data.test, precision), **e5_halves(output_dir, data, model, precision),
-                "converged": result.converged}
-    model, result = train_method(output_dir, data, name, "--head", "clip", *CREDIT_FLAGS, seed=seed,
-                                 precision=precision)
-    with model.disabled() if name == "E7_lora" else model.prompts.removed():
-        removed = accuracy(model, data.test, precision)
-    return {"accuracy": accuracy(model, data.test, precision), "removed": removed, "converged": result.converged}
+    """Test accuracy and loss of one credited method, and of the same trained classifier with its removable
+    parts removed (prompts: the hooks pass every layer through; an adapter: disabled): through the frozen text
+    head, all of them at once, which must be E1's again ("removed"); without a head to freeze, each part alone
+    ("<part> removed")."""
+    from clip_adapt.prompts import removed_together
+    from clip_adapt.runner import experiment_scripts
+    script = next(s for s in experiment_scripts() if s.name == name)
+    through_head = takes_clip_head(script)
+    model, result = train_method(output_dir, data, name, *(("--head", "clip") if through_head else ()),
+                                 *CREDIT_FLAGS, seed=seed, precision=precision)
+    accuracy, loss = scores_on(model, data.test, precision)
+    run = {"accuracy": accuracy, "loss": loss, "converged": result.converged}
+    removable = [part for part in model.parts() if part.removed is not None]
+    if through_head:
+        with removed_together([part.removed for part in removable]):
+            run["removed"], run["removed loss"] = scores_on(model, data.test, precision)
+        return run
+    for part in removable:
+        with part.removed():
+            run[f"{part.name} removed"], run[f"{part.name} removed loss"] = scores_on(model, data.test, precision)
+    return run
 
 
-def e5_halves(output_dir: Path, data, model, precision: str = "fp32") -> dict:
-    from clip_adapt.models import (ZERO_SHOT_TEMPLATES, class_text_embeddings, load_clip,
-                                   normalized_image_embeddings, similarity_logits)
-    tokenizer = load_clip(str(output_dir / "clip"))[2]
-    hand_written = class_text_embeddings(model.clip, tokenizer, data.class_names, ZERO_SHOT_TEMPLATES)
-
-    class VisualPromptsAlone(torch.nn.Module):
-        def forward(self, pixels):
-            return similarity_logits(model.clip, normalized_image_embeddings(model.clip, pixels), hand_written)
-
-    with model.visual_prompts.removed():
-        text_context = accuracy(model, data.test, precision)
-    return {"text context": text_context, "visual prompts": accuracy(VisualPromptsAlone(), data.test, precision)}
-
-
-def measure_credit(output_dir: Path, seeds: list[int], precision: str) -> None:
+def measure_credit(output_dir: Path, seeds: list[int], precision: str, names: list[str] | None = None) -> None:
     """Prints, per seed, what the credit tests hold each method to: the measurement behind their margins."""
     data = load_task(output_dir)
     zero_shot = accuracy(train_method(output_dir, data, "E1_zero_shot_clip", precision=precision)[0], data.test,
                          precision)
     print(f"E1 zero-shot ({precision}): {zero_shot:.4f}", flush=True)
-    for name in (*CREDITED, "E5_clip_vpt"):
+    for name in names or credited():
         for seed in seeds:
             started = time.time()
             run = credit_run(output_dir, data, name, seed, precision)
             print(f"{name} seed {seed} ({precision}): " + ", ".join(
                 f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in run.items())
                 + f" ({time.time() - started:.0f} s)", flush=True)
+
+
+# --------------------------------------------------------------------------- the task family (defaults proven)
+
+# The gradient-trained methods held to the family's bar (tests/test_task_family.py), with their extra flags.
+FAMILY_GRADIENT = {"E2 by AdamW": ("E2_linear_probe", "--solver", "adamw"), "E3": ("E3_shallow_vpt",),
+                   "E4": ("E4_deep_vpt",), "E7": ("E7_lora",)}
+
+
+def write_family(root: Path, clip_dir: Path) -> dict[str, Path]:
+    """{task: folder laid out as train_method reads it (clip/, a link to clip_dir, and shapes/)} for every
+    TASK_FAMILY member."""
+    folders = {}
+    for task, settings in TASK_FAMILY.items():
+        folder = root / task
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "clip").exists():
+            (folder / "clip").symlink_to(Path(clip_dir).resolve(), target_is_directory=True)
+        if not (folder / "shapes").exists():
+            write_weak_task(folder / "shapes", **settings)
+        folders[task] = folder
+    return folders
+
+
+def family_references(folder: Path) -> dict[str, float]:
+    """Test accuracies of two scikit-learn logistic regressions on the CLIP's image features of train + validation
+    (the whole training folder, so the same for every split seed), computed by transformers and scikit-learn
+    alone: "e2_recipe", E2's recipe end to end (StandardScaler and LogisticRegression in a Pipeline, C by
+    GridSearchCV's 5-fold cross-validated log-loss), and "plain", LogisticRegressionCV on the raw features with C by
+    cross-validated accuracy."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from transformers import CLIPImageProcessor, CLIPModel
+    clip = CLIPModel.from_pretrained(folder / "clip").eval()
+    processor = CLIPImageProcessor.from_pretrained(folder / "clip")
+
+    def features(split):
+        files = sorted((folder / "shapes" / split).glob("*/*.png"))
+        labels = np.array([SHAPES.index(f.parent.name) for f in files])
+        with torch.no_grad():
+            pixels = processor([Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+            return clip.get_image_features(pixel_values=pixels).pooler_output.double().numpy(), labels
+    (x, y), (test_x, test_y) = features("train"), features("test")
+    folds, grid = StratifiedKFold(5, shuffle=True, random_state=0), np.logspace(-6, 6, 25)
+    e2_recipe = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=100_000, tol=1e-8)),
+                             {"logisticregression__C": grid}, cv=folds, scoring="neg_log_loss").fit(x, y)
+    plain = LogisticRegressionCV(Cs=grid, cv=folds, scoring="accuracy", l1_ratios=(0.0,), max_iter=100_000, tol=1e-8,
+                                 use_legacy_attributes=False).fit(x, y)
+    return {name: float((fit.predict(test_x) == test_y).mean())
+            for name, fit in (("e2_recipe", e2_recipe), ("plain", plain))}
+
+
+def e2_lbfgs_run(folder: Path, seed: int, output_dir: Path) -> dict:
+    """metrics.json of E2 with its default flags (the L-BFGS probe), run as a user runs it, at split and
+    training seed `seed`."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(PROJECT / "E2_linear_probe.py"), "--model", str(folder / "clip"), "--data",
+                    str(folder / "shapes"), "--seed", str(seed), "--split-seed", str(seed), "--noise-levels", "0",
+                    "--quiet", "--device", "cpu", "--output-dir", str(output_dir)], check=True, cwd=PROJECT,
+                   stdout=subprocess.DEVNULL)
+    return json.loads((output_dir / "E2_linear_probe" / "metrics.json").read_text())
+
+
+def measure_family(output_dir: Path, seeds: list[int]) -> None:
+    """Prints, per family member, both references and each method's test accuracy and verdict per seed (seed s:
+    split seed and training seed s): the measurement behind tests/test_task_family.py's bars."""
+    import tempfile
+    from clip_adapt import progress
+    progress.set_quiet(True)
+    for task, folder in write_family(output_dir / "family", output_dir / "clip").items():
+        print(f"{task}: references {json.dumps(family_references(folder))}", flush=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            runs = [e2_lbfgs_run(folder, seed, Path(scratch) / str(seed)) for seed in seeds]
+        print(f"{task} E2 (L-BFGS): " + ", ".join(f"{run['test_accuracy']:.4f} {run['convergence']}" for run in runs),
+              flush=True)
+        for method, (name, *flags) in FAMILY_GRADIENT.items():
+            cells = []
+            for seed in seeds:
+                data = load_task(folder, split_seed=seed)
+                model, result = train_method(folder, data, name, *flags, "--split-seed", str(seed), "--quiet", seed=seed)
+                cells.append(f"{accuracy(model, data.test):.4f} {result.verdict}")
+            print(f"{task} {method}: " + ", ".join(cells), flush=True)
 
 
 # --------------------------------------------------------------------------- captioning (E8)
@@ -336,7 +446,8 @@ CAPTIONING_LM_STEPS = 100
 # E8's flags for the known-answer runs: a fixed ten epochs (no early stop, no rate cut) at a rate for this tiny
 # decoder; the best validation epoch is kept (docs/captioning.md, "Known-answer figures").
 CAPTIONING_FLAGS = ("--epochs", "10", "--lr", "3e-3", "--patience", "1000")
-PEFT_MEASURED = ("adapter", "prefix", "lora")
+# Every --peft, "none" (the cross-attention alone) included: what the PEFT modules add is measured against it.
+PEFT_MEASURED = ("adapter", "prefix", "lora", "none")
 
 
 def held_out(shape: str, colour: str, position: str) -> bool:
@@ -396,6 +507,9 @@ def pretrain_language_model(captions: list[str], steps: int = CAPTIONING_LM_STEP
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
+    # GPT-2's next-token loss by name: transformers finds none in the class name "GPT2LMHeadModel" and warns
+    # that loss_type=None is unrecognised before it falls back to this same loss.
+    model.loss_type = "ForCausalLM"
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -444,6 +558,7 @@ def caption_tokens(captions: list[str], tokenizer) -> tuple[torch.Tensor, torch.
 def language_model_loss(model, tokenizer, captions: list[str]) -> float:
     """Mean next-token loss on these captions."""
     inputs, labels = caption_tokens(captions, tokenizer)
+    model.loss_type = "ForCausalLM"   # as in pretrain_language_model (a reloaded model has it unset again)
     return model(input_ids=inputs, attention_mask=labels >= 0, labels=labels).loss.item()
 
 
@@ -461,10 +576,8 @@ def load_caption_task(output_dir: Path, split_seed: int = 0):
 def captioner(output_dir: Path, peft: str, *argv: str, seed: int = 0):
     """(E8's Captioner, its parsed flags): the known-answer CLIP's tower and the known-answer decoder with new
     cross-attention, built by E8's own build_model from its command line (argv: more flags), untrained."""
-    import transformers
     from clip_adapt.runner import experiment_scripts
     script = next(s for s in experiment_scripts() if s.task == "captioning")
-    transformers.logging.set_verbosity_error()   # "newly initialised cross-attention": what E8 trains
     return scripted_model(output_dir, script, [], "--data", str(output_dir / "captions"), "--decoder",
                           str(output_dir / "decoder"), "--peft", peft, *argv, seed=seed)
 
@@ -537,18 +650,27 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="contrastive pretraining steps (64 pairs each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--credit-seeds", type=int, nargs="+", metavar="SEED",
-                   help="instead of building: measure, on the CLIP already in --output-dir, what E3, E4, E7 and E5 "
-                        "add to E1 through a frozen head (CREDITED, credit_run) for these training seeds")
+                   help="instead of building: measure, on the CLIP already in --output-dir, what each credited method "
+                        "(credited(): E3, E4, E5, E7) adds (credit_run) for these training seeds")
+    p.add_argument("--credit-experiments", nargs="+", metavar="NAME", help="for --credit-seeds: only these")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="for --credit-seeds")
+    p.add_argument("--family-seeds", type=int, nargs="+", metavar="SEED",
+                   help="instead of building: on the CLIP already in --output-dir, write the task family (TASK_FAMILY) "
+                        "under family/ and print both references and every method's test accuracy and verdict per "
+                        "seed (docs/known-answer.md, \"The task family\")")
     p.add_argument("--captioning-seeds", type=int, default=0, metavar="N",
-                   help="then train E8's adapter, prefix and LoRA on captions/ from seeds 0..N-1 and print their "
+                   help="then train E8's adapter, prefix, LoRA and cross-attention alone (--peft none) on captions/ "
+                        "from seeds 0..N-1 and print their "
                         "test CIDEr-D and the baselines', one JSON line per seed (docs/captioning.md)")
     args = p.parse_args()
     if args.steps < 3:
         p.error("--steps must be at least 3 (a warm-up, then the decay)")
     output_dir = Path(args.output_dir)
+    if args.family_seeds:
+        measure_family(output_dir, args.family_seeds)
+        return
     if args.credit_seeds:
-        measure_credit(output_dir, args.credit_seeds, args.precision)
+        measure_credit(output_dir, args.credit_seeds, args.precision, args.credit_experiments)
         return
     result = build(output_dir, args.steps, args.seed)
     print(f"pretrained in {result['pretraining_seconds']} s; each image finds its own caption among all 64 "
