@@ -16,10 +16,9 @@ the logits reproduce the reference's to 1e-5 on fixed features and weights (test
 """
 
 import common
-from clip_adapt.base import UserError, is_main_process
+from clip_adapt.base import UserError
 from clip_adapt.feature_adapters import REDUCTION, RESIDUAL_RATIO, CLIPAdapter
-from clip_adapt.models import fingerprint
-from clip_adapt.training import cached_embeddings, predict, train
+from clip_adapt.training import predict, train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None
@@ -45,9 +44,7 @@ def main():
 
     exp = common.start(common.script_name(__file__), args)
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args).to(exp.device)
-    embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
-                                   f"{fingerprint(model.vision, model.projection)}|projected", 2 * args.batch_size,
-                                   exp.device, args.precision, write=is_main_process())
+    embeddings = common.frozen_embeddings(exp, model)
     tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args).adapter,
                         augment=False, splits=embeddings)
     result = train(model.adapter, embeddings["train"], embeddings["val"], embeddings["test"],

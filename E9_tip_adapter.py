@@ -30,8 +30,7 @@ import time
 import common
 from clip_adapt.base import UserError, is_main_process, write_csv
 from clip_adapt.feature_adapters import INIT_ALPHA, INIT_BETA, SEARCH_SCALE, SEARCH_STEPS, TipAdapter, fit_tip_adapter
-from clip_adapt.models import fingerprint
-from clip_adapt.training import cached_embeddings, predict
+from clip_adapt.training import predict
 
 LEARNING_RATE = 1e-3   # Tip-Adapter-F's keys, the reference's rate; the training-free cache uses none
 STUDY_ACCURACY = None
@@ -63,9 +62,7 @@ def main():
         raise UserError("--search-steps must be at least 1 and --search-scale above 0.1 (the grid starts there)")
     exp = common.start(common.script_name(__file__), args)
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args).to(exp.device)
-    embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
-                                   f"{fingerprint(model.vision, model.projection)}|projected", 2 * args.batch_size,
-                                   exp.device, args.precision, write=is_main_process())
+    embeddings = common.frozen_embeddings(exp, model)
     config = exp.train_config(augment=False) if args.finetune else None
     started = time.time()
     result, fitted, grid = fit_tip_adapter(model, embeddings, exp.out_dir / "checkpoint", config,

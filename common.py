@@ -30,15 +30,15 @@ from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
-                               check_model, check_torchvision, count_params, is_random, load_clip, load_templates,
-                               model_dims, weights_identity, weights_of)
+                               check_model, check_torchvision, count_params, fingerprint, is_random, load_clip,
+                               load_templates, model_dims, weights_identity, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, bootstrap_interval, classification_metrics,
                                   code_version, library_versions, plot_closest_pairs, write_report)
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                                 precision_used, predict_everywhere, summary_writer_class, train)
+                                 cached_embeddings, precision_used, predict_everywhere, summary_writer_class, train)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # The convergence test's window counts optimiser steps, not epochs: an epoch of a small data set is a few steps.
@@ -442,6 +442,14 @@ def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = Non
               f"({len(rows)} short runs by successive halving, {seconds:.1f} s)")
     return {"tune": {"grid": rows, "choice": {"lr": args.lr, "weight_decay": args.weight_decay},
                      "points": len(TUNE_LR_FACTORS) * len(TUNE_WEIGHT_DECAYS), "seconds": seconds}}
+
+
+def frozen_embeddings(exp: Experiment, model: torch.nn.Module, features: str = "projected") -> dict:
+    """Each split with its image embeddings from the frozen tower (model.embed) as inputs, from the disk cache
+    keyed by the tower's weights and the features (clip_adapt.training.cached_embeddings): E2, E9 and E11 share it."""
+    return cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
+                             f"{fingerprint(model.vision, model.projection)}|{features}", 2 * exp.args.batch_size,
+                             exp.device, exp.args.precision, write=is_main_process())
 
 
 def zero_shot_history(scores: dict) -> list[dict]:
