@@ -7,6 +7,7 @@ from __future__ import annotations   # CLIPModel in signatures, without importin
 
 import contextlib
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -525,6 +526,31 @@ class KgCoOp(CoOp):
             return logits
         penalty = 1 - F.cosine_similarity(text, self.hand_written, dim=1, eps=1e-7).mean()
         return F.cross_entropy(logits.float(), labels) + self.weight * penalty, (logits.argmax(1) == labels).sum()
+
+
+class CoCoOp(CoOp):
+    """E12: CoCoOp (Zhou et al., CVPR 2022; KaiyangZhou/CoOp trainers/cocoop.py): CoOp's context shifted for each
+    image by a meta-network's output π(x), linear → ReLU → linear (width / 16 in between), from the unit image
+    embedding to the text width: [BOS] ctx_1 + π(x) ... ctx_M + π(x) <class name> . [EOS]. The text tower
+    therefore runs once per image, on every class's sentence (images × classes sequences a batch)."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_context: int = 4,
+                 context_init: str | None = "a photo of a"):
+        super().__init__(clip, tokenizer, class_names, num_context, "end", context_init)
+        width, text_width = clip.config.projection_dim, clip.config.text_config.hidden_size
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(width, width // 16)), ("relu", nn.ReLU()),
+                                                   ("linear2", nn.Linear(width // 16, text_width))]))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = normalized_image_embeddings(self.clip, pixels)
+        with self.text_context.active(self.meta_net(image)) as (input_ids, attention_mask):
+            text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        text = F.normalize(text.float(), dim=-1).view(len(image), len(self.text_context.input_ids), -1)
+        with exact_fp32(image.device.type):
+            return self.clip.logit_scale.exp().float() * torch.einsum("bd,bcd->bc", image.float(), text)
+
+    def parts(self) -> list[Part]:
+        return [*super().parts(), Part("meta-net", trainable(self.meta_net, "meta_net."))]
 
 
 class PromptedCLIP(CoOp):

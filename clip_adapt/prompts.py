@@ -243,7 +243,9 @@ class TextContext(Removable):
         if init:
             init_ids = torch.tensor(tokenizer(init, add_special_tokens=False)["input_ids"])
             with torch.no_grad():
-                context = token_embedding(init_ids.to(token_embedding.weight.device)).detach().float().cpu().clone()
+                context = token_embedding(init_ids.to(token_embedding.weight.device)).detach().float().clone()
+            if context.device.type != "meta":   # counted on the meta device, it stays there
+                context = context.cpu()
             num_context = len(init_ids)
         else:
             context = torch.randn(num_context, text_model.config.hidden_size) * 0.02
@@ -273,20 +275,31 @@ class TextContext(Removable):
         self.register_buffer("input_ids", torch.stack(ids), persistent=False)
         self.register_buffer("attention_mask", torch.stack(masks), persistent=False)
         self.register_buffer("slots", torch.tensor(slots), persistent=False)   # where each class's context goes
-        self._active = False   # any other use of this text tower sees plain token embeddings
+        self._active, self._shift = False, None   # any other use of this text tower sees plain token embeddings
         token_embedding.register_forward_hook(self._put_context)
 
     def _put_context(self, module, args, token_embeddings):
         if not self._active or self._removed:
             return None
         rows = torch.arange(len(token_embeddings), device=token_embeddings.device)[:, None]
-        context = self.context.to(token_embeddings.dtype).expand(len(token_embeddings), -1, -1)
-        return token_embeddings.index_put((rows, self.slots), context)
+        context = self.context.to(token_embeddings.dtype)
+        if self._shift is None:
+            context = context.expand(len(token_embeddings), -1, -1)
+        else:   # CoCoOp: each image's context, once for every class's sentence
+            context = (context + self._shift.to(context.dtype)[:, None]).repeat_interleave(len(self.input_ids), 0)
+        slots = self.slots.repeat(len(token_embeddings) // len(self.slots), 1)
+        return token_embeddings.index_put((rows, slots), context)
 
     @contextlib.contextmanager
-    def active(self):
-        self._active = True
+    def active(self, shift: torch.Tensor | None = None):
+        """Yields the token ids and attention mask to give the text tower, whose embedding layer then holds the
+        context. shift: (images, width), added to every context vector, one set of class sentences per image
+        (CoCoOp's image-conditioned context); the ids then hold the class sentences once per image."""
+        self._active, self._shift = True, shift
         try:
-            yield self.input_ids, self.attention_mask
+            if shift is None:
+                yield self.input_ids, self.attention_mask
+            else:
+                yield self.input_ids.repeat(len(shift), 1), self.attention_mask.repeat(len(shift), 1)
         finally:
-            self._active = False
+            self._active, self._shift = False, None

@@ -155,3 +155,49 @@ def test_script_records_its_context(tmp_path):
     metrics = json.loads((tmp_path / "E10_coop" / "metrics.json").read_text())
     assert metrics["num_context"] == 2 and metrics["class_token_position"] == "middle"
     assert metrics["trainable_params"] == 2 * 24   # the tiny CLIP's text width
+
+
+# --------------------------------------------------------------------------- CoCoOp (E12)
+
+# KaiyangZhou/CoOp trainers/cocoop.py (CustomCLIP, PromptLearner), run unchanged as coop.py above, in eval mode:
+# N_CTX 4, CTX_INIT '', PREC fp32, the context and the meta-network's weights from cocoop_inputs().
+REFERENCE_COCOOP_LOGITS = [
+    [1.445963, -2.531891, 1.029950, 4.295625],
+    [0.375423, -3.023946, 0.580422, 3.654862],
+    [0.879313, -2.861023, 1.180125, 4.425542],
+]
+
+
+def cocoop_inputs(model):
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        model.text_context.context.copy_(0.02 * torch.randn(4, 64, generator=g))
+        for name in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"):   # the reference's order
+            p = model.meta_net.get_parameter(name)
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return pixels
+
+
+def test_cocoop_logits_equal_the_reference():
+    from clip_adapt.models import CoCoOp
+    model = CoCoOp(small_clip(), small_tokenizer(), CLASS_NAMES, num_context=4, context_init=None).eval()
+    pixels = cocoop_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), torch.tensor(REFERENCE_COCOOP_LOGITS), **SAME)
+        # One image at a time gives the same: each image's context is its own.
+        torch.testing.assert_close(model(pixels[1:2]), torch.tensor(REFERENCE_COCOOP_LOGITS[1:2]), **SAME)
+
+
+def test_cocoop_trains_its_context_and_meta_net_only(tmp_path):
+    from clip_adapt.models import CoCoOp
+    clip, processor, tokenizer = tiny_clip()
+    model = CoCoOp(clip, tokenizer, list(CLASSES))
+    assert [part.name for part in model.parts()] == ["text context", "meta-net"]
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == \
+        {name for part in model.parts() for name in part.tensors}
+    run_script("E12_cocoop.py", "--smoke", "--quiet", "--noise-levels", 0, "--output-dir", tmp_path, expect_exit=0)
+    metrics = json.loads((tmp_path / "E12_cocoop" / "metrics.json").read_text())
+    # 9 context vectors: "a photo of a" is 9 tokens in the tiny tokenizer; meta-net 16 -> 1 -> 24
+    assert metrics["trainable_params"] == 9 * 24 + (16 * 1 + 1) + (1 * 24 + 24)
+    assert metrics["text_sequences_per_step"] == 32 * 4
