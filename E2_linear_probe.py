@@ -19,9 +19,9 @@ import time
 
 import common
 from clip_adapt.base import UserError, is_main_process
-from clip_adapt.models import FEATURES, ImageClassifier, fingerprint
+from clip_adapt.models import FEATURES, ImageClassifier
 from clip_adapt.probe import SELECTIONS, fit_probe_head
-from clip_adapt.training import cached_embeddings, predict, train
+from clip_adapt.training import predict, train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = 0.91
@@ -57,10 +57,7 @@ def main():
                         "--solver adamw, pass --lr and --weight-decay yourself")
     exp = common.start(common.script_name(__file__), args)
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
-    embeddings = cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
-                                   f"{fingerprint(model.vision, model.projection)}|{args.features}",
-                                   2 * args.batch_size, exp.device,
-                                   args.precision, write=is_main_process())
+    embeddings = common.frozen_embeddings(exp, model, args.features)
     if args.solver == "lbfgs":
         started = time.time()
         result, fitted = fit_probe_head(model.head, embeddings, exp.out_dir / "checkpoint", args.c_selection,

@@ -30,8 +30,8 @@ from clip_adapt.copies import describe_copies
 from clip_adapt import hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
-                               check_model, check_torchvision, count_params, is_random, load_clip, load_templates,
-                               model_dims, weights_identity, weights_of)
+                               check_model, check_torchvision, count_params, fingerprint, is_random, load_clip,
+                               load_templates, model_dims, weights_identity, weights_of)
 from clip_adapt.progress import set_quiet
 from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
@@ -39,7 +39,7 @@ from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, auroc, bootstrap
                                   code_version, library_versions, plot_closest_pairs, write_report)
 from clip_adapt.shots import check_shots, coop_epochs, split_record
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
-                                 precision_used, predict_everywhere, summary_writer_class, train)
+                                 cached_embeddings, precision_used, predict_everywhere, summary_writer_class, train)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
 # The convergence test's window counts optimiser steps, not epochs: an epoch of a small data set is a few steps.
@@ -209,8 +209,13 @@ def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace,
     """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
     if head != "clip":
         return None
-    return TextHead(clip, tokenizer, class_names, load_templates(args.templates) if args.templates
-                    else ZERO_SHOT_TEMPLATES)
+    return TextHead(clip, tokenizer, class_names, class_templates(args))
+
+
+def class_templates(args: argparse.Namespace) -> tuple[str, ...]:
+    """The class-text templates of E1's zero-shot classifier (--templates, else the MRI templates), for the methods
+    that classify by CLIP's text embeddings."""
+    return load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
 
 
 def prompt_options(args: argparse.Namespace) -> dict:
@@ -414,7 +419,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
                       started, accelerator, identity)
 
 
-def tune(exp: Experiment, build, augment: bool = True) -> dict:
+def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = None) -> dict:
     """With --tune, chooses --lr and --weight-decay on the validation split, then re-seeds, so that the run
     that follows equals a plain run given the chosen values. VPT's protocol searched 10 rates x 4 weight decays
     on validation; here the rates are the method's default times TUNE_LR_FACTORS and the decays
@@ -424,7 +429,8 @@ def tune(exp: Experiment, build, augment: bool = True) -> dict:
     same seed. A point is ranked by the rule training selects its epoch by: the lowest validation loss of any of
     its epochs. A point whose loss diverges (or becomes non-finite) is recorded and dropped. Test data steers
     nothing: the loop records it, and nothing here reads it. Returns what metrics.json records: every point
-    of every rung, the choice and the seconds it took; without --tune, {}."""
+    of every rung, the choice and the seconds it took; without --tune, {}. splits: what the points train on, when
+    not the images (train, val, test; E11's adapter trains on cached embeddings)."""
     args = exp.args
     if not args.tune:
         return {}
@@ -442,7 +448,8 @@ def tune(exp: Experiment, build, augment: bool = True) -> dict:
             out_dir = exp.out_dir / "tune" / f"lr{lr:g}_wd{weight_decay:g}_e{budget}"
             row = {"lr": lr, "weight_decay": weight_decay, "epochs": budget}
             try:
-                result = train(build(clip), exp.data.train, exp.data.val, exp.data.test,
+                result = train(build(clip), *(exp.data.train, exp.data.val, exp.data.test) if splits is None
+                               else (splits["train"], splits["val"], splits["test"]),
                                train_config(point, exp.device, out_dir, augment, exp.accelerator))
             except UserError as error:   # a non-finite loss: refuse_non_finite stopped it
                 rung.append({**row, "diverged": True, "reason": str(error)})
@@ -469,6 +476,14 @@ def tune(exp: Experiment, build, augment: bool = True) -> dict:
               f"({len(rows)} short runs by successive halving, {seconds:.1f} s)")
     return {"tune": {"grid": rows, "choice": {"lr": args.lr, "weight_decay": args.weight_decay},
                      "points": len(TUNE_LR_FACTORS) * len(TUNE_WEIGHT_DECAYS), "seconds": seconds}}
+
+
+def frozen_embeddings(exp: Experiment, model: torch.nn.Module, features: str = "projected") -> dict:
+    """Each split with its image embeddings from the frozen tower (model.embed) as inputs, from the disk cache
+    keyed by the tower's weights and the features (clip_adapt.training.cached_embeddings): E2, E9 and E11 share it."""
+    return cached_embeddings(model.embed, exp.data.splits(), exp.cache_dir,
+                             f"{fingerprint(model.vision, model.projection)}|{features}", 2 * exp.args.batch_size,
+                             exp.device, exp.args.precision, write=is_main_process())
 
 
 def zero_shot_history(scores: dict) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations   # CLIPModel in signatures, without importin
 
 import contextlib
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -476,21 +477,18 @@ class ImageClassifier(Classifier):
         return parts
 
 
-class PromptedCLIP(Classifier):
-    """E5: visual prompts in the image tower and learned context in the text tower; the logits are
-    CLIP's own scaled cosine similarities between an image and each class's text. No linear head."""
+class CoOp(Classifier):
+    """E10: CoOp (Zhou et al., IJCV 2022): learned context vectors in the frozen text tower in place of a
+    hand-written template (TextContext); the image tower is CLIP's, untouched; the logits are CLIP's own scaled
+    cosine similarities (KaiyangZhou/CoOp trainers/coop.py, CustomCLIP)."""
     frozen = ("clip",)
 
-    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_prompts: int = 1,
-                 num_text_prompts: int = 4, prompt_dropout: float = 0.0, **prompt_options):
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_context: int = 16,
+                 class_token_position: str = "end", context_init: str | None = None):
         super().__init__()
         self.clip = freeze(clip)
-        self.visual_prompts = VisualPrompts(clip.vision_model, num_prompts, (0,), prompt_dropout, **prompt_options)
-        self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_text_prompts)
-
-    def parts(self) -> list[Part]:
-        return [Part("visual prompts", trainable(self.visual_prompts, "visual_prompts."), self.visual_prompts.removed),
-                Part("text context", trainable(self.text_context, "text_context."), self.text_context.removed)]
+        self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_context, class_token_position,
+                                        context_init)
 
     def class_embeddings(self) -> torch.Tensor:
         with self.text_context.active() as (input_ids, attention_mask):
@@ -500,3 +498,72 @@ class PromptedCLIP(Classifier):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
         return similarity_logits(self.clip, image, self.class_embeddings())
+
+    def parts(self) -> list[Part]:
+        return [Part("text context", trainable(self.text_context, "text_context."), self.text_context.removed)]
+
+
+class KgCoOp(CoOp):
+    """E10 --kgcoop-weight: KgCoOp (Yao et al., CVPR 2023; htyao89/KgCoOp trainers/kgcoop.py): CoOp whose training
+    loss adds weight · (1 − the mean cosine similarity between each class's learned and hand-written text
+    embeddings), the hand-written ones E1's (`templates`). It brings its own loss (clip_adapt.training
+    brings_own_loss): called with labels it returns (loss, correct), so that the validation loss, which selects
+    the epoch, holds the penalty too; without labels, CoOp's logits."""
+    own_loss = True
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_context: int = 16,
+                 class_token_position: str = "end", context_init: str | None = None, weight: float = 8.0,
+                 templates=ZERO_SHOT_TEMPLATES):
+        super().__init__(clip, tokenizer, class_names, num_context, class_token_position, context_init)
+        self.weight = weight
+        self.register_buffer("hand_written", class_text_embeddings(clip, tokenizer, class_names, templates))
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor | None = None):
+        image = normalized_image_embeddings(self.clip, pixels)
+        text = self.class_embeddings()
+        logits = similarity_logits(self.clip, image, text)
+        if labels is None:
+            return logits
+        penalty = 1 - F.cosine_similarity(text, self.hand_written, dim=1, eps=1e-7).mean()
+        return F.cross_entropy(logits.float(), labels) + self.weight * penalty, (logits.argmax(1) == labels).sum()
+
+
+class CoCoOp(CoOp):
+    """E12: CoCoOp (Zhou et al., CVPR 2022; KaiyangZhou/CoOp trainers/cocoop.py): CoOp's context shifted for each
+    image by a meta-network's output π(x), linear → ReLU → linear (width / 16 in between), from the unit image
+    embedding to the text width: [BOS] ctx_1 + π(x) ... ctx_M + π(x) <class name> . [EOS]. The text tower
+    therefore runs once per image, on every class's sentence (images × classes sequences a batch)."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_context: int = 4,
+                 context_init: str | None = "a photo of a"):
+        super().__init__(clip, tokenizer, class_names, num_context, "end", context_init)
+        width, text_width = clip.config.projection_dim, clip.config.text_config.hidden_size
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(width, width // 16)), ("relu", nn.ReLU()),
+                                                   ("linear2", nn.Linear(width // 16, text_width))]))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = normalized_image_embeddings(self.clip, pixels)
+        with self.text_context.active(self.meta_net(image)) as (input_ids, attention_mask):
+            text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        text = F.normalize(text.float(), dim=-1).view(len(image), len(self.text_context.input_ids), -1)
+        with exact_fp32(image.device.type):
+            return self.clip.logit_scale.exp().float() * torch.einsum("bd,bcd->bc", image.float(), text)
+
+    def parts(self) -> list[Part]:
+        return [*super().parts(), Part("meta-net", trainable(self.meta_net, "meta_net."))]
+
+
+class PromptedCLIP(CoOp):
+    """E5: visual prompts in the image tower and learned context in the text tower (CoOp); the logits are
+    CLIP's own scaled cosine similarities between an image and each class's text. No linear head."""
+
+    def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_prompts: int = 1,
+                 num_text_prompts: int = 4, prompt_dropout: float = 0.0, **prompt_options):
+        Classifier.__init__(self)   # not CoOp's: the visual prompts draw their start before the text context
+        self.clip = freeze(clip)
+        self.visual_prompts = VisualPrompts(clip.vision_model, num_prompts, (0,), prompt_dropout, **prompt_options)
+        self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_text_prompts)
+
+    def parts(self) -> list[Part]:
+        return [Part("visual prompts", trainable(self.visual_prompts, "visual_prompts."), self.visual_prompts.removed),
+                Part("text context", trainable(self.text_context, "text_context."), self.text_context.removed)]

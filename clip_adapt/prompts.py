@@ -216,41 +216,90 @@ PIXEL_PROMPTERS = {"padding": PadPrompter, "fixed-patch": FixedPatchPrompter, "r
 
 
 
-class TextContext(Removable):
-    """CoOp (Zhou et al., IJCV 2022): M learnable context vectors in place of a hand-written template.
-    Each class's sentence is [BOS] ctx_1 ... ctx_M <class name> . [EOS]; CLIP still pools it at its
-    end-of-text token, so the class name's own tokens shape the class embedding. removed(): the context
-    vectors are not put in, so the M slots hold the placeholder token's own embedding, as the text tower
-    reads the ids without the hook."""
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
-    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int):
+
+class TextContext(Removable):
+    """CoOp (Zhou et al., IJCV 2022): M learnable context vectors in place of a hand-written template, shared by
+    every class (KaiyangZhou/CoOp trainers/coop.py, PromptLearner with CSC off). Each class's sentence is
+    [BOS] ctx_1 ... ctx_M <class name> . [EOS] (class_token_position "end"), [BOS] ctx_1 ... ctx_M/2 <class name>
+    ctx_M/2+1 ... ctx_M . [EOS] ("middle") or [BOS] <class name> ctx_1 ... ctx_M . [EOS] ("front"); CLIP still pools
+    it at its end-of-text token, so the class name's own tokens shape the class embedding.
+
+    init: words whose token embeddings start the context (CoOp's CTX_INIT, e.g. "a photo of a"), which then sets
+    M to their number of tokens (CoOp counts words, the same for words of one token each); else M vectors drawn
+    from N(0, 0.02), as CoOp does.
+
+    removed(): the context vectors are not put in, so the M slots hold the placeholder token's own embedding, as
+    the text tower reads the ids without the hook."""
+
+    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int,
+                 class_token_position: str = "end", init: str | None = None):
         super().__init__()
-        self.context = nn.Parameter(torch.randn(num_context, text_model.config.hidden_size) * 0.02)
+        if class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise UserError(f"class token position must be one of {', '.join(CLASS_TOKEN_POSITIONS)}, "
+                            f"got {class_token_position!r}")
+        token_embedding = text_model.embeddings.token_embedding
+        if init:
+            init_ids = torch.tensor(tokenizer(init, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                context = token_embedding(init_ids.to(token_embedding.weight.device)).detach().float().clone()
+            if context.device.type != "meta":   # counted on the meta device, it stays there
+                context = context.cpu()
+            num_context = len(init_ids)
+        else:
+            context = torch.randn(num_context, text_model.config.hidden_size) * 0.02
+        if num_context < 1:
+            raise UserError("CoOp needs at least one context vector: raise the number of text context vectors, or "
+                            "give initialisation words")
+        self.context = nn.Parameter(context)
+        self.class_token_position = class_token_position
         tokens = tokenizer([f"{name}." for name in class_names], padding=True, return_tensors="pt")
         limit = text_model.config.max_position_embeddings
         if tokens["input_ids"].shape[1] + num_context > limit:
             raise UserError(f"{num_context} text context vectors and the class names take "
                             f"{tokens['input_ids'].shape[1] + num_context} tokens, more than CLIP's {limit}: "
                             f"lower --num-text-prompts")
+        name_lengths = [len(tokenizer(name, add_special_tokens=False)["input_ids"]) for name in class_names]
         # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token.
-        placeholders = torch.full((len(class_names), num_context), tokenizer.bos_token_id)
-        ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        self.register_buffer("input_ids", torch.cat([ids[:, :1], placeholders, ids[:, 1:]], 1), persistent=False)
-        self.register_buffer("attention_mask", torch.cat([mask[:, :1], torch.ones_like(placeholders), mask[:, 1:]], 1),
-                             persistent=False)
-        self._active = False   # any other use of this text tower sees plain token embeddings
-        text_model.embeddings.token_embedding.register_forward_hook(self._put_context)
+        # How many context vectors come before the class name; the rest follow it.
+        before = {"end": num_context, "middle": num_context // 2, "front": 0}[class_token_position]
+        ids, masks, slots = [], [], []
+        for row, mask, length in zip(tokens["input_ids"], tokens["attention_mask"], name_lengths):
+            # row: [BOS] <class name> . [EOS] padding, the name in row[1 : 1 + length]; -1 marks a context slot
+            order = [0, *[-1] * before, *range(1, 1 + length), *[-1] * (num_context - before),
+                     *range(1 + length, len(row))]
+            ids.append(torch.tensor([tokenizer.bos_token_id if i < 0 else int(row[i]) for i in order]))
+            masks.append(torch.tensor([1 if i < 0 else int(mask[i]) for i in order]))
+            slots.append([place for place, i in enumerate(order) if i < 0])
+        self.register_buffer("input_ids", torch.stack(ids), persistent=False)
+        self.register_buffer("attention_mask", torch.stack(masks), persistent=False)
+        self.register_buffer("slots", torch.tensor(slots), persistent=False)   # where each class's context goes
+        self._active, self._shift = False, None   # any other use of this text tower sees plain token embeddings
+        token_embedding.register_forward_hook(self._put_context)
 
     def _put_context(self, module, args, token_embeddings):
         if not self._active or self._removed:
             return None
-        context = self.context.to(token_embeddings.dtype).expand(token_embeddings.shape[0], -1, -1)
-        return torch.cat([token_embeddings[:, :1], context, token_embeddings[:, 1 + len(self.context):]], dim=1)
+        rows = torch.arange(len(token_embeddings), device=token_embeddings.device)[:, None]
+        context = self.context.to(token_embeddings.dtype)
+        if self._shift is None:
+            context = context.expand(len(token_embeddings), -1, -1)
+        else:   # CoCoOp: each image's context, once for every class's sentence
+            context = (context + self._shift.to(context.dtype)[:, None]).repeat_interleave(len(self.input_ids), 0)
+        slots = self.slots.repeat(len(token_embeddings) // len(self.slots), 1)
+        return token_embeddings.index_put((rows, slots), context)
 
     @contextlib.contextmanager
-    def active(self):
-        self._active = True
+    def active(self, shift: torch.Tensor | None = None):
+        """Yields the token ids and attention mask to give the text tower, whose embedding layer then holds the
+        context. shift: (images, width), added to every context vector, one set of class sentences per image
+        (CoCoOp's image-conditioned context); the ids then hold the class sentences once per image."""
+        self._active, self._shift = True, shift
         try:
-            yield self.input_ids, self.attention_mask
+            if shift is None:
+                yield self.input_ids, self.attention_mask
+            else:
+                yield self.input_ids.repeat(len(shift), 1), self.attention_mask.repeat(len(shift), 1)
         finally:
-            self._active = False
+            self._active, self._shift = False, None

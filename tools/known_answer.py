@@ -264,7 +264,30 @@ def train_method(output_dir: Path, data, name: str, *argv: str, seed: int = 0, p
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
         config = common.train_config(args, torch.device("cpu"), Path(folder))
+        if hasattr(model, "fit"):   # a method fitted on its frozen embeddings brings its own procedure (E9, E11)
+            return model, model.fit({"train": data.train, "val": data.val, "test": data.test}, config)
         return model, train(model, data.train, data.val, data.test, config)
+
+
+def wise_ft_run(output_dir: Path, data, *argv: str, seed: int = 0, precision: str = "fp32") -> dict:
+    """E6 --wise-ft on the known-answer task as its main() runs it, without the noise levels: the model as built
+    (θ_0: the zero-shot head, E1's classifier), fine-tuned by the project's loop (θ_1), the α curve on validation
+    and test (clip_adapt/wise_ft.py) and the α chosen on validation."""
+    from clip_adapt.runner import experiment_scripts
+    from clip_adapt.training import predict
+    from clip_adapt.wise_ft import alpha_curve, chosen, state_of
+    script = next(s for s in experiment_scripts() if s.name == "E6_full_finetune")
+    built, _ = scripted_model(output_dir, script, data.class_names, "--data", str(output_dir / "shapes"),
+                              "--wise-ft", *argv, seed=seed)
+    model, result = train_method(output_dir, data, script.name, "--wise-ft", *argv, seed=seed, precision=precision)
+
+    def evaluate(m):
+        return {name: predict(m, getattr(data, name), 64, torch.device("cpu"), precision) for name in ("val", "test")}, []
+
+    rows = alpha_curve(model, state_of(built), state_of(model), evaluate,
+                       {"val": data.val.labels.cpu(), "test": data.test.labels.cpu()})
+    return {"alpha": chosen(rows)["alpha"], "accuracy": chosen(rows)["test_accuracy"], "curve": rows,
+            "converged": result.converged}
 
 
 def accuracy(model, split, precision: str = "fp32") -> float:
