@@ -312,18 +312,32 @@ def needs_hub(args: argparse.Namespace) -> bool:
 
 
 def check_sources(args: argparse.Namespace) -> None:
-    """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py): a
-    wrong path, an unreachable hub or a missing cache is one line within seconds, not one per experiment after
-    the hub's retries. A hub dataset is downloaded here (into the cache the experiments then read)."""
-    for shots in (args.shots if isinstance(args.shots, list) else [args.shots]):   # run_all: several K
-        check_data_early(args.data, shots, args.split_file)
+    """The data and the model resolved once, before any experiment of a run starts (run_all_experiments.py, and a
+    single script when offline): a wrong path, an unreachable hub or a missing cache is said within seconds, not
+    once per experiment after the hub's retries, and every missing piece in the same run (one `error:` line
+    each, with its fix), not one per attempt. A hub dataset is downloaded here (into the cache the experiments
+    then read)."""
+    def data():
+        for shots in (args.shots if isinstance(args.shots, list) else [args.shots]):   # run_all: several K
+            check_data_early(args.data, shots, args.split_file)
+        if not is_local(args.data):
+            load_source(args.data, args.image_column, args.label_column, args.test_split, args.class_names)
+
+    def model():
+        check_model(args.model)
+        if args.image_processor == "fast":
+            check_torchvision()
+
     if needs_hub(args):
         hub.notice_offline()
-    if not is_local(args.data):
-        load_source(args.data, args.image_column, args.label_column, args.test_split, args.class_names)
-    check_model(args.model)
-    if args.image_processor == "fast":
-        check_torchvision()
+    problems = []
+    for check in (data, model):
+        try:
+            check()
+        except UserError as error:
+            problems.append(str(error))
+    if problems:
+        raise UserError("\nerror: ".join(problems))   # run() prints the first "error: "
 
 
 def pick_device(name: str) -> torch.device:
@@ -337,10 +351,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_created_folders: list[Path] = []   # by check_writable; run() removes those still empty when a run fails
+
+
 def check_writable(folder: Path) -> None:
     """Fail before any training, not after an hour of it."""
     try:
+        missing = [f for f in (folder, *folder.parents) if not f.exists()]
         folder.mkdir(parents=True, exist_ok=True)
+        _created_folders.extend(missing)   # deepest first: the order they can be removed in
         probe = folder / f".write-test-{os.getpid()}"   # processes of one accelerate launch probe at once
         probe.write_text("ok")
         probe.unlink()
@@ -396,6 +415,8 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
     check_data_early(args.data, args.shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
+        if hub.offline():   # from the cache alone, quick: every missing piece said in this one run
+            check_sources(args)
     clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
     identity = weights_identity(args.model, clip)   # before anything trains (E6 changes the tower)
     with timing.phase("loading"):
@@ -598,9 +619,11 @@ def run_timings(exp: Experiment) -> dict:
 
 def run(main) -> None:
     """Runs a script's main: a user's mistake is one line on stderr and a non-zero exit, not a traceback."""
+    created_before = len(_created_folders)
     try:
         main()
     except UserError as error:
+        remove_empty_folders(_created_folders[created_before:])
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as stop:
@@ -613,6 +636,16 @@ def run(main) -> None:
         print("\ninterrupted: rerun the same command with --resume to continue from the last finished epoch",
               file=sys.stderr)
         sys.exit(130)
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """A run refused before it wrote anything leaves no empty output folder behind (those it made, deepest first;
+    a folder something was written into stays)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:   # not empty, or gone
+            pass
 
 
 def leave_process_group() -> None:

@@ -25,7 +25,7 @@ from clip_adapt.data import is_study_data
 from clip_adapt.models import is_study_model, weights_of
 from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import plot_robustness, plt, save_figure
-from clip_adapt.runner import aggregate, classification_scripts, spread
+from clip_adapt.runner import aggregate, classification_scripts, experiment_scripts, spread
 from clip_adapt.sweep import (copy_warnings, paired_section, plot_shots, shots_folder, shots_rows, shots_section)
 
 SCRIPTS = {script.name: script for script in classification_scripts()}
@@ -34,12 +34,25 @@ SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness
 
 
 def experiment_name(name: str) -> str:
-    """A script's name, or its number alone (E4)."""
+    """A script's name, or its number alone (E4). A script of another task (E8's captioning) is named with how to
+    run it; an unknown name is one line with the known ones (not argparse's usage, then the error)."""
     short = {script.short_name: script.name for script in SCRIPTS.values()}
     if name in SCRIPTS or name in short:
         return short.get(name, name)
-    raise argparse.ArgumentTypeError(f"unknown experiment '{name}': choose from {', '.join(SCRIPTS)} "
-                                     f"(or their numbers: {', '.join(short)})")
+    other = {key: script for script in experiment_scripts() if script.task != "classification"
+             for key in (script.name, script.short_name)}
+    if name in other:
+        raise UserError(f"{other[name].name} is {other[name].task}, not classification, and runs on its own data: "
+                        f"python {other[name].path.name} (--smoke to try it; docs/captioning.md)")
+    raise UserError(f"unknown experiment '{name}': choose from {', '.join(SCRIPTS)} (or their numbers: "
+                    f"{', '.join(short)})")
+
+
+def other_tasks_line() -> str:
+    """Said after a run of every classification experiment: which scripts it does not run, and how to run them."""
+    others = [script for script in experiment_scripts() if script.task != "classification"]
+    return "; ".join(f"{script.name} ({script.task}) runs on its own: python {script.path.name}"
+                     for script in others)
 
 
 def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,8 +62,9 @@ def add_own_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                             "initialisation and batch order; the validation split "
                                                             "stays --split-seed's); summary: mean ± std")
     common.add_shots_flag(group, nargs="+")
-    group.add_argument("--experiments", nargs="+", type=experiment_name, default=list(SCRIPTS),
-                       metavar="NAME", help=f"a subset to run, by name or number (E4): {', '.join(SCRIPTS)}")
+    group.add_argument("--experiments", nargs="+", default=list(SCRIPTS), metavar="NAME",
+                       help=f"a subset to run, by name or number (E4): {', '.join(SCRIPTS)} [default: all of "
+                            f"them]; {other_tasks_line() or 'every script is one of them'}")
     return add_launcher_flags(p)
 
 
@@ -213,7 +227,7 @@ def main():
     _, forwarded = own.parse_known_args()
     seeds = args.seeds or [args.seed]
     shots = list(dict.fromkeys(args.shots or []))
-    experiments = list(dict.fromkeys(args.experiments))
+    experiments = list(dict.fromkeys(experiment_name(name) for name in args.experiments))
     check_one_learning_rate(args.lr, experiments)
     common.resolve_defaults(args)   # every setting checked once, not once per experiment
     check_launcher_flags(args)
@@ -274,6 +288,8 @@ def main():
     write_json(out_dir / "run.json", run)
     print(f"\nsummary written to {out_dir / 'summary.md'}")
     print(f"report written to {write_html_report(out_dir, finished, command)}")
+    if set(experiments) == set(SCRIPTS) and other_tasks_line():
+        print(f"not in this run: {other_tasks_line()}")
     if failed:
         print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -306,9 +306,9 @@ def load_source(data: str, image_column: str | None = None, label_column: str | 
             source = datasets.load_dataset(data)
         except Exception as error:   # the hub raises many types: offline, not found, gated, ...
             from clip_adapt import hub
-            raise UserError(f"could not load dataset '{data}': {hub.unavailable('it')} "
-                            f"({type(error).__name__}); pass --data a local folder with train/<class>/* "
-                            f"and test/<class>/* instead") from None
+            raise UserError(f"could not load dataset '{data}': {hub.unavailable('it', error)}; pass --data a local "
+                            f"folder with train/<class>/* and test/<class>/* instead (the 40-image sample: "
+                            f"--data {SAMPLE_DATA.relative_to(SAMPLE_DATA.parents[1])})") from None
     missing = {"train", test_split} - set(source)
     if missing:
         raise UserError(f"dataset '{data}' has no {' or '.join(sorted(missing))} split (it has "

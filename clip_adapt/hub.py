@@ -56,10 +56,14 @@ def notice_offline() -> None:
     go_offline()
 
 
-def unavailable(what: str) -> str:
-    """Why `what` could not come from the hub, when it could not."""
+def unavailable(what: str, error: Exception | None = None) -> str:
+    """Why `what` could not come from the hub, when it could not. Offline, the hub cannot say whether the name
+    exists, so a typo and a missing download read alike: the message says both are possible."""
     if offline() and not _switched_off:
-        return f"{what} is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1)"
+        return (f"{what} is not in the local cache, and offline mode is on (HF_HUB_OFFLINE=1), so the hub was not "
+                f"asked; check the name for a typo")
     if offline():
-        return f"{what} is not in the local cache and the Hugging Face hub cannot be reached"
-    return f"{what} could not be loaded from the Hugging Face hub"
+        return (f"{what} is not in the local cache, and the Hugging Face hub cannot be reached to fetch it or to "
+                f"check the name (a typo looks the same)")
+    return (f"{what} could not be loaded from the Hugging Face hub"
+            + (f" ({type(error).__name__})" if error is not None else "") + "; check the name for a typo")

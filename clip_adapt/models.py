@@ -155,8 +155,9 @@ def not_loadable(name: str, error: Exception) -> UserError:
     if Path(name).expanduser().exists():
         return UserError(f"{name} is not a CLIP model directory ({type(error).__name__}): save one with "
                          f"CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
-    return UserError(f"could not load model '{name}': {hub.unavailable('it')}; pass --model a local directory "
-                     f"saved with save_pretrained")
+    return UserError(f"could not load model '{name}': {hub.unavailable('it', error)}; pass --model a local "
+                     f"directory saved with save_pretrained, or --model {RANDOM_PREFIX}vit-b16 for the same "
+                     f"architecture with random weights (tests the pipeline, no download)")
 
 
 def check_model(name: str) -> None:

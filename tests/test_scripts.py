@@ -166,7 +166,8 @@ def broken_folder(kind, root):
     ("unreadable image", ["--data", "unreadable"], "cannot read image train/glioma/bad.jpg"),
     ("model path missing", ["--model", "{tmp}/no_model"], "model directory .* does not exist"),
     ("not a model", ["--model", "{tmp}"], "is not a CLIP model directory"),
-    ("hub offline", ["--model", "openai/clip-vit-base-patch16"], "not in the local cache and offline mode is on"),
+    ("hub offline", ["--model", "openai/clip-vit-base-patch16"],
+     "not in the local cache, and offline mode is on .* check the name for a typo; .* or --model random:vit-b16"),
     ("dataset hub offline", ["--data", "aggr8/brain_mri_train_test_split"], "could not load dataset"),
     ("output not writable", ["--output-dir", "{tmp}/file/sub"], "cannot write to output folder"),
     ("bad epochs", ["--epochs", "0"], "--epochs must be at least 1"),
@@ -186,7 +187,8 @@ def test_each_bad_input_gets_a_clear_message(case, flags, message, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
-    assert not (tmp_path / "out" / "E2_linear_probe" / "metrics.json").exists()
+    assert "(ConnectionError)" not in err[0]   # offline is the reason, not an exception's name
+    assert not (tmp_path / "out").exists()   # a refused run leaves no empty output folder behind
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -345,20 +347,40 @@ def test_run_all_resets_torch_compile_between_experiments(tmp_path, monkeypatch)
 
 # --------------------------------------------------------------------------- run_all: one check before any experiment
 
-@pytest.mark.parametrize("flags, message", [
-    ([], "could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache and offline mode "
-         "is on (HF_HUB_OFFLINE=1)"),
-    (["--model", "{tiny_clip}"], "could not load dataset 'aggr8/brain_mri_train_test_split'"),
-    (["--smoke", "--model", "openai/clip-vit-base-patch16"], "could not load model 'openai/clip-vit-base-patch16'"),
-    (["--smoke", "--epochs", "0"], "--epochs must be at least 1"),
+@pytest.mark.parametrize("flags, messages", [
+    # No network, no cache: both missing pieces in this one run, each with its fix.
+    ([], ["could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache, and offline mode "
+          "is on (HF_HUB_OFFLINE=1), so the hub was not asked; check the name for a typo; pass --data a local folder "
+          "with train/<class>/* and test/<class>/* instead (the 40-image sample: --data sample_data/brain_mri)",
+          "could not load model 'openai/clip-vit-base-patch16': it is not in the local cache, and offline mode is on "
+          "(HF_HUB_OFFLINE=1), so the hub was not asked; check the name for a typo; pass --model a local directory "
+          "saved with save_pretrained, or --model random:vit-b16 for the same architecture with random weights "
+          "(tests the pipeline, no download)"]),
+    (["--model", "{tiny_clip}"], ["could not load dataset 'aggr8/brain_mri_train_test_split'"]),
+    (["--smoke", "--model", "openai/clip-vit-base-patch16"], ["could not load model 'openai/clip-vit-base-patch16'"]),
+    (["--smoke", "--epochs", "0"], ["--epochs must be at least 1"]),
+    (["--smoke", "--experiments", "E2", "E99"], ["unknown experiment 'E99': choose from E1_zero_shot_clip, "]),
+    (["--smoke", "--experiments", "E8"], ["E8_caption_peft is captioning, not classification, and runs on its own "
+                                          "data: python E8_caption_peft.py"]),
 ])
-def test_run_all_checks_settings_model_and_data_once_before_any_experiment(flags, message, tiny_clip_dir, tmp_path,
+def test_run_all_checks_settings_model_and_data_once_before_any_experiment(flags, messages, tiny_clip_dir, tmp_path,
                                                                            capsys):
     flags = [f.format(tiny_clip=tiny_clip_dir) for f in flags]
-    run_script("run_all_experiments.py", *flags, "--output-dir", tmp_path, expect_exit=2)
+    run_script("run_all_experiments.py", *flags, "--output-dir", tmp_path / "out", expect_exit=2)
     out, err = capsys.readouterr()
-    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {message}"), err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(messages), err   # one line per problem: no usage text, no traceback
+    assert all(line.startswith(f"error: {message}") for line, message in zip(lines, messages)), err
     assert "===" not in out   # no experiment started
+    assert not (tmp_path / "out").exists()   # and no empty output folder left behind
+
+
+def test_a_single_script_offline_says_every_missing_piece_in_one_run(tmp_path, capsys):
+    run_script("E4_deep_vpt.py", "--output-dir", tmp_path / "out", expect_exit=2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[1] for line in lines] == [" could not load dataset 'aggr8/brain_mri_train_test_split'",
+                                                     " could not load model 'openai/clip-vit-base-patch16'"], lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unreachable_hub_ends_the_run_at_once_without_retries(monkeypatch, tmp_path, capsys):
@@ -374,10 +396,14 @@ def test_an_unreachable_hub_ends_the_run_at_once_without_retries(monkeypatch, tm
     run_script("run_all_experiments.py", "--output-dir", tmp_path, expect_exit=2)
     out, err = capsys.readouterr()
     assert out.count("the Hugging Face hub cannot be reached") == 1 and "===" not in out
-    assert err.strip().splitlines() == [
-        "error: could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache and the "
-        "Hugging Face hub cannot be reached (ConnectionError); pass --data a local folder with train/<class>/* and "
-        "test/<class>/* instead"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.endswith(")") for line in lines)
+    assert lines[0].startswith(
+        "error: could not load dataset 'aggr8/brain_mri_train_test_split': it is not in the local cache, and the "
+        "Hugging Face hub cannot be reached to fetch it or to check the name (a typo looks the same); pass --data a "
+        "local folder")
+    assert lines[1].startswith("error: could not load model 'openai/clip-vit-base-patch16': it is not in the local "
+                               "cache, and the Hugging Face hub cannot be reached")
     assert huggingface_hub.constants.HF_HUB_OFFLINE   # switched to offline: the cache only, no hub retries
 
 
