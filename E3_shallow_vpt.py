@@ -37,6 +37,8 @@ def add_flags(parser):
     prompts.add_argument("--patch-size", type=int, help="patch side in pixels [default: as --pad-size]")
     common.add_head_flag(prompts, default="clip for pixel prompts, linear for tokens")
     parser.set_defaults(lr=None)   # chosen by --prompt-type in main: LEARNING_RATE or PIXEL_LEARNING_RATES
+    common.describe_default(parser, "lr", f"{LEARNING_RATE:g} for token prompts, " + ", ".join(
+        f"{rate:g} for {kind}" for kind, rate in PIXEL_LEARNING_RATES.items()))
     return parser
 
 

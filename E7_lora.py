@@ -20,7 +20,8 @@ MODEL_VARIANTS = [("--adapter", kind) for kind in ADAPTERS if kind != "lora"] + 
 
 def add_flags(parser):
     adapter = parser.add_argument_group("adapter")
-    adapter.add_argument("--adapter", default="lora", choices=ADAPTERS)
+    adapter.add_argument("--adapter", default="lora", choices=ADAPTERS,
+                         help="the peft adapter on the vision tower: LoRA, LoHa, LoKr or (IA)^3 (docs/adapters.md)")
     adapter.add_argument("--rank", type=int, default=8, help="r, the rank of the update (not used by ia3)")
     adapter.add_argument("--alpha", type=float, default=16, help="the update is scaled by alpha / r (not used by ia3)")
     adapter.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA's input dropout; loha and lokr: "

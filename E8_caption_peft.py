@@ -42,8 +42,9 @@ def add_flags(parser):
     caption.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning's virtual tokens")
     caption.add_argument("--rank", type=int, default=8, help="LoRA rank")
     caption.add_argument("--alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
-    caption.add_argument("--lora-dropout", type=float, default=0.1)
-    caption.add_argument("--adapter-dropout", type=float, default=0.1)
+    caption.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA's input dropout (--peft lora)")
+    caption.add_argument("--adapter-dropout", type=float, default=0.1,
+                         help="dropout inside the bottleneck adapter (--peft adapter)")
     caption.add_argument("--caption-column", help="the dataset's caption column (one caption or a list per "
                                                   "image) [default: caption, captions, text or its only text "
                                                   "column]")

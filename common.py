@@ -58,15 +58,29 @@ NOT_SETTINGS = {"resume", "stop_after_epochs", "output_dir", "device", "compile"
                 "report_to", "save_merged", "noise_levels", "threads"}   # noise levels: the final evaluation only
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help states each flag's default once: argparse's value, appended, where it is the default; a flag whose
+    default is decided later (None, resolved by resolve_defaults) says it in its own help as "[default: …]"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("[default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default in ("", [], argparse.SUPPRESS)):   # 0 is a default; False: a switch left off
+            return text
+        value = (" ".join(map(str, action.default)) if isinstance(action.default, (list, tuple))
+                 else str(action.default))
+        return f"{text} [default: {value.replace('%', '%%')}]"
+
+
 def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep: bool = False
            ) -> argparse.ArgumentParser:
     """The flags every experiment takes, in groups as --help shows them; a script adds its own (add_flags).
     sweep: for run_all_experiments.py, whose --shots takes several K (its own flag)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"Hugging Face dataset id or local folder with train/<class>/* and "
-                                     f"test/<class>/* [default: {DEFAULT_DATA}; with --smoke: the sample shipped in "
-                                     f"{SAMPLE_DATA.name}]")
+                                     f"test/<class>/* [default: {DEFAULT_DATA}; with --smoke: the 40-image sample in "
+                                     f"{SAMPLE_DATA.relative_to(SAMPLE_DATA.parents[1]).as_posix()}]")
     data.add_argument("--image-column", help="the dataset's image column [default: its only Image column]")
     data.add_argument("--label-column", help="the dataset's label column [default: its only ClassLabel column]")
     data.add_argument("--test-split", default="test", help="the dataset's held-out split; a split named "
@@ -117,17 +131,23 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
                                    "loss (docs/how-a-run-works.md); coop: CoOp's fixed schedule for --shots K (50 "
                                    "epochs at 1 shot, 100 at 2 and 4, 200 at 8 and 16, a cosine rate, the last epoch "
                                    "reported), for comparison with its tables; --epochs overrides its epochs")
-    optimisation.add_argument("--batch-size", type=int, default=32)
+    optimisation.add_argument("--batch-size", type=int, default=32,
+                              help="images per optimiser step (with several processes: in all, split between them); "
+                                   "evaluation runs twice as many at once")
     optimisation.add_argument("--lr", type=float, default=lr,
-                              help="peak learning rate (AdamW; warm-up, then cut on validation-loss plateaus)")
+                              help="peak learning rate (AdamW; warm-up, then cut when the training loss stops "
+                                   "falling)" + ("" if lr is not None else " [default: each experiment's own]" if sweep
+                                                 else " [default: none, nothing is trained]"))
     optimisation.add_argument("--head-lr", type=float, help="the linear head's own peak learning rate where a "
                               "method trains a head and prompts or adapters (E3, E4, E7) [default: --lr]")
     optimisation.add_argument("--head-start", choices=HEAD_STARTS, default="probe",
                               help="a linear head's start: probe: standardised input and the convex fit of the head "
                                    "alone on the initial features (linear probing, then fine-tuning); standardise: "
                                    "standardised input, the head from its usual random start; none: neither")
-    optimisation.add_argument("--weight-decay", type=float, default=0.01)
-    optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs)
+    optimisation.add_argument("--weight-decay", type=float, default=0.01,
+                              help="AdamW's decoupled weight decay on the trained parameters")
+    optimisation.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
+                              help="epochs (fractions allowed) of linear warm-up to the peak rate; 0: none")
     optimisation.add_argument("--tune", action="store_true",
                               help="first choose --lr and --weight-decay on the validation split: a grid of "
                                    f"{len(TUNE_LR_FACTORS)} rates (the default x {TUNE_LR_FACTORS[0]:g} to "
@@ -141,7 +161,8 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
                                    "path")
 
     control = p.add_argument_group("run control")
-    control.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    control.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="auto: the GPU when PyTorch sees one, else the CPU")
     control.add_argument("--smoke", action="store_true", help="tiny random CLIP and the shipped image sample: "
                                                               "the whole pipeline in seconds on a CPU, no download")
     control.add_argument("--resume", action="store_true",
@@ -169,6 +190,12 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
     return p
 
 
+def describe_default(parser: argparse.ArgumentParser, dest: str, default: str) -> None:
+    """A flag whose default a script decides after parsing (set to None) says in --help what it will be."""
+    action = next(a for a in parser._actions if a.dest == dest)
+    action.help = f"{action.help.split(' [default:')[0]} [default: {default}]"
+
+
 def add_shots_flag(group, nargs: str | None) -> None:
     """--shots K for a script; run_all_experiments.py's takes several (nargs "+"), a sweep over K."""
     group.add_argument("--shots", type=int, metavar="K", nargs=nargs,
@@ -194,7 +221,8 @@ def add_prompt_flags(parser: argparse.ArgumentParser, num_prompts_help: str = "N
                         "encoder input; deeper layers' prompts always enter at the layer input")
     p.add_argument("--prompt-init", default="normal", choices=PROMPT_INITS,
                    help="normal: N(0, 0.02) as MaPLe and IVLP; xavier: VPT's uniform bound")
-    p.add_argument("--prompt-dropout", type=float, default=0.0)
+    p.add_argument("--prompt-dropout", type=float, default=0.0,
+                   help="dropout on the prompt tokens, a fresh mask per image (VPT); in [0, 1)")
     return p
 
 

@@ -26,7 +26,7 @@ from clip_adapt.reporting import LIBRARIES
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
 
-from clip_adapt.runner import classification_scripts
+from clip_adapt.runner import classification_scripts, experiment_scripts
 
 # Every experiment script, found as run_all_experiments.py finds them: a new one is tested without an edit here.
 SCRIPTS = [script.path.name for script in classification_scripts()]
@@ -202,6 +202,47 @@ def test_bad_prompt_flags_get_a_clear_message(script, flags, message, tmp_path, 
     run_script(script, "--smoke", *flags, "--output-dir", tmp_path, expect_exit=2)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# --------------------------------------------------------------------------- --help
+
+def every_parser():
+    """Every experiment script's command line, as the registry builds it, and run_all_experiments.py's."""
+    import common
+    import run_all_experiments
+    parsers = [(script.name, script.parser()) for script in experiment_scripts()]
+    return parsers + [("run_all_experiments", run_all_experiments.add_own_flags(
+        common.parser(run_all_experiments.__doc__, lr=None, sweep=True)))]
+
+
+def help_of(parser, action) -> str:
+    """The flag's entry in --help, on one line."""
+    formatter = parser.formatter_class(parser.prog, width=100_000)   # unwrapped: no line breaks inside a value
+    formatter.add_argument(action)
+    return " ".join(formatter.format_help().split())
+
+
+@pytest.mark.parametrize("name, parser", every_parser(), ids=lambda value: value if isinstance(value, str) else "")
+def test_help_gives_every_flag_a_text_and_one_correct_default(name, parser):
+    import common
+    resolved = {smoke: common.resolve_defaults(parser.parse_args(["--smoke"] if smoke else [])) for smoke in (0, 1)}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        text = help_of(parser, action)
+        assert action.help and action.help.strip(), f"{name} {action.option_strings[0]} has no help text"
+        assert "(default:" not in text and text.count("[default") <= 1, text
+        if action.default not in (None, False, "", []) and "[default" not in action.help:   # argparse's, as it is
+            shown = (" ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default))
+            assert f"[default: {shown}]" in text, text
+        # A default decided after parsing, stated in the help: what resolve_defaults gives, with --smoke too.
+        stated = re.search(r"\[default: ([\w./-]+)(?:; with --smoke: ([\w./-]+))?\]", text)
+        if action.default is None and stated and action.dest in vars(resolved[0]):
+            for smoke, value in ((0, stated.group(1)), (1, stated.group(2) or stated.group(1))):
+                got = getattr(resolved[smoke], action.dest)
+                if re.fullmatch(r"[\d.e-]+", value) or got == value or str(got).endswith(value):
+                    assert str(got) == value or str(got).endswith(value) or float(got) == float(value), \
+                        (name, action.dest, smoke, got, value)
 
 
 # --------------------------------------------------------------------------- determinism and resume
