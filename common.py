@@ -27,7 +27,7 @@ import torch
 from clip_adapt import timing
 from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
-from clip_adapt import hub
+from clip_adapt import hub, report_page
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
                                check_model, check_torchvision, count_params, fingerprint, is_random, load_clip,
@@ -36,12 +36,15 @@ from clip_adapt.progress import set_quiet
 from clip_adapt.probe import HEAD_STARTS
 from clip_adapt.prompts import PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS
 from clip_adapt.reporting import (NOISE_LEVELS, WithPixelNoise, auroc, bootstrap_interval, classification_metrics,
-                                  code_version, library_versions, plot_closest_pairs, write_report)
+                                  code_version, library_versions, mark_random_weights, plot_closest_pairs,
+                                  write_report)
 from clip_adapt.shots import check_shots, coop_epochs, split_record
 from clip_adapt.training import (DEFAULT_EPOCHS, EPOCH_CAP_WINDOWS, PRECISIONS, TrainConfig, TrainingInterrupted, TrainingStopped, TrainResult,
                                  cached_embeddings, precision_used, predict_everywhere, summary_writer_class, train)
 
 SMOKE_EPOCHS, SMOKE_PATIENCE = 3, 3
+PROCESS_STARTED = time.time()   # a contact sheet older than this is an earlier process's (write_contact_sheet)
+CONTACT_SHEET = report_page.CONTACT_SHEET[0]   # in <output-dir>/, the data's: one per folder
 # The convergence test's window counts optimiser steps, not epochs: an epoch of a small data set is a few steps.
 # 100 and 200 steps gave the same accuracies and verdicts on the known-answer task family, 100 in half the time
 # (docs/known-answer.md).
@@ -419,6 +422,7 @@ def open_run(name: str, args: argparse.Namespace):
     (args, out_dir, device, accelerator). start() goes on to load CLIP and the classification data."""
     set_quiet(args.quiet)
     args = resolve_defaults(args)
+    mark_random_weights(is_random(args.model))   # every figure of this run says so
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.output_dir) / name
@@ -568,7 +572,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         split_logits, robustness = evaluate(exp, model, split_logits)
     scores = {name: classification_metrics(split_logits[name], split.labels) for name, split in data.splits().items()}
 
-    trainable, total = count_params(model)
+    trainable, total = count_params(model, exp.clip)
     correct = (split_logits["test"].argmax(1) == data.test.labels.cpu()).numpy()
     report = data.report
     metrics = {
@@ -609,8 +613,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         return metrics
     with timing.phase("reports"):
         if data.closest_pairs:
-            plot_closest_pairs(data.closest_pairs, report.get("near_copy_threshold"),
-                               exp.out_dir / "closest_pairs.png")
+            write_contact_sheet(exp, data.closest_pairs, report.get("near_copy_threshold"))
         write_json(exp.out_dir / "split.json", split_record(data.splits(), data.class_names))
         write_report(exp.out_dir, exp.name, data.class_names, split_logits["test"], data.test.labels.cpu(),
                      data.test.files, history, metrics, robustness, report)
@@ -622,6 +625,17 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
           f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
           f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
     return metrics
+
+
+def write_contact_sheet(exp: Experiment, pairs: list, threshold: float | None) -> None:
+    """The data's contact sheet (closest test-train pairs), one per output folder, not one per experiment: every
+    experiment of a run saw the same images. The first experiment of this process writes it; a later one of the
+    same process (run_all_experiments.py) finds it written since the process started and leaves it. Each
+    experiment's data_report.json names it (contact_sheet, relative to the experiment's folder)."""
+    sheet = Path(exp.args.output_dir) / CONTACT_SHEET
+    if not sheet.exists() or sheet.stat().st_mtime < PROCESS_STARTED:
+        plot_closest_pairs(pairs, threshold, sheet)
+    exp.data.report["contact_sheet"] = os.path.relpath(sheet, exp.out_dir)
 
 
 def auroc_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], seed: int) -> dict:

@@ -22,15 +22,15 @@ import common
 from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text
 from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
 from clip_adapt.data import is_study_data
-from clip_adapt.models import is_study_model, weights_of
-from clip_adapt.report_page import RUN_FIGURES, SUMMARY_FIGURES, write_html_report
-from clip_adapt.reporting import plot_robustness, plt, save_figure
+from clip_adapt.models import is_random, is_study_model, weights_of
+from clip_adapt.report_page import CONTACT_SHEET, RUN_FIGURES, SUMMARY_FIGURES, write_html_report
+from clip_adapt.reporting import mark_random_weights, plot_robustness, plt, save_figure
 from clip_adapt.runner import aggregate, classification_scripts, experiment_scripts, spread
 from clip_adapt.sweep import (copy_warnings, paired_section, plot_shots, shots_folder, shots_rows, shots_section)
 
 SCRIPTS = {script.name: script for script in classification_scripts()}
 SUMMARY_FILES = ("summary.md", "summary.csv", "summary.png", "summary_robustness.png", "summary_shots.png",
-                 "report.html", "run.json")
+                 "report.html", "run.json", common.CONTACT_SHEET)
 
 
 def experiment_name(name: str) -> str:
@@ -110,8 +110,10 @@ def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command
     if run["weights"] == "random":
         lines.append(random_weights_banner(run["model"]))
     lines += [f"Test accuracy: {interval}. Best epoch: the epoch of lowest validation loss, whose weights are "
-              f"reported (convergence speed). AUROC: macro one-vs-rest from the softmax (per class and its "
-              f"interval: `auroc` in each metrics.json)." + (" 'Study' is the accuracy the reproduced study reported, not "
+              f"reported (convergence speed); none for a method fitted once by a solver (E2's L-BFGS: its C "
+              f"sweep instead). AUROC: macro one-vs-rest from the softmax (per class and its "
+              f"interval: `auroc` in each metrics.json). Share of total: of CLIP's parameters (both towers) "
+              f"and what the method adds to it." + (" 'Study' is the accuracy the reproduced study reported, not "
                                                    "measured here." if study else "") + "\n",
               "| experiment | test accuracy | " + ("study | " if study else "") + "macro-F1 | AUROC | balanced acc. | ECE | "
               "train acc. | best epoch | epochs run | converged | trainable params | share of total | "
@@ -123,7 +125,9 @@ def markdown(rows: list[dict], failed: dict[str, str], seeds: list[int], command
                      f"{spread(r, 'test_macro_f1')} | {spread(r, 'test_auroc')} | "
                      f"{spread(r, 'test_balanced_accuracy')} | "
                      f"{spread(r, 'test_ece')} | "
-                     f"{spread(r, 'train_accuracy')} | {spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | "
+                     f"{spread(r, 'train_accuracy')} | " +
+                     ("– | – | " if r.get("fitted_once") else
+                      f"{spread(r, 'best_epoch', 1)} | {spread(r, 'epochs_run', 1)} | ") +
                      f"{converged(r)} | {r['trainable_params']:,} | {100 * r['trainable_share']:.3g}% | "
                      f"{spread(r, 'wall_time_s', 1)} |")
     marked = [(name, differs) for name, differs in not_the_recipe.items()
@@ -165,7 +169,8 @@ def figure_links(out_dir: Path, runs: list[Path]) -> str:
     def image(path: Path, caption: str) -> str:
         return f"![{caption}]({path.relative_to(out_dir).as_posix()})"
     lines = ["\n## Figures\n"]
-    lines += [image(out_dir / name, caption) for name, caption in SUMMARY_FIGURES if (out_dir / name).exists()]
+    lines += [image(out_dir / name, caption) for name, caption in [*SUMMARY_FIGURES, CONTACT_SHEET]
+              if (out_dir / name).exists()]
     in_summary = ("loss_curves.png", "accuracy_curves.png", "confusion_matrix.png")
     for run in runs:
         shown = [image(run / name, f"{run.name} {caption}") for name, caption in RUN_FIGURES
@@ -230,6 +235,7 @@ def main():
     experiments = list(dict.fromkeys(experiment_name(name) for name in args.experiments))
     check_one_learning_rate(args.lr, experiments)
     common.resolve_defaults(args)   # every setting checked once, not once per experiment
+    mark_random_weights(is_random(args.model))   # the summary's figures say so, as the experiments' do
     check_launcher_flags(args)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)

@@ -4,6 +4,7 @@ and worst captions by CLIPScore, and their word-by-word cross-attention maps (do
 
 import math
 import re
+import textwrap
 import time
 from pathlib import Path
 
@@ -11,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_adapt.base import atomic_save, is_main_process, write_csv, write_json
+from clip_adapt.base import is_main_process, write_csv, write_json
 from clip_adapt.captioning import (CAPTIONER_CLIP, MAX_CAPTION_TOKENS, Captioner, CaptionSplit, LazyImages,
                                    cider_d, clean_caption, clip_scores, set_attention)
 from clip_adapt.data import preprocess
 from clip_adapt.models import count_params, normalized_image_embeddings
-from clip_adapt.reporting import plot_curves, plt
+from clip_adapt.reporting import plot_curves, plt, save_png
 from clip_adapt.training import autocast
 
 GALLERY_SIZE = 4        # best and worst images each
@@ -78,8 +79,7 @@ def score_image_embeddings(clip, image_processor, split: CaptionSplit, device, b
 def save_grid(fig, path: Path, top: float = 0.9) -> None:
     """A grid of images with fixed spacing: tight_layout's measuring of a hundred small axes takes seconds."""
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.05, hspace=0.6)
-    atomic_save(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def shown(pixels: torch.Tensor) -> np.ndarray:
@@ -186,21 +186,23 @@ def plot_attention(model: Captioner, split: CaptionSplit, indices: list[int], se
         image = shown(split.images.inputs[i]) / 255
         top = row * stride + size // 4
         mosaic[top:top + size, :size] = image
-        labels.append((row, 0, "image"))
+        labels.append((row, 0, "image" if words else "image (no words)"))
         for column, (word, grid) in enumerate(zip(words[:columns - 1], grids), start=1):
             heat = F.interpolate(grid[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
             heat = ((heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)).numpy()
             panel = 0.5 * image + 0.5 * plt.get_cmap("jet")(heat)[..., :3]
             mosaic[top:top + size, column * size:(column + 1) * size] = panel
+            word = word if len(word) <= 12 else word[:11] + "…"   # a label no wider than its panel
             labels.append((row, column, word if column < columns - 1 or len(words) <= columns - 1 else word + " …"))
-    fig, ax = plt.subplots(figsize=(1.6 * columns, 2.0 * len(indices)))
+    width = max(1.6 * columns, 6.4)   # room for the title, even when the captions have few or no words
+    fig, ax = plt.subplots(figsize=(width, 2.0 * len(indices) + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     for row, column, text in labels:
         ax.text((column + 0.5) * size, row * stride + size // 4 - 1, text, ha="center", va="bottom", fontsize=8)
     ax.axis("off")
-    ax.set_title(f"cross-attention per word of the gallery's caption (last layer, mean over heads and the word's "
-                 f"tokens; first {MAX_WORD_PANELS} words): where the decoder looked, not why it chose the word",
-                 fontsize=8, pad=14)
+    ax.set_title(textwrap.fill(f"cross-attention per word of the gallery's caption (last layer, mean over heads and "
+                               f"the word's tokens; first {MAX_WORD_PANELS} words): where the decoder looked, not "
+                               f"why it chose the word", width=int(14 * width)), fontsize=8, pad=14)
     save_grid(fig, path, top=0.93)
     return [words for words, _ in maps]
 

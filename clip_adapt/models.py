@@ -296,10 +296,17 @@ def model_dims(clip: CLIPModel) -> dict:
             "projection_dim": config.projection_dim, "text_hidden": config.text_config.hidden_size}
 
 
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), counted from requires_grad over the modules the classifier actually holds."""
+def count_params(model: nn.Module, clip: nn.Module | None = None) -> tuple[int, int]:
+    """(trainable, total), trainable counted from requires_grad over the modules the classifier holds. total:
+    those modules' parameters; with `clip`, the whole CLIP (both towers, whichever the method uses) plus what the
+    method adds to it, so that every method's share of the total divides by the same CLIP."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if clip is None:
+        return trainable, sum(p.numel() for p in params)
+    in_clip = {id(p) for p in clip.parameters()}
+    return trainable, sum(p.numel() for p in clip.parameters()) + sum(p.numel() for p in params
+                                                                      if id(p) not in in_clip)
 
 
 def fingerprint(*modules: nn.Module) -> str:

@@ -23,11 +23,13 @@ from pathlib import Path
 
 from clip_adapt.base import write_text
 from clip_adapt.copies import describe_copies
+from clip_adapt.reporting import FITTED_ONCE
 
 SUMMARY_FIGURES = [("summary.png", "Test accuracy against trainable parameters"),
                    ("summary_robustness.png", "Test accuracy under pixel noise"),
                    ("summary_shots.png", "Test accuracy against labelled images per class (K shots)")]
 RUN_FIGURES = [("loss_curves.png", "loss"), ("accuracy_curves.png", "accuracy"),
+               ("c_sweep.png", "held-out accuracy and loss against C (L-BFGS: no epochs)"),
                ("confusion_matrix.png", "confusion matrix (test)"), ("reliability_diagram.png", "reliability (test)"),
                ("robustness.png", "accuracy under noise")]
 CONTACT_SHEET = ("closest_pairs.png", "closest test–train pairs, by eye (near-copy check)")   # the data's: shown once
@@ -40,6 +42,8 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; white
 th { white-space: normal; }   /* long headers wrap, so that a wide table still fits the page */
 .banner { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; font-weight: bold; }
 th:first-child, td:first-child { text-align: left; }
+table.facts td:last-child { white-space: normal; max-width: 44em; text-align: left; }   /* a long reason wraps */
+ul { margin: 0.3em 0; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; } figure img { max-width: 560px; width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
 """
@@ -82,7 +86,7 @@ def markdown_table(lines: list[str]) -> str:
 def summary_sections(summary_md: str) -> str:
     """The tables and notes of summary.md, without its title, banner, command line and figure links (shown apart).
     Only the few constructs run_all_experiments.markdown() writes are understood: headings, tables, paragraphs."""
-    parts, table = [], []
+    parts, table, items = [], [], []
     for line in summary_md.splitlines() + [""]:
         if line.startswith("|"):
             table.append(line)
@@ -90,6 +94,12 @@ def summary_sections(summary_md: str) -> str:
         if table:
             parts.append(markdown_table(table))
             table = []
+        if line.startswith("- "):
+            items.append(f"<li>{inline_markdown(line[2:])}</li>")
+            continue
+        if items:
+            parts.append(f"<ul>{''.join(items)}</ul>")
+            items = []
         if line.startswith("## Figures"):
             break
         if line.startswith("## "):
@@ -125,10 +135,12 @@ def csv_table(path: Path) -> str:
         return ""
 
     def cell(value: str) -> str:
+        """Numbers as docs/reports.md promises: three decimals (whole numbers as they are)."""
         try:
-            return f"{float(value):.4g}"
+            number = float(value)
         except ValueError:
             return html.escape(value)
+        return value if re.fullmatch(r"-?\d+", value.strip()) else f"{number:.3f}"
     return ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" +
             "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows[1:]) +
             "</table>")
@@ -147,7 +159,7 @@ def auroc_facts(metrics: dict) -> list[tuple[str, str]]:
     if not scores or scores["macro"] is None:
         return []
     low, high = scores["macro_ci95"] or (float("nan"), float("nan"))
-    return [("AUROC, macro one-vs-rest", f"{scores['macro']:.4f} (95% CI {low:.3f}–{high:.3f})"),
+    return [("AUROC, macro one-vs-rest", f"{scores['macro']:.3f} (95% CI {low:.3f}–{high:.3f})"),
             ("AUROC per class", ", ".join(f"{name} {'–' if v is None else f'{v:.3f}'}"
                                           for name, v in scores["per_class"].items()))]
 
@@ -155,16 +167,19 @@ def auroc_facts(metrics: dict) -> list[tuple[str, str]]:
 def run_section(folder: Path, title: str) -> str:
     m = json.loads((folder / "metrics.json").read_text())
     low, high = m["test_accuracy_ci95"]
-    facts = [("test accuracy", f"{m['test_accuracy']:.4f} (95% CI {low:.3f}–{high:.3f})"),
-             ("macro-F1", f"{m['test_macro_f1']:.4f}"), *auroc_facts(m), ("balanced accuracy", f"{m['test_balanced_accuracy']:.4f}"),
-             ("ECE", f"{m['test_ece']:.4f}"),
-             ("train / val accuracy", f"{m['train_accuracy']:.4f} / {m['val_accuracy']:.4f}"),
-             ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}"),
+    facts = [("test accuracy", f"{m['test_accuracy']:.3f} (95% CI {low:.3f}–{high:.3f})"),
+             ("macro-F1", f"{m['test_macro_f1']:.3f}"), *auroc_facts(m), ("balanced accuracy", f"{m['test_balanced_accuracy']:.3f}"),
+             ("ECE", f"{m['test_ece']:.3f}"),
+             ("train / val accuracy", f"{m['train_accuracy']:.3f} / {m['val_accuracy']:.3f}"),
+             ("best epoch", f"{m['best_epoch']} of {m['epochs_run']}" if m.get("solver") not in FITTED_ONCE else
+              f"none: fitted once ({m['solver']}" + (f", C = {m['l2_c']:.3g} chosen by its sweep)" if "l2_c" in m
+                                                      else ")")),
              ("converged", convergence_text(m)),
              ("trainable parameters", f"{m['trainable_params']:,} of {m['total_params']:,}"),
              ("wall time", f"{m['wall_time_s']:.1f} s on {m['device']}"), ("model", m["model"])]
     parts = [f'<h2 id="{html.escape(title)}">{html.escape(title)}</h2>',
-             "<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in facts) + "</table>",
+             '<table class="facts">' + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>"
+                                               for k, v in facts) + "</table>",
              figures(folder, RUN_FIGURES)]
     if (folder / "templates.csv").exists():
         parts.append("<h3>Templates (accuracy of each, and of their ensemble)</h3>" + csv_table(folder / "templates.csv"))
@@ -204,8 +219,9 @@ def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
     if data_reports:
         body.append("<h2>Data</h2>" + data_section(json.loads((data_reports[0] / "data_report.json").read_text())))
     body += [run_section(run, title) for run, title in zip(runs, titles)]
-    sheets = [run for run in runs if (run / CONTACT_SHEET[0]).exists()]
-    if sheets:   # every experiment of a run saw the same data: one sheet, last, as it is long
+    # Every experiment of a run saw the same data: one sheet, in the run's output folder, shown last as it is long.
+    sheets = [folder for folder in dict.fromkeys(run.parent for run in runs) if (folder / CONTACT_SHEET[0]).exists()]
+    if sheets:
         body.append('<h2 id="near-copies">Near-copy check, by eye</h2>' + figures(sheets[0], [CONTACT_SHEET]))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) +

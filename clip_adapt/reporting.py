@@ -17,6 +17,8 @@ from clip_adapt.base import atomic_save, write_csv, write_json, write_text  # no
 
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 ECE_BINS = 15
+FITTED_ONCE = ("lbfgs", "search")   # metrics.json's "solver" of a method fitted in one pass, not by epochs
+RANDOM_WEIGHTS_MARK = "random weights: tests the pipeline, says nothing about CLIP"
 
 
 # --------------------------------------------------------------------------- numbers
@@ -163,10 +165,33 @@ class WithPixelNoise(torch.nn.Module):
 
 # --------------------------------------------------------------------------- files
 
-def save_figure(fig, path: Path) -> None:
-    fig.tight_layout()
-    atomic_save(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+_random_weights = False   # this process's run has random weights: every figure it saves says so
+
+
+def mark_random_weights(random: bool) -> None:
+    """Set once a run knows its model (common.open_run, run_all_experiments.py): from then on every figure this
+    process saves carries the random-weights mark, as the page and summary.md carry their banner."""
+    global _random_weights
+    _random_weights = random
+
+
+def save_png(fig, path: Path, dpi: int = 120) -> None:
+    """Saves and closes a laid-out figure; with random weights, a mark across it and in the PNG's metadata
+    ("Weights": "random"), so that a figure looked at on its own cannot pass for a result."""
+    metadata = {"Software": "clip_adapt"}
+    if _random_weights:
+        fig.text(0.5, 0.5, "random weights", rotation=25, ha="center", va="center", fontsize=40, color="tab:red",
+                 alpha=0.2, weight="bold", zorder=1000)
+        fig.text(0.995, 0.005, RANDOM_WEIGHTS_MARK, ha="right", va="bottom", fontsize=7, color="tab:red",
+                 zorder=1000)
+        metadata["Weights"] = "random"
+    atomic_save(path, lambda p: fig.savefig(p, dpi=dpi, format="png", metadata=metadata))
     plt.close(fig)
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout(rect=(0, 0.03, 1, 1) if _random_weights else None)   # room for the mark's line
+    save_png(fig, path)
 
 
 def learning_rate_cuts(history: list[dict]) -> list[int]:
@@ -250,10 +275,15 @@ def plot_reliability(probs: np.ndarray, labels: np.ndarray, title: str, path: Pa
 
 def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, path: Path,
                     chance: float | None = None) -> None:
-    """Test accuracy per noise level: lines over several levels (each with its own hollow marker, size and dash,
-    so that equal lines still show), bars for a single level (a line of one point is a dot on an empty axis)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    """Test accuracy per noise level: one line over several levels; several methods, one small panel each on a
+    shared scale (lines of equal accuracies would lie on top of one another in one panel, and the chance line
+    on them), each panel with the others faint behind it for comparison; bars for a single level (a line of one
+    point is a dot on an empty axis)."""
     levels = sorted({sigma for points in curves.values() for sigma, _ in points})
+    if len(levels) > 1 and len(curves) > 1:
+        plot_robustness_panels(curves, title, path, chance)
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     if len(levels) == 1:
         names = list(curves)
         bars = ax.bar(range(len(names)), [curves[n][0][1] for n in names], color="tab:blue")
@@ -270,6 +300,51 @@ def plot_robustness(curves: dict[str, list[tuple[float, float]]], title: str, pa
     ax.set(ylabel="test accuracy", ylim=(0, 1.08), title=title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def plot_robustness_panels(curves: dict[str, list[tuple[float, float]]], title: str, path: Path,
+                           chance: float | None) -> None:
+    columns = min(4, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.2 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, (name, points) in zip(axes.flat, curves.items()):
+        for other, others in curves.items():
+            if other != name:
+                ax.plot(*zip(*others), color="lightgrey", linewidth=1, zorder=1)
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", linewidth=1, zorder=2)
+        ax.plot(*zip(*points), marker="o", markersize=4, color="tab:blue", zorder=3)
+        ax.set_title(name, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("noise sigma", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy", fontsize=8)
+    fig.suptitle(f"{title} (blue: the method; grey: the others" + (f"; dotted: chance, {chance:.2f})" if chance
+                                                                     is not None else ")"), fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_c_sweep(sweep: list[dict], chosen: float, title: str, path: Path) -> None:
+    """E2's L-BFGS probe in place of training curves: held-out accuracy and log-loss against the L2 strength C
+    (cross-validated, or on the validation split), the chosen C marked. A solver has no epochs to plot."""
+    held_out = "cv" if "cv_loss" in sweep[0] else "val"
+    what = "mean over cross-validation folds" if held_out == "cv" else "validation split"
+    c = [row["C"] for row in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(c, [row[f"{held_out}_{metric}"] for row in sweep], marker="o", markersize=3)
+        ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"chosen C ({chosen:.3g})")
+        ax.set(xscale="log", xlabel="C (inverse L2 strength, log scale)", ylabel=f"held-out {metric} ({what})")
+        if metric == "accuracy":
+            ax.set_ylim(0, 1.02)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
     save_figure(fig, path)
 
 
@@ -306,8 +381,11 @@ def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: 
         for f, y, p, row in zip(test_files, labels, predictions, probs)])
     write_csv(out_dir / "robustness.csv", robustness)
     write_json(out_dir / "data_report.json", data_report)
-    if metrics["epochs_run"]:   # nothing trained (zero-shot): no curves, rather than one dot each
-        for metric in ("loss", "accuracy"):
+    if metrics.get("c_sweep"):   # E2's L-BFGS: its C sweep, not one dot per curve
+        plot_c_sweep(metrics["c_sweep"], metrics["l2_c"], f"{name}: held-out scores against C (L-BFGS)",
+                     out_dir / "c_sweep.png")
+    elif metrics["epochs_run"] and metrics.get("solver") not in FITTED_ONCE:   # nothing trained or fitted once:
+        for metric in ("loss", "accuracy"):                                     # no curves of one dot each
             plot_curves(history, metric, f"{name}: {metric}", out_dir / f"{metric}_curves.png", metrics["best_epoch"])
     plot_confusion_matrix(labels, predictions, class_names, f"{name}: test confusion matrix",
                           out_dir / "confusion_matrix.png")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from clip_adapt.base import is_main_process, process_count, process_index
+from clip_adapt.reporting import FITTED_ONCE
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT_NAME = re.compile(r"E(\d+)_\w+")
@@ -196,6 +197,8 @@ def aggregate(name: str, runs: list[dict]) -> dict:
     row = {"experiment": name, "runs": len(runs), "trainable_params": runs[0]["trainable_params"],
            "total_params": runs[0]["total_params"], "trainable_share": runs[0]["trainable_share"],
            "not_converged": sum(not r.get("converged", True) for r in runs),
+           # A solver's single fit (E2's L-BFGS, E9's search) has no epochs: the summary shows none.
+           "fitted_once": all(r.get("solver") in FITTED_ONCE for r in runs),
            "convergence_reasons": " | ".join(sorted({r["convergence_reason"] for r in runs
                                                      if not r.get("converged", True)}))}
     for metric in METRICS:

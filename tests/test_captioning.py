@@ -83,6 +83,14 @@ def test_smoke_writes_every_output(peft, tmp_path):
     predictions = json.loads((folder / "predictions.json").read_text())
     assert len(predictions) == metrics["test_images"] == 8
     assert max(len(caption.split()) for caption in predictions.values()) <= 4   # generation stops at the limit
+    # The smoke run shows the pipeline working: captions with words (at least one token each), and attention
+    # maps with a panel per word, wide enough for their title.
+    assert all(caption.strip() for caption in predictions.values()), predictions
+    gallery = json.loads((folder / "gallery.json").read_text())
+    assert all(entry["attention_words"] for entry in gallery)
+    from PIL import Image
+    with Image.open(folder / "attention_maps.png") as image:
+        assert image.width >= 600 and image.text.get("Weights") == "random"
 
 
 def write_coco_folder(root, images=20, captions_per_image=2, test_images=6):

@@ -18,9 +18,9 @@ from conftest import run_script
 from clip_adapt import progress
 
 RUN = ["E1_zero_shot_clip", "E2_linear_probe", "E3_shallow_vpt"]
-# Two summary plots and the contact sheet (once); per experiment: confusion, reliability, robustness, and loss and
-# accuracy curves for the two that train.
-FIGURES_PER_PAGE = 3 + 3 * len(RUN) + 2 * 2
+# Two summary plots and the contact sheet (once); per experiment: confusion, reliability, robustness; loss and
+# accuracy curves for E3, which trains by epochs; E2's C sweep (its L-BFGS probe has no epochs).
+FIGURES_PER_PAGE = 3 + 3 * len(RUN) + 2 + 1
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
@@ -65,10 +65,10 @@ def test_summary_md_links_every_figure_that_exists(smoke_run):
     summary = (out_dir / "summary.md").read_text()
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary)
     assert all((out_dir / link).is_file() for link in linked), linked
-    expected = {"summary.png", "summary_robustness.png"} | {
+    expected = {"summary.png", "summary_robustness.png", "closest_pairs.png"} | {
         f"{name}/{figure}" for name in RUN for figure in ("loss_curves.png", "accuracy_curves.png",
-                                                           "confusion_matrix.png") if "curves" not in figure or name != RUN[0]}
-    assert set(linked) == expected   # zero-shot trains nothing: no curves
+                                                           "confusion_matrix.png") if "curves" not in figure or name == RUN[2]}
+    assert set(linked) == expected   # zero-shot trains nothing and the probe is fitted once: no curves
     assert summary.index("| experiment |") < summary.index("## Figures")   # the tables stay on top
 
 
@@ -106,7 +106,7 @@ def test_report_html_is_one_self_contained_page(smoke_run):
         assert f'id="{name}"' in text
         report = (out_dir / name / "classification_report.txt").read_text().splitlines()[2]
         assert report.split()[0] in text   # a class row of each classification report
-    assert text.count("<table>") >= 2 + 2 * len(RUN)   # summary + noise, and per run: facts + robustness
+    assert text.count("<table") >= 2 + 2 * len(RUN)   # summary + noise, and per run: facts + robustness
     assert "E3_shallow_vpt</td>" in text   # the summary table rows
     # Named for its model and data, flagged as random weights, and without the study's numbers beside them.
     assert "<h1>tiny-random-clip on " in text and "sample_data/brain_mri: results</h1>" in text
@@ -114,6 +114,75 @@ def test_report_html_is_one_self_contained_page(smoke_run):
     assert text.count("<figcaption>closest test–train pairs") == 1   # the data's contact sheet, once
     e1 = text[text.index('id="E1_zero_shot_clip"'):text.index('id="E2_linear_probe"')]
     assert "<h3>Templates" in e1 and "ensemble of 4" in e1 and 'alt="loss"' not in e1
+
+
+def table_cells(text: str) -> list[str]:
+    return re.findall(r"<td>([^<]*)</td>", text)
+
+
+def test_report_html_reads_cleanly(smoke_run):
+    """What a reader of the page meets: lists as lists, numbers to three decimals (docs/reports.md), E2's C sweep
+    in place of curves and epochs, a long convergence reason wrapped inside its table, one contact sheet."""
+    out_dir, _ = smoke_run
+    text = (out_dir / "report.html").read_text()
+    assert "<p>- " not in text and "<ul><li>E3_shallow_vpt: reached the epoch cap" in text   # not-converged list
+    numbers = re.findall(r"\d+\.\d+", " ".join(table_cells(text)))   # in the summary's, the facts', every table
+    # None unrounded: three decimals, or three significant digits (a share, E2's C); wall times to a tenth.
+    assert numbers and not [n for n in numbers if len(n.split(".")[1]) > 3 and len(n.replace(".", "").lstrip("0")) > 3]
+    e2 = text[text.index('id="E2_linear_probe"'):text.index('id="E3_shallow_vpt"')]
+    assert 'alt="held-out accuracy and loss against C' in e2 and 'alt="loss"' not in e2
+    assert "none: fitted once (lbfgs, C = " in e2 and " of 1</td>" not in e2
+    e2_row = next(line for line in (out_dir / "summary.md").read_text().splitlines()
+                  if line.startswith("| E2_linear_probe |"))
+    assert "| – | – |" in e2_row   # no best epoch, no epochs run for a solver
+    assert "table.facts td:last-child { white-space: normal" in text   # NOT CONVERGED's reason wraps
+    assert text.count('class="facts"') == len(RUN)
+    assert len(list(out_dir.rglob("closest_pairs.png"))) == 1 and text.count("<figcaption>closest test–train") == 1
+
+
+def png_text(path) -> dict:
+    from PIL import Image
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_every_figure_of_a_random_weights_run_says_so(smoke_run, tmp_path):
+    """Each PNG of a run on random weights carries the mark, drawn and in its metadata; a figure of a pretrained
+    model carries neither."""
+    import numpy as np
+    from PIL import Image
+
+    from clip_adapt import reporting
+    out_dir, _ = smoke_run
+    pngs = sorted(out_dir.rglob("*.png"))
+    assert len(pngs) >= FIGURES_PER_PAGE
+    assert [p for p in pngs if png_text(p).get("Weights") != "random"] == []
+    curves = {"E1": [(0.0, 0.5), (0.1, 0.4)]}
+    try:
+        for random in (True, False):
+            reporting.mark_random_weights(random)
+            reporting.plot_robustness(curves, "noise", tmp_path / f"{random}.png", 0.25)
+    finally:
+        reporting.mark_random_weights(False)
+    assert png_text(tmp_path / "True.png")["Weights"] == "random" and "Weights" not in png_text(tmp_path / "False.png")
+    marked, plain = (np.asarray(Image.open(tmp_path / f"{r}.png").convert("RGB")).astype(int) for r in (True, False))
+    assert marked.shape == plain.shape and (np.abs(marked - plain).sum(-1) > 60).mean() > 0.01   # visibly drawn
+
+
+def test_the_robustness_plot_keeps_every_line_visible(monkeypatch, tmp_path):
+    """Methods of equal accuracy (and the chance line) would lie on one another in one panel: one panel each,
+    its own line on top, the others faint behind."""
+    from clip_adapt import reporting
+    figures = []
+    monkeypatch.setattr(reporting, "save_figure", lambda fig, path: figures.append(fig))
+    flat = [(0.0, 0.25), (0.1, 0.25), (0.2, 0.25)]
+    curves = {"E1": flat, "E5": flat, "E10": flat, "E2": [(0.0, 0.45), (0.1, 0.4), (0.2, 0.2)]}
+    reporting.plot_robustness(curves, "Robustness", tmp_path / "r.png", chance=0.25)
+    panels = [ax for ax in figures[0].axes if ax.get_visible() and ax.axison]
+    assert [ax.get_title() for ax in panels] == list(curves)
+    for ax, (name, points) in zip(panels, curves.items()):
+        top = max(ax.get_lines(), key=lambda line: line.get_zorder())   # drawn last: over the others and chance
+        assert list(zip(top.get_xdata(), top.get_ydata())) == points and top.get_marker() == "o"
 
 
 def test_report_html_can_be_written_again_from_the_files(smoke_run, tmp_path):

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from clip_adapt.base import UserError
 from clip_adapt.data import Split
 from clip_adapt.models import TINY_CLIP
-from clip_adapt.reporting import LIBRARIES
+from clip_adapt.reporting import FITTED_ONCE, LIBRARIES
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
 
@@ -32,7 +32,6 @@ from clip_adapt.runner import classification_scripts, experiment_scripts
 SCRIPTS = [script.path.name for script in classification_scripts()]
 TRAINED = [script.path.name for script in classification_scripts() if script.trains]
 ZERO_SHOT = [script.path.name for script in classification_scripts() if not script.trains]
-FITTED_ONCE = ("lbfgs", "search")   # metrics.json's "solver" of a method fitted in one pass, not by epochs
 
 
 def metrics_of(out_dir, script) -> dict:
@@ -44,10 +43,20 @@ def comparable(metrics: dict) -> dict:
 
 
 def assert_complete_outputs(folder, trained: bool):
-    curves = {"loss_curves.png", "accuracy_curves.png"}   # none for zero-shot: nothing trained
-    assert (OUTPUT_FILES if trained else OUTPUT_FILES - curves) <= {p.name for p in folder.iterdir()}
-    assert trained or not curves & {p.name for p in folder.iterdir()}
     metrics = json.loads((folder / "metrics.json").read_text())
+    # Curves for what trains by epochs; none for zero-shot (nothing trained) or a solver's single fit (E2's
+    # L-BFGS shows its C sweep instead, E9 its search table).
+    looped = trained and metrics.get("solver") not in FITTED_ONCE
+    curves = {"loss_curves.png", "accuracy_curves.png"}
+    files = {p.name for p in folder.iterdir()}
+    assert (OUTPUT_FILES if looped else OUTPUT_FILES - curves) <= files
+    assert looped or not curves & files
+    assert ("c_sweep.png" in files) == (metrics.get("solver") == "lbfgs")
+    # The data's contact sheet: once, in the output folder, named by each experiment's data report.
+    assert "closest_pairs.png" not in files
+    sheet = json.loads((folder / "data_report.json").read_text()).get("contact_sheet")
+    assert sheet is None or ((folder / sheet).resolve() == (folder.parent / "closest_pairs.png").resolve()
+                             and (folder / sheet).is_file())
     assert METRIC_KEYS <= set(metrics)
     assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
     # What a result is traced by: the libraries' versions, the code's commit and dirty flag, the weights loaded.
@@ -64,7 +73,6 @@ def assert_complete_outputs(folder, trained: bool):
     history = list(csv.DictReader((folder / "history.csv").read_text().splitlines()))
     # One row per trained epoch and epoch 0, the model as built; one row for what trains nothing, or is fitted once
     # (E2's L-BFGS probe, E9's training-free cache with its search).
-    looped = trained and metrics.get("solver") not in FITTED_ONCE
     assert len(history) == (metrics["epochs_run"] + 1 if looped else 1)
     # The verdict on the training (convergence) and the choice of the reported epoch (selection), apart.
     assert metrics["convergence"] in ("converged", "still-falling", "below-min-steps", "diverging", "under-fitted",
@@ -108,8 +116,17 @@ def test_run_all_smoke_writes_the_complete_tree(tmp_path):
     rows = list(csv.DictReader((tmp_path / "summary.csv").read_text().splitlines()))
     assert [r["experiment"] for r in rows] == [s.removesuffix(".py") for s in SCRIPTS]
     shares = {r["experiment"]: float(r["trainable_share"]) for r in rows}
-    assert shares["E1_zero_shot_clip"] == 0 and shares["E6_full_finetune"] == 1.0
+    assert shares["E1_zero_shot_clip"] == 0 and shares["E6_full_finetune"] < 1
     assert shares["E2_linear_probe"] < shares["E7_lora"] < shares["E6_full_finetune"]
+    # One total for every share: all of CLIP (both towers), plus what the method adds to it. E1 adds nothing;
+    # E5's prompts and E6's head (E2's size) are added; E6 trains the vision tower but not the text tower.
+    totals = {r["experiment"]: int(r["total_params"]) for r in rows}
+    trained = {r["experiment"]: int(r["trainable_params"]) for r in rows}
+    assert totals["E5_clip_vpt"] == totals["E1_zero_shot_clip"] + trained["E5_clip_vpt"]
+    assert totals["E6_full_finetune"] == totals["E1_zero_shot_clip"] + trained["E2_linear_probe"]
+    assert totals["E6_full_finetune"] > trained["E6_full_finetune"]
+    assert len(list(tmp_path.rglob("closest_pairs.png"))) == 1   # the data's contact sheet: one copy per run
+    assert "](closest_pairs.png)" in (tmp_path / "summary.md").read_text()   # linked
     summary = (tmp_path / "summary.md").read_text()
     assert "| E7_lora |" in summary and "Failed" not in summary
     for png in ("summary.png", "summary_robustness.png"):
