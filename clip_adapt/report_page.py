@@ -46,6 +46,7 @@ table.facts td:last-child { white-space: normal; max-width: 44em; text-align: le
 ul { margin: 0.3em 0; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; } figure img { max-width: 560px; width: 100%; height: auto; } figcaption { font-size: 0.85em; color: #555; }
+.summary figure img { max-width: 100%; width: auto; }   /* the run's plots at their own size: one panel per method */
 """
 
 
@@ -62,11 +63,11 @@ def data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def figures(folder: Path, wanted: list[tuple[str, str]]) -> str:
+def figures(folder: Path, wanted: list[tuple[str, str]], kind: str = "") -> str:
     items = [f'<figure><img src="{data_uri(folder / name)}" alt="{html.escape(caption)}">'
              f"<figcaption>{html.escape(caption)}</figcaption></figure>"
              for name, caption in wanted if (folder / name).exists()]
-    return f'<div class="figures">{"".join(items)}</div>' if items else ""
+    return f'<div class="figures {kind}">{"".join(items)}</div>' if items else ""
 
 
 def inline_markdown(text: str) -> str:
@@ -214,7 +215,7 @@ def render(out_dir: Path, runs: list[Path], command: str | None = None) -> str:
         body.append("<p>Experiments: " + ", ".join(f'<a href="#{html.escape(t)}">{html.escape(t)}</a>'
                                                      for t in titles) + "</p>")
     # No finished run: any summary plot in the folder is an earlier run's.
-    body.append("<h2>Summary</h2>" + summary_sections(summary_md) + (figures(out_dir, SUMMARY_FIGURES) if runs else ""))
+    body.append("<h2>Summary</h2>" + summary_sections(summary_md) + (figures(out_dir, SUMMARY_FIGURES, "summary") if runs else ""))
     data_reports = [run for run in runs if (run / "data_report.json").exists()]
     if data_reports:
         body.append("<h2>Data</h2>" + data_section(json.loads((data_reports[0] / "data_report.json").read_text())))

@@ -176,21 +176,20 @@ def mark_random_weights(random: bool) -> None:
 
 
 def save_png(fig, path: Path, dpi: int = 120) -> None:
-    """Saves and closes a laid-out figure; with random weights, a mark across it and in the PNG's metadata
-    ("Weights": "random"), so that a figure looked at on its own cannot pass for a result."""
+    """Saves and closes a laid-out figure; with random weights, a red line along its foot and the PNG's metadata
+    ("Weights": "random") say so, so that a figure looked at on its own cannot pass for a result. (A translucent
+    mark across the plot would grow every PNG by half: blended colours compress badly.)"""
     metadata = {"Software": "clip_adapt"}
     if _random_weights:
-        fig.text(0.5, 0.5, "random weights", rotation=25, ha="center", va="center", fontsize=40, color="tab:red",
-                 alpha=0.2, weight="bold", zorder=1000)
-        fig.text(0.995, 0.005, RANDOM_WEIGHTS_MARK, ha="right", va="bottom", fontsize=7, color="tab:red",
-                 zorder=1000)
+        fig.text(0.005, 0.005, f"RANDOM WEIGHTS: {RANDOM_WEIGHTS_MARK.split(': ', 1)[1]}", ha="left", va="bottom",
+                 fontsize=8, color="#c00000", weight="bold", zorder=1000)
         metadata["Weights"] = "random"
     atomic_save(path, lambda p: fig.savefig(p, dpi=dpi, format="png", metadata=metadata))
     plt.close(fig)
 
 
 def save_figure(fig, path: Path) -> None:
-    fig.tight_layout(rect=(0, 0.03, 1, 1) if _random_weights else None)   # room for the mark's line
+    fig.tight_layout(rect=(0, 0.04, 1, 1) if _random_weights else None)   # room for the mark's line
     save_png(fig, path)
 
 
@@ -340,11 +339,12 @@ def plot_c_sweep(sweep: list[dict], chosen: float, title: str, path: Path) -> No
     for ax, metric in zip(axes, ("accuracy", "loss")):
         ax.plot(c, [row[f"{held_out}_{metric}"] for row in sweep], marker="o", markersize=3)
         ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"chosen C ({chosen:.3g})")
-        ax.set(xscale="log", xlabel="C (inverse L2 strength, log scale)", ylabel=f"held-out {metric} ({what})")
+        ax.set(xscale="log", xlabel="C (inverse L2 strength, log scale)",
+               ylabel=f"held-out {'log-loss' if metric == 'loss' else metric}")
         if metric == "accuracy":
             ax.set_ylim(0, 1.02)
         ax.legend(fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\nheld out: {what}", fontsize=10)
     save_figure(fig, path)
 
 
@@ -372,7 +372,7 @@ def write_report(out_dir: Path, name: str, class_names: list[str], test_logits: 
     labels, predictions = test_labels.numpy(), probs.argmax(1)
     write_text(out_dir / "classification_report.txt",
                f"{name}: test set, {len(labels)} images\n\n" + classification_report(
-                   labels, predictions, labels=range(len(class_names)), target_names=class_names, digits=4,
+                   labels, predictions, labels=range(len(class_names)), target_names=class_names, digits=3,
                    zero_division=0))
     write_csv(out_dir / "history.csv", history)
     write_csv(out_dir / "predictions.csv", [
