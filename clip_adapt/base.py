@@ -16,9 +16,11 @@ class UserError(Exception):
 
 
 def atomic_save(path: Path, save) -> None:
-    """save(temporary_path), then rename: a reader never finds a half-written file, even after a kill."""
+    """save(temporary_path), then rename: a reader never finds a half-written file, even after a kill. The
+    temporary name is the process's own: runs side by side (--max-parallel) may write one shared file (the output
+    folder's contact sheet), the last rename winning, never one process's rename taking the other's file."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    temporary = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     save(temporary)
     os.replace(temporary, path)
 

@@ -184,7 +184,7 @@ def test_run_all_reports_shows_and_drops_near_copies_across_splits(folder_with_c
     assert sorted(n for g in report["train_test_duplicates"] for n in g["train"]) == sorted(copies)
     assert all(p["score"] >= NEAR_COPY_SCORE for p in report["copy_pairs"])
     assert len(report["nearest_train_of_test"]) == 20
-    assert (folder / "closest_pairs.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / report["contact_sheet"]).read_bytes()[:4] == b"\x89PNG"   # the output folder's, shared
 
     run_script("run_all_experiments.py", "--smoke", "--data", root, "--experiments", "E1_zero_shot_clip",
                "--drop-test-duplicates", "--output-dir", tmp_path / "dropped", expect_exit=0)
