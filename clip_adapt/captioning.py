@@ -326,10 +326,10 @@ class Captioner(nn.Module):
         with logs_silenced("transformers.generation.utils", "The attention mask is not set with a batched input"), \
                 logs_silenced("transformers.integrations.sdpa_attention", "does not support `output_attentions=True`",
                               when=bool(kwargs.get("output_attentions"))):
-            # At least one token: an end token first would be an empty caption, which no reference is (and
-            # which the untrained --smoke decoder otherwise gives for every image).
+            # At least one token unless asked otherwise: an end token first would be an empty caption, which no
+            # reference is (and which the untrained --smoke decoder otherwise gives for every image).
             return self.model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                       min_new_tokens=1, do_sample=False, **kwargs)
+                                       do_sample=False, **{"min_new_tokens": 1, **kwargs})
 
     def captions(self, pixels: torch.Tensor, num_beams: int = 1, max_new_tokens: int = MAX_CAPTION_TOKENS
                  ) -> list[str]:
