@@ -12,7 +12,8 @@ As KaiyangZhou/CoOp trainers/cocoop.py (PromptLearner, CustomCLIP); where it dif
 training loop (AdamW at 2e-3, warm-up, plateau cuts until the training loss converges, the epoch chosen on
 validation loss; the reference: SGD at 2e-3 with cosine decay over 10 epochs, the last kept), --batch-size 32 by
 default (1 there), flips only (the reference adds random resized crops), fp32 (the reference's default PREC is
-fp16). Logits reproduce the reference's to 1e-5 on a small CLIP (tests/test_coop.py).
+fp16), and a meta-net at least one unit wide (the reference's width ÷ 16 is zero below a width of 16, as in the
+small test CLIPs, which would make CoCoOp CoOp). Logits reproduce the reference's to 1e-5 on a small CLIP (tests/test_coop.py).
 """
 
 import common
