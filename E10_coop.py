@@ -25,6 +25,7 @@ from clip_adapt.training import train
 
 LEARNING_RATE = 2e-3   # CoOp's (with SGD there)
 STUDY_ACCURACY = None
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 MODEL_VARIANTS = (("--class-token-position", "middle"), ("--class-token-position", "front"),
                   ("--context-init", "a photo of a"), ("--kgcoop-weight", "8"))
 

@@ -22,6 +22,7 @@ from clip_adapt.training import train
 
 LEARNING_RATE = 2e-3   # CoCoOp's (with SGD there)
 STUDY_ACCURACY = None
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 MODEL_VARIANTS = (("--context-init", "", "--num-context", "16"),)
 
 

@@ -10,6 +10,7 @@ from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = 1.00
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 
 
 def add_flags(parser):

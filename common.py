@@ -27,7 +27,7 @@ import torch
 from clip_adapt import timing
 from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
-from clip_adapt import hub
+from clip_adapt import base_to_new, hub
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
                                check_model, check_torchvision, count_params, fingerprint, is_random, load_clip,
@@ -86,6 +86,7 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
                       help="train, val and test lists of [relative path, label, class name] in CoOp's JSON format "
                            "(e.g. BiomedCoOp's split_BTMRI.json), the paths relative to --data; replaces the "
                            "folder's own splits. Every run writes the split it used as split.json in this format")
+    base_to_new.add_flag(data)
     data.add_argument("--drop-test-duplicates", action="store_true",
                       help="remove the train members of every cluster of copies that reaches into test")
 
@@ -236,6 +237,7 @@ class Experiment:
     started: float
     accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
     model_identity: dict | None = None   # the loaded weights' hub revision or fingerprint (weights_identity)
+    new_classes: base_to_new.NewClasses | None = None   # --base-to-new: the classes held out of training
 
     @property
     def cache_dir(self) -> Path:
@@ -393,6 +395,9 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
 
 def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
     args, out_dir, device, accelerator = open_run(name, args)
+    if getattr(args, "base_to_new", False):
+        from clip_adapt.runner import REPO, ExperimentScript
+        base_to_new.check_open_vocabulary(name, ExperimentScript(name, REPO / f"{name}.py").module)
     check_data_early(args.data, args.shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
@@ -414,9 +419,16 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
                                                         "moved to validation")):
             if data.report[key]:
                 print(f"{what}: {', '.join(data.report[key])}")
+    new_classes = None
+    if getattr(args, "base_to_new", False):
+        data, new_classes = base_to_new.split_data(data)
+        new_classes.test = new_classes.test.to(device)
+        if is_main_process():
+            print(f"base-to-new: training on {', '.join(data.class_names)}; {', '.join(new_classes.class_names)} "
+                  f"held out ({len(new_classes.test)} test images)")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
-                      started, accelerator, identity)
+                      started, accelerator, identity, new_classes)
 
 
 def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = None) -> dict:
@@ -552,6 +564,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "skipped_images": len(report["skipped_images"]),
         "dropped_train_duplicates": len(report["dropped_train_duplicates"]),
         "robustness": {str(r["sigma"]): r["test_accuracy"] for r in robustness},
+        **({"base_to_new": new_class_scores(exp, model, scores["test"]["accuracy"])} if exp.new_classes else {}),
         **extra,
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
@@ -573,6 +586,23 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
           f"macro-F1 {metrics['test_macro_f1']:.4f}, best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, "
           f"{trainable:,} trainable of {total:,} parameters, {metrics['wall_time_s']:.1f} s; outputs in {exp.out_dir}")
     return metrics
+
+
+def new_class_scores(exp: Experiment, model: torch.nn.Module, base_accuracy: float) -> dict:
+    """--base-to-new: the trained parts carried into the same method built for the held-out classes, scored on
+    their test images among them (clip_adapt/base_to_new.py)."""
+    from clip_adapt.runner import REPO, ExperimentScript
+    new = exp.new_classes
+    script = ExperimentScript(exp.name, REPO / f"{exp.name}.py")
+    fresh = script.build_model(exp.clip, exp.tokenizer, new.class_names, exp.args).to(exp.device)
+    rebuilt = base_to_new.carried_over(model, fresh).eval()
+    logits = predict_everywhere(rebuilt, new.test, 2 * exp.args.batch_size, exp.device, exp.args.precision,
+                                exp.accelerator, desc="base-to-new: the new classes")
+    new_accuracy = classification_metrics(logits, new.test.labels)["accuracy"]
+    scores = base_to_new.record(base_accuracy, new_accuracy, new, len(exp.data.test))
+    if is_main_process():
+        print(base_to_new.describe(scores))
+    return scores
 
 
 def auroc_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], seed: int) -> dict:
