@@ -18,7 +18,6 @@ small test CLIPs, which would make CoCoOp CoOp). Logits reproduce the reference'
 
 import common
 from clip_adapt.models import CoCoOp
-from clip_adapt.training import train
 
 LEARNING_RATE = 2e-3   # CoCoOp's (with SGD there)
 STUDY_ACCURACY = None
@@ -43,10 +42,8 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
+    model, result, tuned = common.build_and_train(exp, build_model)
     data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result, num_context=len(model.text_context.context),
                   text_sequences_per_step=args.batch_size * len(data.class_names), **tuned)
 

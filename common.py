@@ -490,6 +490,17 @@ def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = Non
                      "points": len(TUNE_LR_FACTORS) * len(TUNE_WEIGHT_DECAYS), "seconds": seconds}}
 
 
+def build_and_train(exp: Experiment, build_model) -> tuple[torch.nn.Module, TrainResult, dict]:
+    """A method trained end to end on the images: --tune's choice first (when asked), then the model the script's
+    build_model(clip, tokenizer, class_names, args) makes, trained. Returns (model, the training's result, what
+    metrics.json records of the tuning)."""
+    args, data = exp.args, exp.data
+    tuned = tune(exp, lambda clip: build_model(clip, exp.tokenizer, data.class_names, args))
+    model = build_model(exp.clip, exp.tokenizer, data.class_names, args)
+    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    return model, result, tuned
+
+
 def frozen_embeddings(exp: Experiment, model: torch.nn.Module, features: str = "projected") -> dict:
     """Each split with its image embeddings from the frozen tower (model.embed) as inputs, from the disk cache
     keyed by the tower's weights and the features (clip_adapt.training.cached_embeddings): E2, E9 and E11 share it."""

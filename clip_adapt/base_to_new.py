@@ -141,8 +141,8 @@ def summary_section(runs: dict[str, list[dict]]) -> str:
     first = next(iter(rows.values()))[0]
     lines = [f"\n## Base-to-new (CoCoOp's protocol)\n",
              f"Trained on {', '.join(first['base_classes'])}; tested on them, and on {', '.join(first['new_classes'])} "
-             f"(never trained on) by the same trained parts. {first['note'].capitalize()}: the new-class figure "
-             f"rests on one pair of names. Means over runs.\n",
+             f"(never trained on) by the same trained parts; {first['note']}, whose new-class figure rests on "
+             f"one set of names. Means over runs.\n",
              "| experiment | base accuracy | new accuracy | harmonic mean | runs |", "|---|---|---|---|---|"]
     for name, scores in rows.items():
         mean = {key: float(np.mean([s[key] for s in scores])) for key in ("base_accuracy", "new_accuracy",
