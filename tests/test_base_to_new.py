@@ -101,6 +101,7 @@ def test_run_all_tabulates_what_can_name_new_classes_and_e1_halves_equal_runs_on
                "--output-dir", tmp_path / "b2n", expect_exit=0)
     summary = (tmp_path / "b2n" / "summary.md").read_text()
     table = summary[summary.index("## Base-to-new"):]
+    assert "Base-to-new (CoCoOp&#x27;s protocol)" in (tmp_path / "b2n" / "report.html").read_text()
     for name in ("E1_zero_shot_clip", trained_open.name):
         scores = json.loads((tmp_path / "b2n" / name / "metrics.json").read_text())["base_to_new"]
         assert (f"| {name} | {scores['base_accuracy']:.3f} | {scores['new_accuracy']:.3f} | "
