@@ -21,10 +21,10 @@ that selects the epoch. Class embeddings and logits reproduce the reference's to
 import common
 from clip_adapt.models import CoOp, KgCoOp
 from clip_adapt.prompts import CLASS_TOKEN_POSITIONS
-from clip_adapt.training import train
 
 LEARNING_RATE = 2e-3   # CoOp's (with SGD there)
 STUDY_ACCURACY = None
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 MODEL_VARIANTS = (("--class-token-position", "middle"), ("--class-token-position", "front"),
                   ("--context-init", "a photo of a"), ("--kgcoop-weight", "8"))
 
@@ -52,10 +52,7 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
-    data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    model, result, tuned = common.build_and_train(exp, build_model)
     common.finish(exp, model, result, num_context=len(model.text_context.context),
                   class_token_position=args.class_token_position, kgcoop_weight=args.kgcoop_weight, **tuned)
 

@@ -22,6 +22,7 @@ from clip_adapt.training import predict, train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 
 
 def add_flags(parser):

@@ -12,15 +12,16 @@ As KaiyangZhou/CoOp trainers/cocoop.py (PromptLearner, CustomCLIP); where it dif
 training loop (AdamW at 2e-3, warm-up, plateau cuts until the training loss converges, the epoch chosen on
 validation loss; the reference: SGD at 2e-3 with cosine decay over 10 epochs, the last kept), --batch-size 32 by
 default (1 there), flips only (the reference adds random resized crops), fp32 (the reference's default PREC is
-fp16). Logits reproduce the reference's to 1e-5 on a small CLIP (tests/test_coop.py).
+fp16), and a meta-net at least one unit wide (the reference's width ÷ 16 is zero below a width of 16, as in the
+small test CLIPs, which would make CoCoOp CoOp). Logits reproduce the reference's to 1e-5 on a small CLIP (tests/test_coop.py).
 """
 
 import common
 from clip_adapt.models import CoCoOp
-from clip_adapt.training import train
 
 LEARNING_RATE = 2e-3   # CoCoOp's (with SGD there)
 STUDY_ACCURACY = None
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 MODEL_VARIANTS = (("--context-init", "", "--num-context", "16"),)
 
 
@@ -41,10 +42,8 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
+    model, result, tuned = common.build_and_train(exp, build_model)
     data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
     common.finish(exp, model, result, num_context=len(model.text_context.context),
                   text_sequences_per_step=args.batch_size * len(data.class_names), **tuned)
 

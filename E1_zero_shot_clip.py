@@ -19,6 +19,7 @@ from clip_adapt.training import batched
 
 LEARNING_RATE = None   # nothing is trained
 STUDY_ACCURACY = 0.29  # reported by the study this project reproduces
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 
 
 def add_flags(parser):

@@ -6,7 +6,6 @@ by CLIP's frozen text classifier instead of a trained linear head: then only the
 
 import common
 from clip_adapt.models import ImageClassifier
-from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = 0.92
@@ -36,10 +35,7 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
-    data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    model, result, tuned = common.build_and_train(exp, build_model)
     common.finish(exp, model, result, num_prompts=args.num_prompts, prompt_layers=layers_of(exp.clip, args),
                   prompt_entry=model.prompts.entry if model.prompts else None, head=args.head or "linear", **tuned)
 

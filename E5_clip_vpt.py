@@ -6,10 +6,10 @@ no linear head. Trainable: 768·N + 512·M for ViT-B/16 (2,816 with N = 1, M = 4
 
 import common
 from clip_adapt.models import PromptedCLIP
-from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = 1.00
+OPEN_VOCABULARY = True   # every trained part carries over to other class names (--base-to-new)
 
 
 def add_flags(parser):
@@ -27,10 +27,7 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
-    data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    model, result, tuned = common.build_and_train(exp, build_model)
     common.finish(exp, model, result, num_prompts=args.num_prompts, num_text_prompts=args.num_text_prompts, **tuned)
 
 

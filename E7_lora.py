@@ -10,7 +10,6 @@ text classifier instead of a trained linear head: then only the adapter trains.
 import common
 from clip_adapt.adapters import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
 from clip_adapt.base import is_main_process
-from clip_adapt.training import train
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None   # not in the study
@@ -48,10 +47,7 @@ def main():
 
     config_of(args)   # bad adapter flags fail here, before the model and data load
     exp = common.start(common.script_name(__file__), args)
-    tuned = common.tune(exp, lambda clip: build_model(clip, exp.tokenizer, exp.data.class_names, args))
-    model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
-    data = exp.data
-    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    model, result, tuned = common.build_and_train(exp, build_model)
     if is_main_process():   # under accelerate launch, one process writes
         model.save_adapter(exp.out_dir / "adapter")
         if args.save_merged:

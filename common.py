@@ -27,7 +27,7 @@ import torch
 from clip_adapt import timing
 from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
-from clip_adapt import hub, report_page
+from clip_adapt import base_to_new, hub, report_page
 from clip_adapt.data import DEFAULT_DATA, SAMPLE_DATA, MRIData, check_data_early, is_local, load_data, load_source
 from clip_adapt.models import (DEFAULT_MODEL, IMAGE_PROCESSORS, TINY_CLIP, ZERO_SHOT_TEMPLATES, TextHead,
                                check_model, check_torchvision, count_params, fingerprint, is_random, load_clip,
@@ -103,6 +103,7 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
                       help="train, val and test lists of [relative path, label, class name] in CoOp's JSON format "
                            "(e.g. BiomedCoOp's split_BTMRI.json), the paths relative to --data; replaces the "
                            "folder's own splits. Every run writes the split it used as split.json in this format")
+    base_to_new.add_flag(data)
     data.add_argument("--drop-test-duplicates", action="store_true",
                       help="remove the train members of every cluster of copies that reaches into test")
 
@@ -267,6 +268,7 @@ class Experiment:
     started: float
     accelerator: object = None   # accelerate.Accelerator; several processes under `accelerate launch`
     model_identity: dict | None = None   # the loaded weights' hub revision or fingerprint (weights_identity)
+    new_classes: base_to_new.NewClasses | None = None   # --base-to-new: the classes held out of training
 
     @property
     def cache_dir(self) -> Path:
@@ -444,6 +446,9 @@ def start(name: str, args: argparse.Namespace) -> Experiment:
 
 def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
     args, out_dir, device, accelerator = open_run(name, args)
+    if getattr(args, "base_to_new", False):
+        from clip_adapt.runner import REPO, ExperimentScript
+        base_to_new.check_open_vocabulary(name, ExperimentScript(name, REPO / f"{name}.py").module)
     check_data_early(args.data, args.shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
@@ -467,9 +472,16 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
                                                         "moved to validation")):
             if data.report[key]:
                 print(f"{what}: {', '.join(data.report[key])}")
+    new_classes = None
+    if getattr(args, "base_to_new", False):
+        data, new_classes = base_to_new.split_data(data)
+        new_classes.test = new_classes.test.to(device)
+        if is_main_process():
+            print(f"base-to-new: training on {', '.join(data.class_names)}; {', '.join(new_classes.class_names)} "
+                  f"held out ({len(new_classes.test)} test images)")
     seed_everything(args.seed)   # the same initial weights whatever loading consumed
     return Experiment(name, args, device, out_dir, clip.to(device), image_processor, tokenizer, data.to(device),
-                      started, accelerator, identity)
+                      started, accelerator, identity, new_classes)
 
 
 def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = None) -> dict:
@@ -529,6 +541,17 @@ def tune(exp: Experiment, build, augment: bool = True, splits: dict | None = Non
               f"({len(rows)} short runs by successive halving, {seconds:.1f} s)")
     return {"tune": {"grid": rows, "choice": {"lr": args.lr, "weight_decay": args.weight_decay},
                      "points": len(TUNE_LR_FACTORS) * len(TUNE_WEIGHT_DECAYS), "seconds": seconds}}
+
+
+def build_and_train(exp: Experiment, build_model) -> tuple[torch.nn.Module, TrainResult, dict]:
+    """A method trained end to end on the images: --tune's choice first (when asked), then the model the script's
+    build_model(clip, tokenizer, class_names, args) makes, trained. Returns (model, the training's result, what
+    metrics.json records of the tuning)."""
+    args, data = exp.args, exp.data
+    tuned = tune(exp, lambda clip: build_model(clip, exp.tokenizer, data.class_names, args))
+    model = build_model(exp.clip, exp.tokenizer, data.class_names, args)
+    result = train(exp.maybe_compile(model), data.train, data.val, data.test, exp.train_config())
+    return model, result, tuned
 
 
 def frozen_embeddings(exp: Experiment, model: torch.nn.Module, features: str = "projected") -> dict:
@@ -605,6 +628,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "skipped_images": len(report["skipped_images"]),
         "dropped_train_duplicates": len(report["dropped_train_duplicates"]),
         "robustness": {str(r["sigma"]): r["test_accuracy"] for r in robustness},
+        **({"base_to_new": new_class_scores(exp, model, scores["test"]["accuracy"])} if exp.new_classes else {}),
         **extra,
         "settings": {k: v for k, v in sorted(vars(args).items())},
     }
@@ -636,6 +660,23 @@ def write_contact_sheet(exp: Experiment, pairs: list, threshold: float | None) -
     if not sheet.exists() or sheet.stat().st_mtime < PROCESS_STARTED:
         plot_closest_pairs(pairs, threshold, sheet)
     exp.data.report["contact_sheet"] = os.path.relpath(sheet, exp.out_dir)
+
+
+def new_class_scores(exp: Experiment, model: torch.nn.Module, base_accuracy: float) -> dict:
+    """--base-to-new: the trained parts carried into the same method built for the held-out classes, scored on
+    their test images among them (clip_adapt/base_to_new.py)."""
+    from clip_adapt.runner import REPO, ExperimentScript
+    new = exp.new_classes
+    script = ExperimentScript(exp.name, REPO / f"{exp.name}.py")
+    fresh = script.build_model(exp.clip, exp.tokenizer, new.class_names, exp.args).to(exp.device)
+    rebuilt = base_to_new.carried_over(model, fresh).eval()
+    logits = predict_everywhere(rebuilt, new.test, 2 * exp.args.batch_size, exp.device, exp.args.precision,
+                                exp.accelerator, desc="base-to-new: the new classes")
+    new_accuracy = classification_metrics(logits, new.test.labels)["accuracy"]
+    scores = base_to_new.record(base_accuracy, new_accuracy, new, len(exp.data.test))
+    if is_main_process():
+        print(base_to_new.describe(scores))
+    return scores
 
 
 def auroc_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], seed: int) -> dict:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import common
+from clip_adapt import base_to_new
 from clip_adapt.base import UserError, is_main_process, write_csv, write_json, write_text
 from clip_adapt.launch import Run, add_launcher_flags, check_launcher_flags, launch
 from clip_adapt.data import is_study_data
@@ -233,6 +234,8 @@ def main():
     seeds = args.seeds or [args.seed]
     shots = list(dict.fromkeys(args.shots or []))
     experiments = list(dict.fromkeys(experiment_name(name) for name in args.experiments))
+    if args.base_to_new:
+        experiments = base_to_new.choose_experiments(experiments, chosen=experiments != list(SCRIPTS))
     check_one_learning_rate(args.lr, experiments)
     common.resolve_defaults(args)   # every setting checked once, not once per experiment
     mark_random_weights(is_random(args.model))   # the summary's figures say so, as the experiments' do
@@ -286,7 +289,7 @@ def main():
                    if done else None)
     extra = (copy_warnings([m for r in runs.values() for m in r] + [m for v in by_shots.values() for m, _ in v])
              + (shots_section(k_rows, rows, seeds, args.schedule) if shots else "")
-             + paired_section(full, by_shots, SCRIPTS, seed=args.seed))
+             + paired_section(full, by_shots, SCRIPTS, seed=args.seed) + base_to_new.summary_section(runs))
     not_the_recipe = {name: differs for name, r in runs.items() if r
                       and (differs := SCRIPTS[name].differs_from_study(r[0]["settings"]))}
     write_text(out_dir / "summary.md", markdown(rows, failed, seeds, command, run, not_the_recipe) + extra

@@ -546,8 +546,11 @@ class CoCoOp(CoOp):
                  context_init: str | None = "a photo of a"):
         super().__init__(clip, tokenizer, class_names, num_context, "end", context_init)
         width, text_width = clip.config.projection_dim, clip.config.text_config.hidden_size
-        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(width, width // 16)), ("relu", nn.ReLU()),
-                                                   ("linear2", nn.Linear(width // 16, text_width))]))
+        # At least one unit in between: below a width of 16 the reference's width // 16 is zero, a meta-net that
+        # cannot shift anything (CoCoOp would quietly be CoOp); the published CLIPs' widths are all above it.
+        hidden = max(1, width // 16)
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(width, hidden)), ("relu", nn.ReLU()),
+                                                   ("linear2", nn.Linear(hidden, text_width))]))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)

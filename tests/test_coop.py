@@ -201,3 +201,31 @@ def test_cocoop_trains_its_context_and_meta_net_only(tmp_path):
     # 9 context vectors: "a photo of a" is 9 tokens in the tiny tokenizer; meta-net 16 -> 1 -> 24
     assert metrics["trainable_params"] == 9 * 24 + (16 * 1 + 1) + (1 * 24 + 24)
     assert metrics["text_sequences_per_step"] == 32 * 4
+
+
+def test_cocoop_below_width_16_keeps_one_meta_net_unit_that_conditions_on_the_image():
+    # The reference's width // 16 is zero below 16: a meta-net that shifts nothing would make CoCoOp CoOp.
+    from transformers import CLIPConfig, CLIPModel
+    from clip_adapt.models import CoCoOp, tiny_tokenizer
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(text_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=len(tokenizer),
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+                        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8),
+                        projection_dim=8)
+    torch.manual_seed(0)
+    model = CoCoOp(CLIPModel(config).eval(), tokenizer, list(CLASSES)).eval()
+    assert model.meta_net.linear1.out_features == 1
+    torch.nn.init.normal_(model.meta_net.linear2.weight)
+    torch.nn.init.normal_(model.meta_net.linear1.weight)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        conditioned = model(pixels)
+        torch.nn.init.zeros_(model.meta_net.linear2.weight)
+        torch.nn.init.zeros_(model.meta_net.linear2.bias)
+        unconditioned = model(pixels)
+        coop = CoOp.forward(model, pixels)
+    # Without the meta-net's shift CoCoOp is CoOp exactly; with it, the logits are the image's own.
+    torch.testing.assert_close(unconditioned, coop)
+    assert (conditioned - coop).abs().max() > 1e-3

@@ -155,8 +155,9 @@ def test_known_answer_full_finetune_converges_within_its_cap_after_its_rate_cuts
 def test_known_answer_linear_probe_matches_scikit_learn(known_answer_runs, known_answer_dir, task):
     """E2's default solver against scikit-learn's own grid search on the same embeddings: standardised features
     and logistic regression in one Pipeline, C by 5-fold cross-validation on train + validation scored by
-    log-loss, refitted there. The folds are drawn differently (E2 keeps copies in one fold), so the choice may
-    differ by a grid step; the test accuracy, by at most one image in 80."""
+    log-loss, refitted there. The folds are drawn differently (E2 keeps copies in one fold), so the chosen C may
+    differ where the held-out loss is flat: E2's C must be as good as scikit-learn's by scikit-learn's own folds
+    (a mean held-out log-loss within 25% of its best), and its test accuracy within one image in 80."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -173,9 +174,8 @@ def test_known_answer_linear_probe_matches_scikit_learn(known_answer_runs, known
     chosen = search.best_params_["logisticregression__C"]
     e2 = metrics["E2_linear_probe"]
     assert e2["solver"] == "lbfgs" and e2["refit_on_val"] and e2["converged"], precision
-    if precision == "fp32":   # bf16's held-out log-loss is flat across C since the folds were renumbered: see
-        # the closing note of this stop (C 1e5 against 3.16); its test accuracy is still held below
-        assert abs(np.log10(e2["l2_c"]) - np.log10(chosen)) <= 0.5 + 1e-9, (precision, e2["l2_c"], chosen)
+    held_out_loss = dict(zip(search.cv_results_["param_logisticregression__C"], -search.cv_results_["mean_test_score"]))
+    assert held_out_loss[e2["l2_c"]] <= 1.25 * held_out_loss[chosen], (precision, e2["l2_c"], chosen, held_out_loss)
     reference = (search.predict(features["test"]) == labels["test"]).mean()
     assert abs(e2["test_accuracy"] - reference) <= 1 / 80 + 1e-9, (precision, e2["test_accuracy"], reference)
 

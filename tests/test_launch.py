@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO, run_process, run_script
 from test_any_data import free_port, launch_failure
-from test_scripts import metrics_of
+from test_scripts import assert_one_process_trains_alike, metrics_of
 
 from clip_adapt.base import UserError
 from clip_adapt.launch import slurm_extra_options
@@ -81,9 +81,4 @@ def test_two_nodes_on_loopback_train_as_one_process_does(tmp_path):
         assert node.returncode == 0, launch_failure(subprocess.CompletedProcess([], node.returncode, out, err))
     two = metrics_of(tmp_path / "two_nodes", "E6_full_finetune.py")
     assert two["num_processes"] == 2
-
-    run_script("E6_full_finetune.py", *flags, "--output-dir", tmp_path / "one", expect_exit=0)
-    one = metrics_of(tmp_path / "one", "E6_full_finetune.py")
-    assert two["best_epoch"] == one["best_epoch"]
-    for key in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"):
-        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert_one_process_trains_alike(two, flags, tmp_path / "one")

@@ -38,6 +38,21 @@ def metrics_of(out_dir, script) -> dict:
     return json.loads((out_dir / script.removesuffix(".py") / "metrics.json").read_text())
 
 
+SCORES = ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy")
+
+
+def assert_one_process_trains_alike(several: dict, flags, out_dir, tolerance: float = 1e-4) -> dict:
+    """E6 run again in this one process with the same flags: the same epochs and, to `tolerance`, the same losses
+    and accuracies as `several` (the metrics of a run in several processes). Returns the one-process metrics."""
+    run_script("E6_full_finetune.py", *flags, "--output-dir", out_dir, expect_exit=0)
+    one = metrics_of(out_dir, "E6_full_finetune.py")
+    assert one["num_processes"] == 1 and several["num_processes"] > 1
+    assert several["epochs_run"] == one["epochs_run"] and several["best_epoch"] == one["best_epoch"]
+    for key in SCORES:
+        assert several[key] == pytest.approx(one[key], abs=tolerance), key
+    return one
+
+
 def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "timings", "settings")}
 

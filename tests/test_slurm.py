@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, run_process, run_script
-from test_scripts import comparable, metrics_of
+from test_scripts import assert_one_process_trains_alike, comparable, metrics_of
 
 from clip_adapt.launch import ScriptJob, distributed_environment, sbatch_refusal
 
@@ -225,12 +225,7 @@ def test_slurm_two_tasks_of_one_job_train_as_one_process_does(slurm, tmp_path):
     assert step == [{"JobID": f"{job}.0", "State": "COMPLETED", "NTasks": "2"}]
     two = metrics_of(tmp_path / "slurm", "E6_full_finetune.py")
     assert two["num_processes"] == 2
-
-    run_script("E6_full_finetune.py", *flags, "--output-dir", tmp_path / "one", expect_exit=0)
-    one = metrics_of(tmp_path / "one", "E6_full_finetune.py")
-    assert two["best_epoch"] == one["best_epoch"]
-    for key in ("train_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy"):
-        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert_one_process_trains_alike(two, flags, tmp_path / "one")
 
 
 @pytest.mark.slow
