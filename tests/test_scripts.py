@@ -70,7 +70,12 @@ def assert_complete_outputs(folder, trained: bool):
     assert metrics["convergence"] in ("converged", "still-falling", "below-min-steps", "diverging", "under-fitted",
                                       "nothing trained")
     assert metrics["converged"] == (metrics["convergence"] in ("converged", "nothing trained"))
-    if looped:
+    if looped and metrics["selection"]["metric"] == "val_accuracy":   # LP++: its reference's rule, the last best
+        assert metrics["selection"]["epoch"] == metrics["best_epoch"]     # of the trained epochs (epoch 0 is not one)
+        trained_epochs = [row for row in history if int(row["epoch"]) > 0]
+        best = max(reversed(trained_epochs), key=lambda row: float(row["val_accuracy"]))
+        assert int(best["epoch"]) == metrics["best_epoch"]
+    elif looped:
         assert metrics["selection"]["metric"] == "val_loss" and metrics["selection"]["epoch"] == metrics["best_epoch"]
         best = min(history, key=lambda row: float(row["val_loss"]))
         assert int(best["epoch"]) == metrics["best_epoch"]
