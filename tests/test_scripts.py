@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from clip_adapt.base import UserError
 from clip_adapt.data import Split
-from clip_adapt.models import TINY_CLIP
+from clip_adapt.models import is_random
 from clip_adapt.reporting import LIBRARIES
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
@@ -49,13 +49,15 @@ def assert_complete_outputs(folder, trained: bool):
     assert trained or not curves & {p.name for p in folder.iterdir()}
     metrics = json.loads((folder / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
-    assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+    assert set(metrics["model_dims"]) == ({"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+                                          if metrics.get("backbone", "clip") == "clip" else
+                                          {"embedding_size", "hidden_sizes", "depths", "layer_type"})
     # What a result is traced by: the libraries' versions, the code's commit and dirty flag, the weights loaded.
     assert set(metrics["versions"]) == set(LIBRARIES) and metrics["versions"]["torch"] == torch.__version__
     assert metrics["code"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", metrics["code"]["commit"])
     assert metrics["code"]["dirty"] in (True, False, None)
     assert len(metrics["model_weights"]) == 1 and set(metrics["model_weights"]) <= {"revision", "weights_fingerprint"}
-    assert metrics["weights"] == ("random" if metrics["model"] == TINY_CLIP else "pretrained")
+    assert metrics["weights"] == ("random" if is_random(metrics["model"]) else "pretrained")
     # The run's time split into phases (clip_adapt/timing.py) adds up to its whole wall time.
     timings = metrics["timings"]
     assert set(timings) == {*PHASES, "other", "total"} and all(v >= 0 for v in timings.values())

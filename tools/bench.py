@@ -160,10 +160,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux kB
 
 
+def own_backbone(name: str, args, device: torch.device):
+    """(backbone, its image size, None) for a script that brings its own (E14's ResNet): that architecture with
+    random weights at full size (random:resnet-18), or the tiny one with --smoke; bench's --model is CLIP's."""
+    script = SCRIPTS[name]
+    model = script.default_args("--smoke").model if args.smoke else RANDOM_PREFIX + "resnet-18"
+    backbone, processor, _ = script.load_backbone(script.default_args("--model", model), device)
+    return backbone, image_size_of(processor), None
+
+
+def image_size_of(processor) -> int:
+    crop = getattr(processor, "crop_size", None)
+    return crop["height"] if crop else processor.size["shortest_edge"]
+
+
 def bench_experiment(name, clip, tokenizer, args, device, peak, decoder=None) -> dict:
+    if SCRIPTS[name].takes_clip:
+        size = clip.config.vision_config.image_size
+    else:
+        clip, size, tokenizer = own_backbone(name, args, device)
     model = build_model(name, clip, tokenizer, decoder).to(device)
     captioning = SCRIPTS[name].task == "captioning"
-    size, n = clip.config.vision_config.image_size, 2 * args.batch_size
+    n = 2 * args.batch_size
     # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
     labels = caption_targets(model.tokenizer, n, device) if captioning else torch.arange(n, device=device) % 4
     images = Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device), labels, [],
@@ -480,6 +498,11 @@ def main():
     peak, peak_how = (args.peak_tflops * 1e12, "given by --peak-tflops") if args.peak_tflops else peak_flops(device)
     print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; "
           f"peak assumed {peak / 1e12:.3g} TFLOP/s ({peak_how})", flush=True)
+    own = [SCRIPTS[n].short_name for n in args.experiments if not SCRIPTS[n].takes_clip]
+    if own:
+        print(f"note: {', '.join(own)} bring{'s' * (len(own) == 1)} {'its' if len(own) == 1 else 'their'} own backbone, "
+              f"timed at its own architecture with random weights: --model and --attention (CLIP's) are the CLIP "
+              f"scripts' only", flush=True)
 
     result = {"model": model_name, "weights": weights_of(model_name),
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
