@@ -481,7 +481,27 @@ def main():
     p.add_argument("--data", default=str(common.SAMPLE_DATA), help="image folder for --duplicates")
     p.add_argument("--duplicate-sizes", type=int, nargs="*", default=list(DUPLICATE_SIZES), metavar="IMAGES",
                    help="with --duplicates: also measure these smaller sizes (the first images of the same set)")
+    p.add_argument("--compare-models", nargs="+", metavar="MODEL",
+                   help="instead: compare these models (tiny, tiny-resnet, random:<architecture> of CLIP or ResNet, "
+                        "hub ids, folders): test accuracy of the head alone, inference time per image and peak "
+                        "memory with and without torch.no_grad() (tools/bench_models.py)")
+    p.add_argument("--measure-inference", metavar="MODEL", help=argparse.SUPPRESS)   # one measurement, for the above
+    p.add_argument("--grad", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.measure_inference or args.compare_models:
+        import json
+        from tools import bench_models
+        device = common.pick_device(args.device)
+        if args.measure_inference:   # a child of --compare-models: its result on stdout's last line
+            print(json.dumps(bench_models.measure_inference(args.measure_inference, args.grad, args.batch_size,
+                                                            args.steps, args.warmup, device.type)))
+            return
+        common.check_writable(Path(args.output_dir))
+        args.resolved_device = device.type
+        args.device_label = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                             f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+        bench_models.compare_models(args.compare_models, args, Path(args.output_dir))
+        return
     if args.duplicates:
         common.check_writable(Path(args.output_dir))
         bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir), args.duplicate_sizes)
