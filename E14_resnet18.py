@@ -24,11 +24,10 @@ start from.
 """
 
 import common
-from clip_adapt.base import UserError
+from clip_adapt.base import UserError, is_main_process
 from clip_adapt.models import fingerprint
 from clip_adapt.resnet import RESNET_MODEL, STAGES, TINY_RESNET, ResNetClassifier, load_resnet, resnet_dims
 from clip_adapt.training import cached_embeddings, predict, train
-from clip_adapt.base import is_main_process
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None

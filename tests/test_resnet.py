@@ -106,3 +106,22 @@ def test_run_all_passes_clips_model_to_the_clip_scripts_only(tmp_path, capsys):
     assert models == {"E1_zero_shot_clip": "tiny-random-clip", "E14_resnet18": TINY_RESNET}
     summary = (tmp_path / "summary.md").read_text()
     assert "| E14_resnet18 |" in summary and "E14_resnet18" in (tmp_path / "report.html").read_text()
+
+
+def test_a_local_resnet_folder_loads_as_its_backbone_and_a_clip_folder_is_refused(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from clip_adapt.models import UserError, fingerprint
+    from clip_adapt.resnet import RESNET_ARCHITECTURES, resnet_image_processor
+    from tools.bench_models import image_size_of, is_resnet
+    saved = ResNetForImageClassification(ResNetConfig(**RESNET_ARCHITECTURES["resnet-tiny"], num_labels=1000))
+    saved.save_pretrained(tmp_path / "resnet")
+    resnet_image_processor(32).save_pretrained(tmp_path / "resnet")
+    backbone, processor, tokenizer = load_resnet(str(tmp_path / "resnet"))
+    assert fingerprint(backbone) == fingerprint(saved.resnet) and tokenizer is None and image_size_of(processor) == 32
+    assert is_resnet(str(tmp_path / "resnet")) and is_resnet("random:resnet-18") and not is_resnet("random:vit-b32")
+    from clip_adapt.models import tiny_clip
+    clip, clip_processor, _ = tiny_clip()
+    clip.save_pretrained(tmp_path / "clip")
+    with pytest.raises(UserError, match="holds a 'clip' model, not a ResNet"):
+        load_resnet(str(tmp_path / "clip"))

@@ -32,6 +32,7 @@ from clip_adapt.runner import classification_scripts
 SCRIPTS = [script.path.name for script in classification_scripts()]
 TRAINED = [script.path.name for script in classification_scripts() if script.trains]
 ZERO_SHOT = [script.path.name for script in classification_scripts() if not script.trains]
+CLIP_SCRIPTS = [script.path.name for script in classification_scripts() if script.takes_clip]   # not E14's ResNet
 FITTED_ONCE = ("lbfgs", "search")   # metrics.json's "solver" of a method fitted in one pass, not by epochs
 
 

@@ -43,6 +43,7 @@ from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import RANDOM_PREFIX, TINY_CLIP, load_clip, weights_of  # noqa: E402
 from clip_adapt.runner import classification_scripts, experiment_scripts  # noqa: E402
 from clip_adapt.training import batched, brings_own_loss, own_loss_and_accuracy, training_step  # noqa: E402
+from tools.bench_models import image_size_of  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP's
@@ -167,11 +168,6 @@ def own_backbone(name: str, args, device: torch.device):
     model = script.default_args("--smoke").model if args.smoke else RANDOM_PREFIX + "resnet-18"
     backbone, processor, _ = script.load_backbone(script.default_args("--model", model), device)
     return backbone, image_size_of(processor), None
-
-
-def image_size_of(processor) -> int:
-    crop = getattr(processor, "crop_size", None)
-    return crop["height"] if crop else processor.size["shortest_edge"]
 
 
 def bench_experiment(name, clip, tokenizer, args, device, peak, decoder=None) -> dict:

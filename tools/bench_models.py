@@ -52,11 +52,16 @@ def built_model(name: str, device: torch.device):
     """(model as its script builds it with default flags, image size) on device."""
     script = next(s for s in experiment_scripts() if s.name == script_for(name))
     backbone, processor, tokenizer = (load_resnet if is_resnet(name) else load_clip)(name, device)
-    crop = getattr(processor, "crop_size", None)
-    size = crop["height"] if crop else processor.size["shortest_edge"]
+    size = image_size_of(processor)
     model = script.build_model(backbone, tokenizer, [f"class {i}" for i in range(CLASSES)],
                                script.default_args("--model", name))
     return model.to(device).eval(), size
+
+
+def image_size_of(processor) -> int:
+    """The side of the square images a model's processor makes: CLIP's crop, or ConvNext's (ResNet's) short side."""
+    crop = getattr(processor, "crop_size", None)
+    return crop["height"] if crop else processor.size["shortest_edge"]
 
 
 def resident_mb(field: str = "VmRSS") -> float:
