@@ -296,8 +296,9 @@ def train_config(a: argparse.Namespace, device: torch.device, out_dir: Path, aug
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    if args.model is None:
-        args.model = TINY_CLIP if args.smoke else DEFAULT_MODEL
+    if args.model is None:   # a script that brings its own backbone names its defaults (E14: ResNet-18's)
+        default, smoke = getattr(args, "default_models", (DEFAULT_MODEL, TINY_CLIP))
+        args.model = smoke if args.smoke else default
     if args.data is None:
         args.data = str(SAMPLE_DATA) if args.smoke else DEFAULT_DATA
     if args.schedule == "coop":
@@ -437,14 +438,16 @@ def open_run(name: str, args: argparse.Namespace):
     return args, out_dir, device, accelerator
 
 
-def start(name: str, args: argparse.Namespace) -> Experiment:
+def start(name: str, args: argparse.Namespace, load_model=None) -> Experiment:
+    """load_model: for a script that brings its own backbone, its loader in place of load_clip (the same
+    arguments; it returns the backbone, its image processor, and None for the tokenizer)."""
     started = time.time()
     timing.reset()
     with timing.phase("startup"):
-        return start_timed(name, args, started)
+        return start_timed(name, args, started, load_model or load_clip)
 
 
-def start_timed(name: str, args: argparse.Namespace, started: float) -> Experiment:
+def start_timed(name: str, args: argparse.Namespace, started: float, load_model=load_clip) -> Experiment:
     args, out_dir, device, accelerator = open_run(name, args)
     if getattr(args, "base_to_new", False):
         from clip_adapt.runner import REPO, ExperimentScript
@@ -454,7 +457,7 @@ def start_timed(name: str, args: argparse.Namespace, started: float) -> Experime
         hub.notice_offline()
         if hub.offline():   # from the cache alone, quick: every missing piece said in this one run
             check_sources(args)
-    clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
+    clip, image_processor, tokenizer = load_model(args.model, device, args.image_processor)
     identity = weights_identity(args.model, clip)   # before anything trains (E6 changes the tower)
     with timing.phase("loading"):
         data = load_data(args.data, image_processor, args.val_fraction, args.split_seed,
@@ -621,7 +624,7 @@ def finish(exp: Experiment, model: torch.nn.Module, result: TrainResult | None =
         "split_seed": args.split_seed, "shots": args.shots, "split_file": args.split_file,
         "precision": precision_used(device, args.precision),   # what ran: "auto" resolved; accelerate adds none
         "num_processes": exp.accelerator.num_processes if exp.accelerator is not None else 1,
-        "model_dims": model_dims(exp.clip),
+        "model_dims": extra.pop("model_dims", None) or model_dims(exp.clip),   # a backbone of its own: its dims
         "class_names": data.class_names,
         "num_images": report["num_images"],
         "train_test_duplicates": sum(len(g["test"]) for g in report["train_test_duplicates"]),

@@ -26,7 +26,7 @@ from clip_adapt.data import is_study_data
 from clip_adapt.models import is_random, is_study_model, weights_of
 from clip_adapt.report_page import CONTACT_SHEET, RUN_FIGURES, SUMMARY_FIGURES, write_html_report
 from clip_adapt.reporting import mark_random_weights, plot_robustness, plt, save_figure
-from clip_adapt.runner import aggregate, classification_scripts, experiment_scripts, spread
+from clip_adapt.runner import aggregate, classification_scripts, clip_only_note, experiment_scripts, spread
 from clip_adapt.sweep import (copy_warnings, paired_section, plot_shots, shots_folder, shots_rows, shots_section)
 
 SCRIPTS = {script.name: script for script in classification_scripts()}
@@ -248,11 +248,15 @@ def main():
 
     # CoOp's schedule is defined per K: the full-data runs of a sweep with it converge as every other run.
     full_data = ["--schedule", "converge"] if args.schedule == "coop" else []
-    planned = [Run(name, [*forwarded, "--seed", str(seed), *full_data], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
+    note = clip_only_note([SCRIPTS[name] for name in experiments], forwarded)
+    if note and is_main_process():
+        print(note)
+    planned = [Run(name, [*SCRIPTS[name].forwarded(forwarded), "--seed", str(seed), *full_data], out_dir if len(seeds) == 1 else out_dir / f"seed_{seed}",
                    f"{name} (seed {seed})") for seed in seeds for name in experiments]
     # The sweep over K: seed s draws its own shots (--split-seed s) and seeds the training; what trains nothing
     # (E1) sees no shots and runs on the full data only.
-    planned += [Run(name, [*forwarded, "--seed", str(seed), "--shots", str(k), "--split-seed", str(seed)],
+    planned += [Run(name, [*SCRIPTS[name].forwarded(forwarded), "--seed", str(seed), "--shots", str(k),
+                           "--split-seed", str(seed)],
                     shots_folder(out_dir, k, seed), f"{name} ({k} shots, seed {seed})")
                 for k in shots for seed in seeds for name in experiments if SCRIPTS[name].trains]
     runs, failed, finished = {name: [] for name in experiments}, {}, []

@@ -139,7 +139,7 @@ def summary_section(runs: dict[str, list[dict]]) -> str:
     if not rows:
         return ""
     first = next(iter(rows.values()))[0]
-    lines = [f"\n## Base-to-new (CoCoOp's protocol)\n",
+    lines = ["\n## Base-to-new (CoCoOp's protocol)\n",
              f"Trained on {', '.join(first['base_classes'])}; tested on them, and on {', '.join(first['new_classes'])} "
              f"(never trained on) by the same trained parts; {first['note']}, whose new-class figure rests on "
              f"one set of names. Means over runs.\n",

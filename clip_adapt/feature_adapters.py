@@ -1,10 +1,12 @@
 """Methods on CLIP's frozen image embedding that still classify by CLIP's text embeddings: Tip-Adapter's cache
-model (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter) and CLIP-Adapter's residual bottleneck (Gao et al.,
-IJCV 2023; gaopengcuhk/CLIP-Adapter). Their image tower is frozen, so each embedding is computed once and shared
+model (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter), CLIP-Adapter's residual bottleneck (Gao et al.,
+IJCV 2023; gaopengcuhk/CLIP-Adapter) and LP++'s text-blended linear probe (Huang et al., CVPR 2024;
+FereshteShakeri/FewShot-CLIP-Strong-Baseline). Their image tower is frozen, so each embedding is computed once and shared
 with E2's cache (clip_adapt.training.cached_embeddings, keyed by the same tower and features); what trains works
 on those embeddings, and the classifier built around it takes pixels like every other (for the final
 evaluation and the noise-robustness check). The text classifier is E1's: the same templates, CLIP's own learned
-logit scale (exp(4.6052) = 100 for OpenAI's ViT-B/16, the reference's fixed 100).
+logit scale (exp(4.6052) = 100 for OpenAI's ViT-B/16, the reference's fixed 100); LP++ uses no logit scale, as its
+reference.
 """
 
 from __future__ import annotations
@@ -251,3 +253,139 @@ class CLIPAdapter(FrozenImageTower):
 
     def parts(self) -> list[Part]:
         return [Part("adapter", trainable(self.adapter, "adapter."))]
+
+
+# --------------------------------------------------------------------------- LP++
+
+# FereshteShakeri/FewShot-CLIP-Strong-Baseline at f81054f, methods/linear_probe_p2.py and configs/base.yaml:
+LPP_EPOCHS = 300          # train_epoch: full-batch steps, each followed by a validation check
+LPP_MOMENTUM = 0.9        # SGD on the linear layer
+LPP_ALPHA_EVERY = 10      # the blending weights take one step every 10th epoch
+LPP_ALPHA_START = 250.0   # calculate_init_alpha: 250 × the mean text similarity of each class's own images
+
+
+class BlendedProbe(nn.Module):
+    """LP++ on image embeddings f, normalised here: logits = W f + b + α ⊙ (f Tᵀ), a linear probe (W, b) plus the
+    class text embeddings T (unit rows) weighted per class by α. No logit scale: the reference's."""
+
+    def __init__(self, class_embeddings: torch.Tensor):
+        super().__init__()
+        classes, width = class_embeddings.shape
+        self.linear = nn.Linear(width, classes)   # its bias keeps nn.Linear's random start, as the reference's
+        self.alpha = nn.Parameter(torch.ones(classes))
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        with exact_fp32(embeddings.device.type):
+            unit = F.normalize(embeddings.float(), dim=-1)
+            return self.linear(unit) + self.alpha * (unit @ self.class_embeddings.T)
+
+    @torch.no_grad()
+    def start(self, unit: torch.Tensor, labels: torch.Tensor) -> dict:
+        """The reference's start and step sizes from the unit training embeddings: W the per-class sums of the
+        embeddings (compute_centroids, which sums), every α the mean over classes of 250 × the mean similarity
+        of a class's images to its own text (calculate_init_alpha), the linear layer's step 4N / λ_max(FᵀF)
+        (calculate_lr_w) and α's N / (4 max_c Σ_n (f_n · t_c)²) (calculate_lr_alpha): the inverse Lipschitz
+        bounds of the loss's gradients."""
+        one_hot = F.one_hot(labels.long(), len(self.class_embeddings)).float()
+        if (one_hot.sum(0) == 0).any():
+            raise ValueError("LP++ needs a training image of every class")
+        self.linear.weight.copy_(one_hot.T @ unit)
+        text = unit @ self.class_embeddings.T
+        own = (one_hot * text).sum(0) / one_hot.sum(0)
+        alpha = LPP_ALPHA_START * own.double().mean()
+        self.alpha.fill_(float(alpha))
+        largest_eigenvalue = torch.linalg.eigvalsh((unit.T @ unit).double()).max()
+        return {"init_alpha": float(alpha), "lr_linear": float(4 * len(unit) / largest_eigenvalue),
+                "lr_alpha": float(len(unit) / (4 * text.pow(2).sum(0).max()))}
+
+
+def fit_lp_plus_plus(probe: BlendedProbe, embeddings: dict, checkpoint_dir, epochs: int = LPP_EPOCHS,
+                     lr_scale: float = 1.0):
+    """LP++ as its reference trains it, on the image embeddings of each split (clip_adapt.data.Split with
+    embeddings as inputs): BlendedProbe.start on the training split, then `epochs` full-batch steps: SGD with
+    momentum on (W, b), and every LPP_ALPHA_EVERY-th step a plain gradient step on α with the gradient summed
+    over every step so far (the reference never zeroes α's gradient). After each step the validation accuracy;
+    the last epoch of best validation accuracy is kept (the reference's `>=`). lr_scale multiplies both step
+    sizes (1: the reference's). Test plays no part: its scores are recorded per epoch, as the project's loop
+    records them. Writes checkpoint_dir/best.safetensors; returns (TrainResult, what metrics.json records)."""
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from clip_adapt import timing
+    from clip_adapt.base import atomic_save, is_main_process
+    from clip_adapt.convergence import NEW_LOW
+    from clip_adapt.training import TrainResult, loss_and_accuracy, load_trainable, trainable_state
+    device = probe.class_embeddings.device
+    splits = {name: (split.inputs.to(device), split.labels.to(device)) for name, split in embeddings.items()}
+    features, labels = splits["train"]
+
+    def scores(epoch: int) -> dict:
+        probe.eval()
+        row = {"epoch": epoch}
+        with torch.no_grad():
+            for name, (inputs, targets) in splits.items():
+                row[f"{name}_loss"], row[f"{name}_accuracy"] = loss_and_accuracy(probe(inputs).float().cpu(), targets)
+        return {**row, "lr": lr_scale * steps["lr_linear"] if epoch else 0.0}
+
+    with timing.phase("training"):
+        steps = probe.start(F.normalize(features.float(), dim=-1), labels)
+        optimizer = torch.optim.SGD(probe.linear.parameters(), lr_scale * steps["lr_linear"], momentum=LPP_MOMENTUM)
+        history, losses, best, best_state = [scores(0)], [], -1.0, None   # epoch 0: the start, recorded only
+        for epoch in range(1, epochs + 1):
+            probe.train()
+            loss = F.cross_entropy(probe(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if epoch % LPP_ALPHA_EVERY == 0:
+                with torch.no_grad():
+                    probe.alpha -= lr_scale * steps["lr_alpha"] * probe.alpha.grad
+            row = scores(epoch)
+            history.append(row)
+            if row["val_accuracy"] >= best:
+                best, best_epoch, best_state = row["val_accuracy"], epoch, trainable_state(probe)
+    load_trainable(probe, best_state)
+    probe.alpha.grad = None
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        atomic_save(folder / "best.safetensors", lambda p: save_file(best_state, p))
+    # A fixed number of steps, as the reference: converged when its last tenth lowered the loss by less than
+    # NEW_LOW of the fall before it (the project's plateau rule, clip_adapt/convergence.py).
+    tenth = max(1, len(losses) // 10)
+    fall = losses[0] - losses[-tenth - 1] if len(losses) > tenth else 0.0
+    converged = len(losses) > tenth and losses[-tenth - 1] - losses[-1] <= NEW_LOW * max(fall, 0.0)
+    result = TrainResult(history, best_epoch=best_epoch, epochs_run=epochs, converged=converged,
+                         verdict="converged" if converged else "still-falling",
+                         convergence_reason=f"{epochs} full-batch steps (the reference's fixed schedule); the "
+                                            f"training loss {'settled' if converged else 'was still falling'} "
+                                            f"over the last {tenth}",
+                         selection={"epoch": best_epoch, "metric": "val_accuracy", "value": best,
+                                    "rule": "the last epoch of the best (the reference's >=); the start is no candidate"})
+    return result, {"solver": "lp++", "lpp_epochs": epochs, "lr_scale": lr_scale, **steps,
+                    "alpha": probe.alpha.detach().cpu().tolist()}
+
+
+class LPPlusPlus(FrozenImageTower):
+    """E13: CLIP's frozen image tower and projection, then BlendedProbe on the image embedding, blended with E1's
+    class text."""
+
+    def __init__(self, clip, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
+        super().__init__(clip)
+        self.probe = BlendedProbe(class_text_embeddings(clip, tokenizer, class_names, templates))
+
+    @property
+    def on_embedding(self) -> BlendedProbe:
+        return self.probe
+
+    def fit(self, splits: dict, config):
+        """fit_lp_plus_plus on pixel splits (train, val, test), their embeddings computed here (the script uses
+        the disk cache); config.epochs (default LPP_EPOCHS) and config.lr (a factor on the step sizes)."""
+        embeddings = embeddings_of(self, splits, config)
+        return fit_lp_plus_plus(self.probe, embeddings, config.checkpoint_dir, config.epochs or LPP_EPOCHS,
+                                config.lr)[0]
+
+    def parts(self) -> list[Part]:
+        return [Part("linear probe", trainable(self.probe.linear, "probe.linear.")),
+                Part("blending weights", {"probe.alpha": self.probe.alpha})]

@@ -9,6 +9,11 @@ classification data take only classification_scripts(). STUDY_RECIPE (optional):
 run differed from this script's defaults (E2: {"solver": "adamw"}), so that the summary marks the study's figure
 when a run's settings are not the study's. MODEL_VARIANTS (optional): other command lines whose models the part
 contract checks too (tests/test_part_contract.py).
+
+A script may bring its own backbone instead of CLIP: it declares BACKBONE (e.g. "resnet"; default "clip") and
+load_backbone(args, device), which returns (backbone, image processor, None), and its build_model takes that
+backbone in CLIP's place (E14_resnet18.py). The tools pass such a script none of CLIP_ONLY_FLAGS
+(ExperimentScript.forwarded) and say so in one line (clip_only_note).
 """
 
 import argparse
@@ -68,6 +73,23 @@ class ExperimentScript:
         return getattr(self.module, "TASK", "classification")
 
     @property
+    def backbone(self) -> str:
+        """"clip", or what the script brings in its place (BACKBONE, with load_backbone)."""
+        return getattr(self.module, "BACKBONE", "clip")
+
+    @property
+    def takes_clip(self) -> bool:
+        return self.backbone == "clip"
+
+    def load_backbone(self, args: argparse.Namespace | None = None, device=None):
+        """(backbone, image processor, None) of a script that brings its own, for its default flags or args."""
+        return self.module.load_backbone(args or self.default_args(), device)
+
+    def forwarded(self, argv: list[str]) -> list[str]:
+        """argv as a tool passes it to this script: without CLIP's flags where it brings its own backbone."""
+        return argv if self.takes_clip else without_clip_flags(argv)[0]
+
+    @property
     def study_accuracy(self) -> float | None:
         return self.module.STUDY_ACCURACY
 
@@ -87,6 +109,36 @@ class ExperimentScript:
 
     def build_model(self, clip, tokenizer, class_names: list[str], args: argparse.Namespace | None = None):
         return self.module.build_model(clip, tokenizer, class_names, args or self.default_args())
+
+
+# The flags that name or shape CLIP (each takes one value): a script with a backbone of its own gets none of them.
+CLIP_ONLY_FLAGS = ("--model", "--templates", "--image-processor")
+
+
+def without_clip_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without CLIP_ONLY_FLAGS and their values, the flags taken out), for `--flag value` and `--flag=value`."""
+    kept, dropped, skip = [], [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in CLIP_ONLY_FLAGS:
+            dropped.append(arg)
+            skip = True
+        elif arg.split("=", 1)[0] in CLIP_ONLY_FLAGS:
+            dropped.append(arg.split("=", 1)[0])
+        else:
+            kept.append(arg)
+    return kept, dropped
+
+
+def clip_only_note(scripts: list[ExperimentScript], argv: list[str]) -> str | None:
+    """The one line a tool prints when it keeps CLIP's flags from scripts that bring their own backbone."""
+    dropped = without_clip_flags(argv)[1]
+    own = [script.short_name for script in scripts if not script.takes_clip]
+    if not dropped or not own:
+        return None
+    return (f"note: {', '.join(own)} bring{'s' * (len(own) == 1)} {'its' if len(own) == 1 else 'their'} own "
+            f"backbone: {', '.join(dict.fromkeys(dropped))} (CLIP's) passed to the CLIP scripts only")
 
 
 def experiment_scripts(root: Path = REPO) -> list[ExperimentScript]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import noise_image, run_process, run_script
 from safetensors.torch import load_file
-from test_scripts import SCRIPTS, TRAINED, assert_complete_outputs, assert_one_process_trains_alike, metrics_of
+from test_scripts import (CLIP_SCRIPTS, SCRIPTS, TRAINED, assert_complete_outputs, assert_one_process_trains_alike,
+                          metrics_of)
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 from clip_adapt import models
@@ -250,7 +251,7 @@ def shaped_clip_dir(request, tmp_path_factory):
     return directory, (width, depth, projection, text_width)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", CLIP_SCRIPTS)   # every CLIP script; E14 brings its own backbone
 def test_clips_of_other_shapes_run_through_every_script(script, shaped_clip_dir, cifar10_dir, tmp_path):
     directory, (width, depth, projection, text_width) = shaped_clip_dir
     run_script(script, "--smoke", "--model", directory, "--data", cifar10_dir, "--epochs", 1,

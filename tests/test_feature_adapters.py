@@ -249,3 +249,135 @@ def test_clip_adapter_script_trains_on_the_cached_embeddings(tmp_path):
     metrics = json.loads((tmp_path / "E11_clip_adapter" / "metrics.json").read_text())
     assert metrics["trainable_params"] == 2 * 16 * 4   # the tiny CLIP's 16-wide embedding, reduction 4
     assert metrics["epochs_run"] == 3 and metrics["selection"]["metric"] == "val_loss"
+
+
+# --------------------------------------------------------------------------- LP++ (E13)
+
+# FereshteShakeri/FewShot-CLIP-Strong-Baseline at f81054f, methods/linear_probe_p2.py LinearProbe_P2.forward (with
+# methods/utils.py and methods/method.py), run unchanged on a CPU in fp32 on lp_inputs(), shots 4, train_epoch 300
+# (configs/base.yaml), torch.manual_seed(0) before it (its nn.Linear's bias), the training features in two batches
+# (images 0-6, 7-15), text_weights the unit text rows transposed. Shims outside its code: .cuda() a no-op; a stub
+# CLIP (dtype fp32) whose encode_image returns the features given; its get_one_hot's fp16 one-hots, which bmm
+# cannot mix with fp32 features, replaced by the same 0/1 values in fp32; the forward's locals read at its return.
+# A second run with train_epoch 25 (its best epoch) gave the blending weights at that epoch.
+LPP_REFERENCE = {"best_epoch": 25,   # its 0-based best_epoch 24: the state after 25 steps
+                 "init_alpha": 73.4992353245616, "lr_linear": 16.921104431152344, "lr_alpha": 1.4245383739471436,
+                 "alpha": [73.6411361694336, 72.73836517333984, 73.52848815917969, 73.20616149902344],
+                 "val_accuracy": 0.75, "test_accuracy": 0.375}
+LPP_TEST_LOGITS = [   # its logits_test: at the last epoch of best validation accuracy
+    [29.516712, 52.196732, -11.022536, -36.447723],
+    [37.616196, 14.350647, 42.622253, 71.701172],
+    [36.921677, -23.962908, 54.776852, -40.813461],
+    [-4.159475, 34.356926, 19.571056, 19.399538],
+    [41.180939, 47.521137, 26.642355, 34.132034],
+    [44.697876, 14.167217, 12.646839, 21.716862],
+    [-59.487537, -74.138863, 74.479385, 9.756454],
+    [-12.637803, 55.421928, 5.348399, 33.436100],
+    [-14.319275, -1.899229, 25.920546, 59.757584],
+    [-60.124084, 22.125378, -3.966290, -17.028984],
+    [-18.535477, -55.976841, 91.021896, 4.290297],
+    [-10.421809, 59.435791, -16.635532, 11.186283],
+    [29.437725, 7.910656, 64.546204, -11.948927],
+    [-48.624840, 10.552282, -4.950379, 47.979626],
+    [-4.604851, 23.766890, 30.983242, -23.084133],
+    [-32.009743, 11.207220, 35.559700, 62.702785],
+]
+
+
+def lp_inputs() -> dict:
+    """reference_inputs() with 16 validation images (4 shots per class, as the reference's validation set),
+    unnormalised as the reference's encode_image gives them (it normalises them itself)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g)
+
+    def draw(n):
+        labels = torch.arange(n) % 4
+        return centres[labels] + 1.6 * torch.randn(n, 8, generator=g), labels
+
+    (train, train_labels), (val, val_labels), (test, test_labels) = draw(16), draw(16), draw(16)
+    text = centres + 1.5 * torch.randn(4, 8, generator=g)
+    return dict(train=train, train_labels=train_labels, val=val, val_labels=val_labels,
+                test=F.normalize(test, dim=-1), test_labels=test_labels, text=F.normalize(text, dim=-1))
+
+
+def lp_fitted(tmp_path, epochs: int = 300):
+    from types import SimpleNamespace
+    from clip_adapt.feature_adapters import BlendedProbe, fit_lp_plus_plus
+    x = lp_inputs()
+    torch.manual_seed(0)   # the bias's random start, drawn as the reference's nn.Linear draws it
+    probe = BlendedProbe(x["text"])
+    splits = {name: SimpleNamespace(inputs=x[name], labels=x[f"{name}_labels"]) for name in ("train", "val", "test")}
+    result, fitted = fit_lp_plus_plus(probe, splits, tmp_path, epochs)
+    return probe, result, fitted, x
+
+
+def test_lp_plus_plus_equals_the_reference(tmp_path):
+    """The same start, step sizes, selected epoch, blending weights there and test logits as the reference's
+    LP++, to 1e-5 in fp32."""
+    probe, result, fitted, x = lp_fitted(tmp_path)
+    assert result.best_epoch == LPP_REFERENCE["best_epoch"] and result.epochs_run == 300
+    for key in ("init_alpha", "lr_linear", "lr_alpha"):
+        assert fitted[key] == pytest.approx(LPP_REFERENCE[key], rel=1e-5), key
+    torch.testing.assert_close(probe.alpha.detach(), torch.tensor(LPP_REFERENCE["alpha"]), **SAME)
+    with torch.no_grad():
+        logits = probe(x["test"])
+    torch.testing.assert_close(logits, torch.tensor(LPP_TEST_LOGITS), **SAME)
+    best = result.history[result.best_epoch]
+    assert (best["val_accuracy"], best["test_accuracy"]) == (LPP_REFERENCE["val_accuracy"],
+                                                             LPP_REFERENCE["test_accuracy"])
+    assert (tmp_path / "best.safetensors").exists()
+
+
+def test_lp_plus_plus_keeps_the_last_best_validation_epoch_and_test_steers_nothing(tmp_path):
+    probe, result, _, x = lp_fitted(tmp_path)
+    assert result.history[0]["epoch"] == 0   # the start, recorded; the reference never evaluates it
+    val = [row["val_accuracy"] for row in result.history[1:]]
+    assert result.best_epoch == max(i + 1 for i, v in enumerate(val) if v == max(val))
+    # Other test images: the same epoch and weights.
+    from types import SimpleNamespace
+    from clip_adapt.feature_adapters import BlendedProbe, fit_lp_plus_plus
+    torch.manual_seed(0)
+    other = BlendedProbe(x["text"])
+    splits = {name: SimpleNamespace(inputs=x[name], labels=x[f"{name}_labels"]) for name in ("train", "val")}
+    splits["test"] = SimpleNamespace(inputs=-x["test"], labels=x["test_labels"].flip(0))
+    again, _ = fit_lp_plus_plus(other, splits, tmp_path / "again")
+    assert again.best_epoch == result.best_epoch
+    assert all(torch.equal(a, b) for a, b in zip(probe.state_dict().values(), other.state_dict().values()))
+
+
+def test_lp_plus_plus_trains_only_its_probe_and_blend_and_blends_e1s_text():
+    from clip_adapt.feature_adapters import LPPlusPlus
+    clip, processor, tokenizer = tiny_clip()
+    frozen = {name: p.clone() for name, p in clip.state_dict().items()}
+    torch.manual_seed(0)
+    model = LPPlusPlus(clip, tokenizer, list(CLASSES))
+    assert [part.name for part in model.parts()] == ["linear probe", "blending weights"]
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == \
+        {"probe.linear.weight", "probe.linear.bias", "probe.alpha"}
+    pixels = tiny_batch(processor, 4)
+    model.train()
+    F.cross_entropy(model(pixels), torch.arange(4)).backward()
+    assert all(torch.equal(p, frozen[name]) for name, p in clip.state_dict().items())
+    assert not model.vision.training and not model.projection.training
+    # With the probe at zero, the logits are α times E1's cosine similarities (E1's logits over its logit scale).
+    zero_shot = ZeroShot(clip, tokenizer, list(CLASSES), ZERO_SHOT_TEMPLATES)
+    model.eval()
+    with torch.no_grad():
+        model.probe.linear.weight.zero_()
+        model.probe.linear.bias.zero_()
+        model.probe.alpha.fill_(3.0)
+        torch.testing.assert_close(model(pixels), 3.0 * zero_shot(pixels) / clip.logit_scale.exp(), **SAME)
+
+
+def test_lp_plus_plus_script_records_its_step_sizes(tmp_path, capsys):
+    run_script("E13_lp_plus_plus.py", "--smoke", "--quiet", "--noise-levels", 0, "--output-dir", tmp_path,
+               "--epochs", 12, expect_exit=0)
+    metrics = json.loads((tmp_path / "E13_lp_plus_plus" / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 16 * 4 + 4 + 4   # the tiny CLIP's 16-wide embedding
+    assert metrics["epochs_run"] == 12 and metrics["lpp_epochs"] == 12
+    assert metrics["lr_linear"] > 0 and metrics["lr_alpha"] > 0
+    assert metrics["alpha"] != [metrics["init_alpha"]] * 4   # α took its step at epoch 10
+    assert metrics["selection"]["metric"] == "val_accuracy"
+    capsys.readouterr()
+    run_script("E13_lp_plus_plus.py", "--smoke", "--tune", "--output-dir", tmp_path / "tuned", expect_exit=2)
+    assert "nothing to tune" in capsys.readouterr().err and not (tmp_path / "tuned").exists()

@@ -44,10 +44,11 @@ def variants(script) -> list[tuple[str, ...]]:
 
 
 def build(script, flags: tuple[str, ...]):
-    """The script's model as its main() builds it (seed 0), on a fresh tiny CLIP."""
+    """The script's model as its main() builds it (seed 0), on a fresh tiny CLIP, or on its own tiny backbone
+    (--smoke's) where it brings one."""
     import common
-    clip, _, tokenizer = tiny_clip()
     args = script.default_args("--smoke", *flags)
+    clip, _, tokenizer = tiny_clip() if script.takes_clip else script.load_backbone(args)
     common.seed_everything(0)
     return script.build_model(clip, tokenizer, list(CLASSES) if script.task == "classification" else [], args)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from clip_adapt.base import UserError
 from clip_adapt.data import Split
-from clip_adapt.models import TINY_CLIP
+from clip_adapt.models import is_random
 from clip_adapt.reporting import FITTED_ONCE, LIBRARIES
 from clip_adapt.timing import PHASES
 from clip_adapt.training import TrainConfig, train
@@ -32,6 +32,7 @@ from clip_adapt.runner import classification_scripts, experiment_scripts
 SCRIPTS = [script.path.name for script in classification_scripts()]
 TRAINED = [script.path.name for script in classification_scripts() if script.trains]
 ZERO_SHOT = [script.path.name for script in classification_scripts() if not script.trains]
+CLIP_SCRIPTS = [script.path.name for script in classification_scripts() if script.takes_clip]   # not E14's ResNet
 
 
 def metrics_of(out_dir, script) -> dict:
@@ -73,13 +74,15 @@ def assert_complete_outputs(folder, trained: bool):
     assert sheet is None or ((folder / sheet).resolve() == (folder.parent / "closest_pairs.png").resolve()
                              and (folder / sheet).is_file())
     assert METRIC_KEYS <= set(metrics)
-    assert set(metrics["model_dims"]) == {"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+    assert set(metrics["model_dims"]) == ({"vision_hidden", "vision_layers", "projection_dim", "text_hidden"}
+                                          if metrics.get("backbone", "clip") == "clip" else
+                                          {"embedding_size", "hidden_sizes", "depths", "layer_type"})
     # What a result is traced by: the libraries' versions, the code's commit and dirty flag, the weights loaded.
     assert set(metrics["versions"]) == set(LIBRARIES) and metrics["versions"]["torch"] == torch.__version__
     assert metrics["code"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", metrics["code"]["commit"])
     assert metrics["code"]["dirty"] in (True, False, None)
     assert len(metrics["model_weights"]) == 1 and set(metrics["model_weights"]) <= {"revision", "weights_fingerprint"}
-    assert metrics["weights"] == ("random" if metrics["model"] == TINY_CLIP else "pretrained")
+    assert metrics["weights"] == ("random" if is_random(metrics["model"]) else "pretrained")
     # The run's time split into phases (clip_adapt/timing.py) adds up to its whole wall time.
     timings = metrics["timings"]
     assert set(timings) == {*PHASES, "other", "total"} and all(v >= 0 for v in timings.values())
@@ -93,7 +96,12 @@ def assert_complete_outputs(folder, trained: bool):
     assert metrics["convergence"] in ("converged", "still-falling", "below-min-steps", "diverging", "under-fitted",
                                       "nothing trained")
     assert metrics["converged"] == (metrics["convergence"] in ("converged", "nothing trained"))
-    if looped:
+    if looped and metrics["selection"]["metric"] == "val_accuracy":   # LP++: its reference's rule, the last best
+        assert metrics["selection"]["epoch"] == metrics["best_epoch"]     # of the trained epochs (epoch 0 is not one)
+        trained_epochs = [row for row in history if int(row["epoch"]) > 0]
+        best = max(reversed(trained_epochs), key=lambda row: float(row["val_accuracy"]))
+        assert int(best["epoch"]) == metrics["best_epoch"]
+    elif looped:
         assert metrics["selection"]["metric"] == "val_loss" and metrics["selection"]["epoch"] == metrics["best_epoch"]
         best = min(history, key=lambda row: float(row["val_loss"]))
         assert int(best["epoch"]) == metrics["best_epoch"]

@@ -151,3 +151,24 @@ def test_compiled_training_equals_eager_in_one_graph(name, flags, tiny_clip_dir,
         if compiled:
             assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(torch.tensor(histories[1]), torch.tensor(histories[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_compare_models_smoke_writes_the_figure_and_the_no_grad_table(tmp_path):
+    """tools/bench.py --compare-models on the two tiny random models (a CLIP, a ResNet): each one's head-only test
+    accuracy as its script's metrics.json says, and time and peak memory measured with and without no_grad."""
+    run_script("tools/bench.py", "--smoke", "--compare-models", "tiny", "tiny-resnet", "--batch-size", 4,
+               "--steps", 1, "--warmup", 1, "--output-dir", tmp_path, expect_exit=0)
+    result = json.loads((tmp_path / "compare_models.json").read_text())
+    rows = {r["model"]: r for r in result["models"]}
+    assert set(rows) == {"tiny-random-clip", "random:resnet-tiny"}
+    assert {r["script"] for r in rows.values()} == {"E2_linear_probe", "E14_resnet18"}
+    for name, row in rows.items():
+        folder = tmp_path / "compare_models" / name.replace(":", "_") / row["script"]
+        assert row["test_accuracy"] == json.loads((folder / "metrics.json").read_text())["test_accuracy"]
+        for mode in ("with_no_grad", "autograd"):
+            assert row[mode]["seconds_per_image"] > 0 and row[mode]["peak_memory_mb"] > 0, (name, mode)
+            assert row[mode]["peak_memory_mb"] >= row[mode]["memory_before_mb"] - 1, (name, mode)
+    assert rows["random:resnet-tiny"]["parameters"] == 12_348   # its backbone and a 4-class head
+    assert (tmp_path / "compare_models.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "compare_models.md").read_text()
+    assert "| random:resnet-tiny | 12,348 |" in table and "no_grad" in table

@@ -24,7 +24,7 @@ from clip_adapt.base import UserError, is_main_process, write_csv, write_json, w
 from clip_adapt.launch import LAUNCHER_FLAGS, Run, add_launcher_flags, check_launcher_flags, launch  # noqa: E402
 from clip_adapt.prompts import PIXEL_PROMPTERS, PROMPT_ENTRIES, PROMPT_INITS, PROMPT_POSITIONS  # noqa: E402
 from clip_adapt.reporting import plt, save_figure  # noqa: E402
-from clip_adapt.runner import aggregate, spread  # noqa: E402
+from clip_adapt.runner import aggregate, clip_only_note, experiment_scripts, spread  # noqa: E402
 
 TYPES = ["token", *PIXEL_PROMPTERS]
 GRID = {"counts": [1, 4, 8], "layers": ["0", "6", "11", "all"], "positions": ["front", "back"],
@@ -140,6 +140,10 @@ def main():
     _, forwarded = add_own_flags(argparse.ArgumentParser(add_help=False, allow_abbrev=False)).parse_known_args()
     seeds = args.seeds or [args.seed]
     cells = grid_cells(args)
+    scripts = {script.name: script for script in experiment_scripts()}
+    note = clip_only_note([scripts[name] for name in dict.fromkeys(c["script"] for c in cells)], forwarded)
+    if note and is_main_process():   # none today: every cell is a CLIP script's
+        print(note)
     check_launcher_flags(args)
     out_dir = Path(args.output_dir)
     common.check_writable(out_dir)
@@ -158,7 +162,8 @@ def main():
                 if is_main_process():
                     print(f"{cell['cell']} (seed {seed}): finished before, not rerun")
             else:
-                planned.append(Run(cell["script"], [*forwarded, *cell["flags"], "--seed", str(seed)], folder,
+                planned.append(Run(cell["script"], [*scripts[cell["script"]].forwarded(forwarded), *cell["flags"],
+                                   "--seed", str(seed)], folder,
                                    f"{cell['cell']} (seed {seed})"))
     for run, (metrics, _) in zip(planned, launch(planned, args)):
         results[run.out_dir] = metrics

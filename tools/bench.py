@@ -43,6 +43,7 @@ from clip_adapt.data import Split  # noqa: E402
 from clip_adapt.models import RANDOM_PREFIX, TINY_CLIP, load_clip, weights_of  # noqa: E402
 from clip_adapt.runner import classification_scripts, experiment_scripts  # noqa: E402
 from clip_adapt.training import batched, brings_own_loss, own_loss_and_accuracy, training_step  # noqa: E402
+from tools.bench_models import image_size_of  # noqa: E402
 
 CLASS_NAMES = ["glioma", "meningioma", "no tumor", "pituitary"]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP's
@@ -160,10 +161,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux kB
 
 
+def own_backbone(name: str, args, device: torch.device):
+    """(backbone, its image size, None) for a script that brings its own (E14's ResNet): that architecture with
+    random weights at full size (random:resnet-18), or the tiny one with --smoke; bench's --model is CLIP's."""
+    script = SCRIPTS[name]
+    model = script.default_args("--smoke").model if args.smoke else RANDOM_PREFIX + "resnet-18"
+    backbone, processor, _ = script.load_backbone(script.default_args("--model", model), device)
+    return backbone, image_size_of(processor), None
+
+
 def bench_experiment(name, clip, tokenizer, args, device, peak, decoder=None) -> dict:
+    if SCRIPTS[name].takes_clip:
+        size = clip.config.vision_config.image_size
+    else:
+        clip, size, tokenizer = own_backbone(name, args, device)
     model = build_model(name, clip, tokenizer, decoder).to(device)
     captioning = SCRIPTS[name].task == "captioning"
-    size, n = clip.config.vision_config.image_size, 2 * args.batch_size
+    n = 2 * args.batch_size
     # As in training: uint8 pixels on the device, normalised there batch by batch (Split.model_inputs).
     labels = caption_targets(model.tokenizer, n, device) if captioning else torch.arange(n, device=device) % 4
     images = Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device), labels, [],
@@ -463,7 +477,27 @@ def main():
     p.add_argument("--data", default=str(common.SAMPLE_DATA), help="image folder for --duplicates")
     p.add_argument("--duplicate-sizes", type=int, nargs="*", default=list(DUPLICATE_SIZES), metavar="IMAGES",
                    help="with --duplicates: also measure these smaller sizes (the first images of the same set)")
+    p.add_argument("--compare-models", nargs="+", metavar="MODEL",
+                   help="instead: compare these models (tiny, tiny-resnet, random:<architecture> of CLIP or ResNet, "
+                        "hub ids, folders): test accuracy of the head alone, inference time per image and peak "
+                        "memory with and without torch.no_grad() (tools/bench_models.py)")
+    p.add_argument("--measure-inference", metavar="MODEL", help=argparse.SUPPRESS)   # one measurement, for the above
+    p.add_argument("--grad", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.measure_inference or args.compare_models:
+        import json
+        from tools import bench_models
+        device = common.pick_device(args.device)
+        if args.measure_inference:   # a child of --compare-models: its result on stdout's last line
+            print(json.dumps(bench_models.measure_inference(args.measure_inference, args.grad, args.batch_size,
+                                                            args.steps, args.warmup, device.type)))
+            return
+        common.check_writable(Path(args.output_dir))
+        args.resolved_device = device.type
+        args.device_label = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                             f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+        bench_models.compare_models(args.compare_models, args, Path(args.output_dir))
+        return
     if args.duplicates:
         common.check_writable(Path(args.output_dir))
         bench_duplicates(args.duplicates, Path(args.data), Path(args.output_dir), args.duplicate_sizes)
@@ -480,6 +514,11 @@ def main():
     peak, peak_how = (args.peak_tflops * 1e12, "given by --peak-tflops") if args.peak_tflops else peak_flops(device)
     print(f"bench: {model_name} on {device}, batch {args.batch_size}, {args.attention} attention; "
           f"peak assumed {peak / 1e12:.3g} TFLOP/s ({peak_how})", flush=True)
+    own = [SCRIPTS[n].short_name for n in args.experiments if not SCRIPTS[n].takes_clip]
+    if own:
+        print(f"note: {', '.join(own)} bring{'s' * (len(own) == 1)} {'its' if len(own) == 1 else 'their'} own backbone, "
+              f"timed at its own architecture with random weights: --model and --attention (CLIP's) are the CLIP "
+              f"scripts' only", flush=True)
 
     result = {"model": model_name, "weights": weights_of(model_name),
               "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),

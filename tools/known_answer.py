@@ -318,7 +318,7 @@ def credited() -> list[str]:
     from clip_adapt.runner import classification_scripts
     names = []
     for script in classification_scripts():
-        if script.trains:
+        if script.trains and script.takes_clip:   # a backbone of its own has no CLIP to be credited against
             clip, _, tokenizer = tiny_clip()
             model = script.build_model(clip, tokenizer, list(SHAPES))
             if any(part.removed is not None for part in model.parts()):
