@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from clip_adapt import timing
+from clip_adapt.backbone import backbone
 from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import hub
@@ -209,13 +210,15 @@ def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace,
     """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
     if head != "clip":
         return None
-    return TextHead(clip, tokenizer, class_names, class_templates(args))
+    return TextHead(clip, tokenizer, class_names, class_templates(args, clip))
 
 
-def class_templates(args: argparse.Namespace) -> tuple[str, ...]:
-    """The class-text templates of E1's zero-shot classifier (--templates, else the MRI templates), for the methods
-    that classify by CLIP's text embeddings."""
-    return load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
+def class_templates(args: argparse.Namespace, clip=None) -> tuple[str, ...]:
+    """The class-text templates of E1's zero-shot classifier (--templates, else the model's own where it has some,
+    BiomedCLIP's, else the MRI templates), for the methods that classify by CLIP's text embeddings."""
+    if args.templates:
+        return load_templates(args.templates)
+    return (backbone(clip).templates if clip is not None else None) or ZERO_SHOT_TEMPLATES
 
 
 def prompt_options(args: argparse.Namespace) -> dict:
