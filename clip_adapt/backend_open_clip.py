@@ -58,7 +58,7 @@ def identifier(name: str) -> tuple[str, str | None]:
     if name.startswith(HUB_PREFIX):
         return name, None
     folder = Path(name).expanduser()
-    if not any(folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+    if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
         raise UserError(f"{name} holds {CONFIG_FILE} but no weights: save the model's state_dict there as "
                         f"open_clip_model.safetensors (or open_clip_pytorch_model.bin)")
     return f"local-dir:{folder.resolve()}", None
