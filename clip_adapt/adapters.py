@@ -54,6 +54,11 @@ def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout
     if not 0 <= dropout < 1:
         raise UserError("--lora-dropout must be in [0, 1)")
     targets = tuple(targets or DEFAULT_TARGETS[adapter])
+    fused = sorted(set(targets) & backbone(clip).lora_only_targets) if clip is not None else []
+    if adapter != "lora" and fused:
+        raise UserError(f"--adapter {adapter} cannot reach {' '.join(fused)} in this model: its attention is one "
+                        f"nn.MultiheadAttention, which of peft's adapters only LoRA adapts; pass --adapter lora, or "
+                        f"--target-modules fc1 fc2")
     regex = vision_layers_regex(targets, clip)
     if adapter == "lora":
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none")

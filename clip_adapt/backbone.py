@@ -17,7 +17,7 @@ class Backbone:
     """A CLIP's parts as the methods use them. Attributes, set by each implementation:
 
     model: the CLIP model itself (the module a classifier freezes and holds)
-    vision: the image tower, every parameter of it (the projection too, where the library keeps it inside)
+    vision: the image tower up to its pooled output (the projection too, where the library keeps it inside)
     projection: the image projection as a module of its own, or an empty module where it lives in `vision`
     vision_width, vision_layers, patch_size, image_size, projection_dim, text_width: the dimensions
     vision_blocks: the image encoder's blocks in order, each called with the tokens (batch, tokens, width) as its
@@ -32,6 +32,8 @@ class Backbone:
         project's MRI templates
     adapter_targets: E7's layer names (q_proj, k_proj, v_proj, out_proj, fc1, fc2) -> this model's module name
         pattern of that linear layer in the image encoder, for peft
+    lora_only_targets: those of E7's names that only peft's LoRA reaches here (open_clip's OpenAI-layout
+        attention, one nn.MultiheadAttention)
     """
 
     model: nn.Module
@@ -50,6 +52,7 @@ class Backbone:
     context_length: int
     templates: tuple[str, ...] | None = None
     adapter_targets: dict
+    lora_only_targets: frozenset = frozenset()
 
     def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled output (the class token after the final norm), before the projection."""

@@ -153,10 +153,9 @@ class OpenCLIPBackbone(Backbone):
         from open_clip.hf_model import HFTextEncoder
         from open_clip.timm_model import TimmModel
         self.model, visual = model, model.visual
-        self.vision = visual
         if isinstance(visual, TimmModel):
             trunk = visual.trunk
-            self.projection = visual.head
+            self.vision, self.projection = trunk, visual.head
             self.vision_width, self.vision_blocks = trunk.embed_dim, list(trunk.blocks)
             self.vision_pre_norm, self.patch_embedding = trunk.norm_pre, trunk.patch_embed
             self.patch_size = trunk.patch_embed.patch_size[0]
@@ -168,7 +167,7 @@ class OpenCLIPBackbone(Backbone):
         else:   # open_clip's VisionTransformer, OpenAI's layout
             if not visual.transformer.batch_first:
                 raise UserError("this open_clip image tower runs sequence-first; open_clip 3 builds them batch-first")
-            self.projection = nn.Module()   # visual.proj, a parameter inside the tower
+            self.vision, self.projection = visual, nn.Module()   # visual.proj: a parameter inside the tower
             self.vision_width, self.vision_blocks = visual.transformer.width, list(visual.transformer.resblocks)
             self.vision_pre_norm, self.patch_embedding = visual.ln_pre, visual.conv1
             self.patch_size = visual.patch_size[0]
@@ -178,6 +177,7 @@ class OpenCLIPBackbone(Backbone):
             # wraps the attention module itself (its in_proj and out_proj).
             self.adapter_targets = {"q_proj": base + "attn", "k_proj": base + "attn", "v_proj": base + "attn",
                                     "out_proj": base + "attn", "fc1": base + r"mlp\.c_fc", "fc2": base + r"mlp\.c_proj"}
+            self.lora_only_targets = frozenset({"q_proj", "k_proj", "v_proj", "out_proj"})
         self.vision_layers = len(self.vision_blocks)
         self.image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
         self.projection_dim = ([m for m in visual.head.modules() if isinstance(m, nn.Linear)][-1].out_features
@@ -196,9 +196,9 @@ class OpenCLIPBackbone(Backbone):
         self.templates = getattr(model, "zero_shot_templates", None)
 
     def pooled_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        visual = self.vision
         if self._timm:   # the trunk has no classifier: it gives the pooled (class token, final norm) features
-            return visual.trunk(pixels)
+            return self.vision(pixels)
+        visual = self.vision
         return visual._pool(visual.transformer(visual._embeds(pixels)))[0]
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:

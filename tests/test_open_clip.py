@@ -116,7 +116,7 @@ def test_lora_on_biomedclip_adapts_the_fused_qkv_of_every_block(tiny_biomedclip_
     clip, _, _ = load_clip(str(tiny_biomedclip_dir))
     model = AdapterClassifier(clip, 4, peft_config("lora", rank=2, clip=clip))
     adapted = sorted({n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" in n})
-    assert adapted == sorted(f"vision.trunk.blocks.{i}.attn.qkv" for i in range(6))
+    assert adapted == sorted(f"vision.blocks.{i}.attn.qkv" for i in range(6))
     # One LoRA on the fused layer: A is r x w, B is 3w x r.
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == 6 * 2 * (64 + 3 * 64)
 
@@ -141,3 +141,25 @@ def test_bad_open_clip_names_fail_in_one_line(tmp_path):
         check_model(str(tmp_path))
     with pytest.raises(UserError, match="open_clip:<architecture>/<pretrained tag>"):
         check_model("open_clip:ViT-B-16")
+
+
+def test_lora_reaches_open_clips_multihead_attention_and_starts_as_the_frozen_tower():
+    """open_clip's OpenAI layout keeps q, k and v in one nn.MultiheadAttention: E7's default (q_proj v_proj) puts
+    peft's LoRA on the attention module itself (in_proj and out_proj), which starts as a no-op and trains; the
+    adapters peft has no MultiheadAttention layer for are refused in one line."""
+    from clip_adapt.adapters import AdapterClassifier, peft_config
+    clip, processor, _ = tiny_clip()
+    converted = open_clip_of(clip, processor)
+    pixels = tiny_batch(processor)
+    with torch.no_grad():
+        frozen = backbone(converted).image_features(pixels)
+    model = AdapterClassifier(converted, 4, peft_config("lora", clip=converted)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(pixels), frozen, **SAME)
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert adapted == {f"vision.transformer.resblocks.{i}{part}" for i in range(3)
+                       for part in (".attn", ".attn.base_layer.out_proj")}
+    F.cross_entropy(model(pixels), torch.arange(4)).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+    with pytest.raises(UserError, match="only LoRA adapts"):
+        peft_config("ia3", clip=converted)

@@ -73,7 +73,7 @@ def tiny_biomedclip(folder: Path, seed: int = 0) -> Path:
     BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id
                ).save_pretrained(folder)
-    config = biomedclip_config(160, "test_vit", folder, 16)
+    config = biomedclip_config(160, "test_vit", folder, 64)   # CoCoOp's meta-net: 64 / 16 = 4 hidden units
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
