@@ -101,8 +101,9 @@ def biomedclip_architecture(folder: Path, device: str = "meta"):
 
 # --------------------------------------------------------------------------- transformers CLIP -> open_clip
 
-def open_clip_config(clip, image_processor) -> dict:
-    """open_clip's config of a transformers CLIP's architecture (OpenAI's layout: open_clip's own towers)."""
+def open_clip_config(clip, image_processor, tokenizer_folder: str = "") -> dict:
+    """open_clip's config of a transformers CLIP's architecture (OpenAI's layout: open_clip's own towers).
+    tokenizer_folder: where its transformers tokenizer is saved (open_clip's local-dir: reads the folder's own)."""
     vision, text = clip.config.vision_config, clip.config.text_config
     if vision.hidden_act != "quick_gelu" or text.hidden_act != "quick_gelu":
         raise ValueError("open_clip's OpenAI layout has QuickGELU or GELU; this converter writes QuickGELU only")
@@ -116,7 +117,7 @@ def open_clip_config(clip, image_processor) -> dict:
                                        "width": text.hidden_size, "heads": text.num_attention_heads,
                                        "layers": text.num_hidden_layers,
                                        "mlp_ratio": text.intermediate_size / text.hidden_size,
-                                       "hf_tokenizer_name": ""}},   # the folder's own (transformers) tokenizer
+                                       "hf_tokenizer_name": tokenizer_folder}},
             "preprocess_cfg": {"mean": list(image_processor.image_mean), "std": list(image_processor.image_std),
                                "size": size}}
 
@@ -171,7 +172,8 @@ def export(clip, image_processor, tokenizer, folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
-    return save_open_clip(open_clip_of(clip, image_processor), folder, open_clip_config(clip, image_processor))
+    return save_open_clip(open_clip_of(clip, image_processor), folder,
+                          open_clip_config(clip, image_processor, str(folder.resolve())))
 
 
 def main():
