@@ -163,3 +163,13 @@ def test_lora_reaches_open_clips_multihead_attention_and_starts_as_the_frozen_to
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
     with pytest.raises(UserError, match="only LoRA adapts"):
         peft_config("ia3", clip=converted)
+
+
+def test_model_names_go_to_their_backend(tiny_biomedclip_dir, tiny_clip_dir):
+    """By name only (the hub cannot be reached here): PubMedCLIP is a transformers CLIPModel, BiomedCLIP and
+    open_clip's pretrained tags are open_clip, and a folder goes by what it holds."""
+    from clip_adapt.backend_open_clip import names_open_clip
+    assert not names_open_clip("flaviagiammarino/pubmed-clip-vit-base-patch32")
+    assert not names_open_clip("openai/clip-vit-base-patch16") and not names_open_clip(str(tiny_clip_dir))
+    assert names_open_clip("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+    assert names_open_clip("open_clip:ViT-B-16/laion2b_s34b_b88k") and names_open_clip(str(tiny_biomedclip_dir))

@@ -93,7 +93,7 @@ def biomedclip_architecture(folder: Path, device: str = "meta"):
     config = biomedclip_config(224, "vit_base_patch16_224", folder, 512)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     with torch.device(device):
-        model = open_clip.create_model(f"local-dir:{folder}", pretrained_hf=False)
+        model = open_clip.create_model(f"local-dir:{folder}", pretrained_hf=False, device=device)
     model.context_length = 256
     model.zero_shot_templates = backend_open_clip.BIOMEDCLIP_TEMPLATES
     return model.eval(), tokenizer
