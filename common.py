@@ -93,7 +93,10 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
     model = p.add_argument_group("model")
     model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained, or random:vit-b16 "
                                        f"(also random:vit-b32, random:vit-l14, random:vit-l14-336): that "
-                                       f"architecture with random weights, the real cost without a download "
+                                       f"architecture with random weights, the real cost without a download; "
+                                       f"or an open_clip model: hf-hub:<repo> (BiomedCLIP: hf-hub:microsoft/"
+                                       f"BiomedCLIP-PubMedBERT_256-vit_base_patch16_224), open_clip:<arch>/<tag>, "
+                                       f"or a folder with open_clip_config.json (docs/any-clip.md) "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
     model.add_argument("--image-processor", default="pil", choices=IMAGE_PROCESSORS,
                        help="CLIP's preprocessing by PIL, or by torchvision (needs a torchvision built for your "
