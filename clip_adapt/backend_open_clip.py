@@ -65,8 +65,17 @@ def identifier(name: str) -> tuple[str, str | None]:
 
 
 def check(name: str) -> None:
-    """A bad name or a local folder without weights fails here, in seconds (the hub is asked when loading)."""
-    identifier(name)
+    """A bad name, a local folder without weights, or an hf-hub: model whose config is out of reach (not in the
+    cache, or the hub unreachable) fails here, in seconds: its open_clip_config.json is fetched into the cache."""
+    model_name, _ = identifier(name)
+    if model_name.startswith(HUB_PREFIX):
+        from huggingface_hub import hf_hub_download
+        from clip_adapt import hub
+        try:
+            hf_hub_download(model_name.removeprefix(HUB_PREFIX), CONFIG_FILE)
+        except Exception as error:   # offline, missing from the cache, no such repository: all one line
+            raise UserError(f"could not read {CONFIG_FILE} of '{name}' ({type(error).__name__}): "
+                            f"{hub.unavailable('it')}") from None
 
 
 def model_config(name: str) -> dict:

@@ -141,6 +141,8 @@ def test_bad_open_clip_names_fail_in_one_line(tmp_path):
         check_model(str(tmp_path))
     with pytest.raises(UserError, match="open_clip:<architecture>/<pretrained tag>"):
         check_model("open_clip:ViT-B-16")
+    with pytest.raises(UserError, match="not in the local cache"):   # the tests' hub is offline
+        check_model("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
 
 
 def test_lora_reaches_open_clips_multihead_attention_and_starts_as_the_frozen_tower():
