@@ -44,7 +44,7 @@ def add_flags(parser):
 def build_model(clip, tokenizer, class_names, args):
     coop = (args.num_context, args.class_token_position, args.context_init)
     if args.kgcoop_weight:
-        return KgCoOp(clip, tokenizer, class_names, *coop, args.kgcoop_weight, common.class_templates(args))
+        return KgCoOp(clip, tokenizer, class_names, *coop, args.kgcoop_weight, common.class_templates(args, clip))
     return CoOp(clip, tokenizer, class_names, *coop)
 
 

@@ -34,7 +34,7 @@ def add_flags(parser):
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return CLIPAdapter(clip, tokenizer, class_names, common.class_templates(args), args.reduction,
+    return CLIPAdapter(clip, tokenizer, class_names, common.class_templates(args, clip), args.reduction,
                        args.residual_ratio)
 
 

@@ -42,7 +42,7 @@ def add_flags(parser):
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return LPPlusPlus(clip, tokenizer, class_names, common.class_templates(args))
+    return LPPlusPlus(clip, tokenizer, class_names, common.class_templates(args, clip))
 
 
 def main():

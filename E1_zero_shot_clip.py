@@ -12,7 +12,7 @@ from functools import partial
 
 import common
 from clip_adapt.base import is_main_process, write_csv
-from clip_adapt.models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings, load_templates,
+from clip_adapt.models import (ZERO_SHOT_TEMPLATES, ZeroShot, class_text_embeddings,
                                normalized_image_embeddings, similarity_logits)
 from clip_adapt.reporting import plot_top_k
 from clip_adapt.training import batched
@@ -28,20 +28,21 @@ def add_flags(parser):
     return parser
 
 
-def templates_of(args) -> tuple[str, ...]:
-    return (load_templates(args.templates) if args.templates else
-            ZERO_SHOT_TEMPLATES[:1] if args.no_ensemble else ZERO_SHOT_TEMPLATES)
+def templates_of(args, clip) -> tuple[str, ...]:
+    """--templates, else the model's own (BiomedCLIP's), else the MRI templates; --no-ensemble: the first."""
+    templates = common.class_templates(args, clip)
+    return templates[:1] if args.no_ensemble and not args.templates else templates
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return ZeroShot(clip, tokenizer, class_names, templates_of(args)).eval()
+    return ZeroShot(clip, tokenizer, class_names, templates_of(args, clip)).eval()
 
 
 def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     exp = common.start(common.script_name(__file__), args)
-    templates = templates_of(args)
+    templates = templates_of(args, exp.clip)
     model = build_model(exp.clip, exp.tokenizer, exp.data.class_names, args)
     # The tower runs once per split; every template, and their ensemble, reuses those image embeddings.
     splits = exp.data.splits()

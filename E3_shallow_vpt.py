@@ -11,6 +11,7 @@ S = 224; for a patch of s pixels: 3·s². Default --lr: 1e-3 for tokens, 0.1 for
 """
 
 import common
+from clip_adapt.backbone import backbone
 from clip_adapt.base import is_main_process
 from clip_adapt.models import ImageClassifier
 from clip_adapt.prompts import PIXEL_PROMPTERS, scaled_prompt_size
@@ -56,7 +57,7 @@ def build_model(clip, tokenizer, class_names, args):
     if args.prompt_type == "token":
         return ImageClassifier(clip, len(class_names), num_prompts=args.num_prompts, prompt_layers=[0],
                                prompt_dropout=args.prompt_dropout, head=text_head, **common.prompt_options(args))
-    image_size = clip.config.vision_config.image_size
+    image_size = backbone(clip).image_size
     prompter = PIXEL_PROMPTERS[args.prompt_type](image_size, pixel_prompt_size(args, image_size))
     return ImageClassifier(clip, len(class_names), pixel_prompt=prompter, head=text_head)
 
@@ -73,7 +74,7 @@ def main():
         extra = dict(num_prompts=args.num_prompts, prompt_layers=[0],
                      prompt_entry=model.prompts.entry if model.prompts else None)
     else:
-        image_size = exp.clip.config.vision_config.image_size
+        image_size = backbone(exp.clip).image_size
         size = pixel_prompt_size(args, image_size)
         extra = dict(num_prompts=0, prompt_size=size, prompt_params=model.pixel_prompt.count(image_size, size))
         if is_main_process():

@@ -5,6 +5,7 @@ by CLIP's frozen text classifier instead of a trained linear head: then only the
 """
 
 import common
+from clip_adapt.backbone import backbone
 from clip_adapt.models import ImageClassifier
 
 LEARNING_RATE = 1e-3
@@ -22,7 +23,7 @@ def add_flags(parser):
 
 
 def layers_of(clip, args) -> list[int]:
-    return args.prompt_layers or list(range(clip.config.vision_config.num_hidden_layers))
+    return args.prompt_layers or list(range(backbone(clip).vision_layers))
 
 
 def build_model(clip, tokenizer, class_names, args):

@@ -15,6 +15,7 @@ bias too). The interpolation and the head reproduce the reference's to 1e-5 (tes
 """
 
 import common
+from clip_adapt.backbone import backbone
 from clip_adapt.base import is_main_process, write_csv
 from clip_adapt.models import ImageClassifier, class_text_embeddings
 from clip_adapt.training import train
@@ -36,8 +37,8 @@ def add_flags(parser):
 def build_model(clip, tokenizer, class_names, args):
     head = None
     if args.wise_ft:
-        head = ZeroShotLinear(class_text_embeddings(clip, tokenizer, class_names, common.class_templates(args)),
-                              clip.logit_scale.exp())
+        head = ZeroShotLinear(class_text_embeddings(clip, tokenizer, class_names, common.class_templates(args, clip)),
+                              backbone(clip).logit_scale.exp())
     return ImageClassifier(clip, len(class_names), train_backbone=True, head=head)
 
 

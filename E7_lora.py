@@ -9,7 +9,8 @@ text classifier instead of a trained linear head: then only the adapter trains.
 
 import common
 from clip_adapt.adapters import ADAPTERS, VISION_LINEAR_LAYERS, AdapterClassifier, adapter_settings, peft_config
-from clip_adapt.base import is_main_process
+from clip_adapt import backend_open_clip
+from clip_adapt.base import UserError, is_main_process
 
 LEARNING_RATE = 1e-3
 STUDY_ACCURACY = None   # not in the study
@@ -33,12 +34,13 @@ def add_flags(parser):
     return parser
 
 
-def config_of(args):
-    return peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules)
+def config_of(args, clip=None):
+    """The adapter's peft config, on the module names of `clip` (checked without a model first)."""
+    return peft_config(args.adapter, args.rank, args.alpha, args.lora_dropout, args.target_modules, clip)
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return AdapterClassifier(clip, len(class_names), config_of(args),
+    return AdapterClassifier(clip, len(class_names), config_of(args, clip),
                              head=common.text_head(clip, tokenizer, class_names, args, args.head or "linear"))
 
 
@@ -46,6 +48,9 @@ def main():
     args = add_flags(common.parser(__doc__, LEARNING_RATE)).parse_args()
 
     config_of(args)   # bad adapter flags fail here, before the model and data load
+    if args.save_merged and args.model and backend_open_clip.names_open_clip(args.model):
+        raise UserError("--save-merged writes a transformers CLIPModel; an open_clip model's adapter is saved in "
+                        "peft's format (adapter/) only: leave out --save-merged")
     exp = common.start(common.script_name(__file__), args)
     model, result, tuned = common.build_and_train(exp, build_model)
     if is_main_process():   # under accelerate launch, one process writes

@@ -9,7 +9,8 @@ scored by CIDEr-D (COCO's PTB tokenizer: needs Java), CLIPScore and RefCLIPScore
 
 --data: a COCO-format folder (train.json, test.json, optional val.json; images in images/) or a `datasets`
 dataset with an image and a caption column. --smoke: a tiny random CLIP and GPT-2 on synthetic shape captions.
-See docs/captioning.md.
+E8 takes transformers CLIPs only (a CLIPModel hub id or folder); open_clip models (BiomedCLIP) run E1-E7 and the
+other classification scripts. See docs/captioning.md.
 """
 
 import time
@@ -22,6 +23,7 @@ from clip_adapt.captioning import (CAPTIONER_CLIP, CLIPSCORE_MODEL, DEFAULT_DECO
                                    SMOKE_CAPTIONS, TINY_DECODER, Captioner, check_cider, check_decoder,
                                    load_captions, load_decoder, write_shape_captions)
 from clip_adapt import hub
+from clip_adapt import backend_open_clip
 from clip_adapt.models import TINY_CLIP, check_model, is_random, load_clip, weights_identity
 from clip_adapt.training import train
 
@@ -72,6 +74,10 @@ def check_inputs(args) -> None:
     (Java) for CIDEr-D, and the configs of the captioning CLIP, the decoder and the scoring CLIP (read from a
     directory, the hub or its cache). A missing piece is one line in seconds, not a crash after training."""
     check_cider()
+    for flag, name in (("--model", args.model), ("--clipscore-model", args.clipscore_model)):
+        if name and backend_open_clip.names_open_clip(name):
+            raise UserError(f"{flag} {name} is an open_clip model; E8 captions with transformers CLIPs only (a "
+                            f"CLIPModel hub id or save_pretrained folder)")
     names = [args.model, args.decoder] + ([args.clipscore_model] if args.clipscore_model != CAPTIONER_CLIP else [])
     if any(not is_random(n) and n != TINY_DECODER and not Path(n).expanduser().exists() for n in names):
         hub.notice_offline()

@@ -49,7 +49,7 @@ def add_flags(parser):
 
 
 def build_model(clip, tokenizer, class_names, args):
-    return TipAdapter(clip, tokenizer, class_names, common.class_templates(args), args.finetune, args.init_alpha,
+    return TipAdapter(clip, tokenizer, class_names, common.class_templates(args, clip), args.finetune, args.init_alpha,
                       args.init_beta)
 
 

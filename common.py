@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from clip_adapt import timing
+from clip_adapt.backbone import backbone
 from clip_adapt.base import UserError, is_main_process, write_json
 from clip_adapt.copies import describe_copies
 from clip_adapt import base_to_new, hub, report_page
@@ -110,7 +111,10 @@ def parser(description: str, lr: float | None, warmup_epochs: float = 0.0, sweep
     model = p.add_argument_group("model")
     model.add_argument("--model", help=f"hub id or local directory saved with save_pretrained, or random:vit-b16 "
                                        f"(also random:vit-b32, random:vit-l14, random:vit-l14-336): that "
-                                       f"architecture with random weights, the real cost without a download "
+                                       f"architecture with random weights, the real cost without a download; "
+                                       f"or an open_clip model: hf-hub:<repo> (BiomedCLIP: hf-hub:microsoft/"
+                                       f"BiomedCLIP-PubMedBERT_256-vit_base_patch16_224), open_clip:<arch>/<tag>, "
+                                       f"or a folder with open_clip_config.json (docs/any-clip.md) "
                                        f"[default: {DEFAULT_MODEL}; with --smoke: a tiny random CLIP]")
     model.add_argument("--image-processor", default="pil", choices=IMAGE_PROCESSORS,
                        help="CLIP's preprocessing by PIL, or by torchvision (needs a torchvision built for your "
@@ -241,13 +245,15 @@ def text_head(clip, tokenizer, class_names: list[str], args: argparse.Namespace,
     """CLIP's text classifier as a frozen head (--head clip), from the templates E1 uses; None for a linear head."""
     if head != "clip":
         return None
-    return TextHead(clip, tokenizer, class_names, class_templates(args))
+    return TextHead(clip, tokenizer, class_names, class_templates(args, clip))
 
 
-def class_templates(args: argparse.Namespace) -> tuple[str, ...]:
-    """The class-text templates of E1's zero-shot classifier (--templates, else the MRI templates), for the methods
-    that classify by CLIP's text embeddings."""
-    return load_templates(args.templates) if args.templates else ZERO_SHOT_TEMPLATES
+def class_templates(args: argparse.Namespace, clip=None) -> tuple[str, ...]:
+    """The class-text templates of E1's zero-shot classifier (--templates, else the model's own where it has some,
+    BiomedCLIP's, else the MRI templates), for the methods that classify by CLIP's text embeddings."""
+    if args.templates:
+        return load_templates(args.templates)
+    return (backbone(clip).templates if clip is not None else None) or ZERO_SHOT_TEMPLATES
 
 
 def prompt_options(args: argparse.Namespace) -> dict:

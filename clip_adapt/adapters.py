@@ -1,5 +1,10 @@
 """E7's `peft` adapters (LoRA, LoHa, LoKr, IA3) on the CLIP vision tower: their configurations, restricted to
 the vision encoder by a regular expression, and the classifier that trains them with a linear head.
+
+The layers are named as in a transformers CLIP (q_proj, k_proj, v_proj, out_proj, fc1, fc2); the model's Backbone
+(clip_adapt/backbone.py) says which module each is in its own library. On BiomedCLIP's timm trunk q, k and v are
+one fused `qkv` Linear: q_proj, k_proj or v_proj each put one adapter on all three (one LoRA of rank r on the
+fused layer, r·(w + 3w) parameters a block: as many as LoRA on q and v apart, 2·r·2w).
 """
 
 import contextlib
@@ -7,8 +12,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import CLIPModel
-
+from clip_adapt.backbone import backbone
 from clip_adapt.base import Part, UserError
 from clip_adapt.models import Classifier, Fp32Linear, freeze, trainable
 
@@ -22,21 +26,23 @@ DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "loha": ("q_proj", "v_proj"), "
                    "ia3": ("k_proj", "v_proj", "fc2")}
 
 
-def vision_layers_regex(names) -> str:
-    """A regular expression peft matches against full module names of a CLIPModel: only the vision encoder's
-    linear layers with these names, so that the text tower's own q_proj, v_proj, ... stay untouched."""
+def vision_layers_regex(names, clip=None) -> str:
+    """A regular expression peft matches against full module names of the whole CLIP: only the vision encoder's
+    layers with these names, so that the text tower's own q_proj, v_proj, ... stay untouched. clip: the model (or
+    its Backbone) whose module names these are [default: a transformers CLIPModel's]."""
+    from clip_adapt.backend_transformers import ADAPTER_TARGETS
     unknown = sorted(set(names) - set(VISION_LINEAR_LAYERS))
     if unknown or not names:
         raise UserError(f"unknown target modules {unknown or '(none)'}: choose from {' '.join(VISION_LINEAR_LAYERS)}")
-    groups = {}
-    for name in sorted(set(names)):
-        groups.setdefault(VISION_LINEAR_LAYERS[name], []).append(name)
-    parts = "|".join(rf"{block}\.({'|'.join(layer_names)})" for block, layer_names in sorted(groups.items()))
-    return rf"vision_model\.encoder\.layers\.\d+\.({parts})"
+    targets = (backbone(clip).adapter_targets if clip is not None else
+               {name: rf"vision_model\.encoder\.layers\.\d+\.{pattern}" for name, pattern in ADAPTER_TARGETS.items()})
+    return "|".join(sorted({f"(?:{targets[name]})" for name in names}))
 
 
-def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout: float = 0.1, targets=None):
-    """The peft config of one adapter kind, restricted to the vision encoder.
+def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout: float = 0.1, targets=None,
+                clip=None):
+    """The peft config of one adapter kind, restricted to the vision encoder of `clip` (its module names; a
+    transformers CLIPModel's by default).
     LoHa and LoKr have no input dropout like LoRA's: `dropout` becomes their rank dropout (a share of the
     rank components dropped per step). (IA)^3 learns one scale per feature: it has no rank, alpha or dropout,
     and those arguments are ignored for it."""
@@ -48,7 +54,12 @@ def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout
     if not 0 <= dropout < 1:
         raise UserError("--lora-dropout must be in [0, 1)")
     targets = tuple(targets or DEFAULT_TARGETS[adapter])
-    regex = vision_layers_regex(targets)
+    fused = sorted(set(targets) & backbone(clip).lora_only_targets) if clip is not None else []
+    if adapter != "lora" and fused:
+        raise UserError(f"--adapter {adapter} cannot reach {' '.join(fused)} in this model: its attention is one "
+                        f"nn.MultiheadAttention, which of peft's adapters only LoRA adapts; pass --adapter lora, or "
+                        f"--target-modules fc1 fc2")
+    regex = vision_layers_regex(targets, clip)
     if adapter == "lora":
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none")
     if adapter == "loha":
@@ -57,7 +68,7 @@ def peft_config(adapter: str = "lora", rank: int = 8, alpha: float = 16, dropout
         return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, target_modules=regex)
     feedforward = [name for name in targets if name == "fc2"]   # scaled at its input, as in the paper
     return IA3Config(target_modules=regex,
-                     feedforward_modules=vision_layers_regex(feedforward) if feedforward else [])
+                     feedforward_modules=vision_layers_regex(feedforward, clip) if feedforward else [])
 
 
 def adapter_settings(args) -> dict:
@@ -89,7 +100,7 @@ class AdapterClassifier(Classifier):
     Base weights are frozen and, like the frozen towers of E2–E4, stay in eval mode while training; only the
     adapter layers follow train()/eval(), so that their own dropout is on in training and off in evaluation."""
 
-    def __init__(self, clip: CLIPModel, num_classes: int, config=None, adapter_dir: Path | None = None,
+    def __init__(self, clip, num_classes: int, config=None, adapter_dir: Path | None = None,
                  head: torch.nn.Module | None = None):
         """Fresh adapters from `config` (peft_config() by default), or, with `adapter_dir`, the adapter and head
         that save_adapter wrote, loaded with PeftModel.from_pretrained for predictions (nothing trainable).
@@ -99,11 +110,12 @@ class AdapterClassifier(Classifier):
         freeze(clip)
         with peft_warnings_silenced():
             peft_model = (PeftModel.from_pretrained(clip, adapter_dir) if adapter_dir is not None
-                          else get_peft_model(clip, config or peft_config()))
+                          else get_peft_model(clip, config or peft_config(clip=clip)))
         # Not a registered submodule: it holds the text tower too, which this classifier does not use.
         object.__setattr__(self, "peft_model", peft_model)
-        self.vision, self.projection = clip.vision_model, clip.visual_projection
-        self.head = head if head is not None else Fp32Linear(clip.config.projection_dim, num_classes)
+        self.backbone = backbone(clip)
+        self.vision, self.projection = self.backbone.vision, self.backbone.projection
+        self.head = head if head is not None else Fp32Linear(self.backbone.projection_dim, num_classes)
         if adapter_dir is not None:
             from safetensors.torch import load_file
             self.head.load_state_dict(load_file(Path(adapter_dir) / "head.safetensors"))
@@ -134,7 +146,7 @@ class AdapterClassifier(Classifier):
         return parts
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.vision(pixel_values=pixels).pooler_output)
+        return self.backbone.image_features(pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixels))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_adapt.backbone import backbone
 from clip_adapt.base import Part
 from clip_adapt.models import ZERO_SHOT_TEMPLATES, Classifier, class_text_embeddings, exact_fp32, freeze, trainable
 
@@ -118,10 +119,11 @@ class FrozenImageTower(Classifier):
 
     def __init__(self, clip):
         super().__init__()
-        self.vision, self.projection = freeze(clip.vision_model), freeze(clip.visual_projection)
+        self.backbone = backbone(clip)
+        self.vision, self.projection = freeze(self.backbone.vision), freeze(self.backbone.projection)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.vision(pixel_values=pixels).pooler_output)
+        return self.backbone.image_features(pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.on_embedding(self.embed(pixels))
@@ -134,7 +136,7 @@ class TipAdapter(FrozenImageTower):
                  finetune: bool = False, alpha: float = INIT_ALPHA, beta: float = INIT_BETA):
         super().__init__(clip)
         self.cache = TipCache(class_text_embeddings(clip, tokenizer, class_names, templates),
-                              clip.logit_scale.exp(), finetune, alpha, beta)
+                              backbone(clip).logit_scale.exp(), finetune, alpha, beta)
 
     @property
     def on_embedding(self) -> TipCache:
@@ -237,7 +239,7 @@ class CLIPAdapter(FrozenImageTower):
                  reduction: int = REDUCTION, ratio: float = RESIDUAL_RATIO):
         super().__init__(clip)
         self.adapter = ResidualAdapter(class_text_embeddings(clip, tokenizer, class_names, templates),
-                                       clip.logit_scale.exp(), reduction, ratio)
+                                       backbone(clip).logit_scale.exp(), reduction, ratio)
 
     @property
     def on_embedding(self) -> ResidualAdapter:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_adapt.backbone import backbone
 from clip_adapt.base import Part, UserError
 from clip_adapt.data import looks_like_hub_id
 from clip_adapt.prompts import TextContext, VisualPrompts
@@ -164,8 +165,11 @@ def check_model(name: str) -> None:
     """The model's config, read (from the hub or its cache) before anything else is loaded: a model that is
     missing, out of reach or not a CLIP fails here, in seconds."""
     from transformers import AutoConfig
+    from clip_adapt import backend_open_clip
     if is_random(name):
         return
+    if backend_open_clip.names_open_clip(name):
+        return backend_open_clip.check(name)
     try:
         model_type = AutoConfig.from_pretrained(model_source(name)).model_type
     except (OSError, ValueError) as error:
@@ -253,18 +257,23 @@ def weights_identity(name: str, model: nn.Module) -> dict:
     """Which weights a run loaded: the hub revision (the commit of the snapshot) for a hub model, else a
     fingerprint of the weights themselves (a local directory, random weights). Taken when the model is loaded,
     before anything trains."""
-    revision = getattr(model.config, "_commit_hash", None)
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
     if revision and not Path(name).expanduser().exists() and not is_random(name):
         return {"revision": revision}
     return {"weights_fingerprint": fingerprint(model)}
 
 
 def load_clip(name: str, device: torch.device | str | None = None, image_processor: str = "pil"):
-    """(CLIPModel, image processor, tokenizer) from a hub id, a local save_pretrained directory, TINY_CLIP, or
-    random:<architecture> (one of CLIP_ARCHITECTURES with random weights, drawn on `device`). image_processor:
-    "pil" (transformers' PIL backend) or "fast" (its torchvision backend), with the model's own settings."""
+    """(CLIP model, image processor, tokenizer) from a hub id, a local save_pretrained directory, TINY_CLIP, or
+    random:<architecture> (one of CLIP_ARCHITECTURES with random weights, drawn on `device`): a transformers
+    CLIPModel; or, for an open_clip name (hf-hub:<repo>, open_clip:<arch>/<tag>, a folder with
+    open_clip_config.json), an open_clip model (clip_adapt/backend_open_clip.py). image_processor: "pil"
+    (transformers' PIL backend) or "fast" (its torchvision backend), with the model's own settings."""
+    from clip_adapt import backend_open_clip
     if image_processor == "fast":
         check_torchvision()
+    if backend_open_clip.names_open_clip(name):
+        return backend_open_clip.load(name, image_processor)
     if name == TINY_CLIP:
         return tiny_clip(image_processor=image_processor)
     if name.startswith(RANDOM_PREFIX):
@@ -290,10 +299,8 @@ def load_clip(name: str, device: torch.device | str | None = None, image_process
     return clip.eval(), processor, tokenizer
 
 
-def model_dims(clip: CLIPModel) -> dict:
-    config = clip.config
-    return {"vision_hidden": config.vision_config.hidden_size, "vision_layers": config.vision_config.num_hidden_layers,
-            "projection_dim": config.projection_dim, "text_hidden": config.text_config.hidden_size}
+def model_dims(clip) -> dict:
+    return backbone(clip).dims()
 
 
 def count_params(model: nn.Module, clip: nn.Module | None = None) -> tuple[int, int]:
@@ -337,8 +344,8 @@ class Classifier(nn.Module):
         return self
 
 
-def normalized_image_embeddings(clip: CLIPModel, pixels: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+def normalized_image_embeddings(clip, pixels: torch.Tensor) -> torch.Tensor:
+    return F.normalize(backbone(clip).image_features(pixels).float(), dim=-1)
 
 
 @contextlib.contextmanager
@@ -354,11 +361,11 @@ def exact_fp32(device_type: str):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def similarity_logits(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def similarity_logits(clip, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """CLIP's scaled cosine similarities, in fp32 even under autocast and without TF32: at a logit scale of 100,
     bf16 logits of 16–32 fall on steps of 0.125, and the ties it makes go to class 0."""
     with exact_fp32(image.device.type):
-        return clip.logit_scale.exp().float() * image.float() @ text.float().T
+        return backbone(clip).logit_scale.exp().float() * image.float() @ text.float().T
 
 
 class Fp32Linear(nn.Linear):
@@ -389,15 +396,17 @@ def trainable(module: nn.Module | None, prefix: str = "") -> dict:
     return {f"{prefix}{name}": p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def class_text_embeddings(clip: CLIPModel, tokenizer, class_names: list[str], templates) -> torch.Tensor:
+def class_text_embeddings(clip, tokenizer, class_names: list[str], templates) -> torch.Tensor:
     """Unit class embeddings from CLIP's text tower; with several templates, prompt ensembling as in CLIP's
     paper: the unit vectors are averaged, then renormalised."""
-    device = clip.logit_scale.device
+    parts = backbone(clip)
+    device = parts.logit_scale.device
     with torch.no_grad():
         per_template = []
         for template in templates:
             tokens = tokenizer([template.format(c) for c in class_names], padding=True, return_tensors="pt").to(device)
-            per_template.append(F.normalize(clip.get_text_features(**tokens).pooler_output.float(), dim=-1))
+            per_template.append(F.normalize(parts.text_features(tokens["input_ids"], tokens["attention_mask"]).float(),
+                                            dim=-1))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
@@ -426,7 +435,7 @@ class TextHead(nn.Module):
     def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], templates=ZERO_SHOT_TEMPLATES):
         super().__init__()
         self.register_buffer("class_embeddings", class_text_embeddings(clip, tokenizer, class_names, templates))
-        self.register_buffer("logit_scale", clip.logit_scale.detach().exp().float().clone())
+        self.register_buffer("logit_scale", backbone(clip).logit_scale.detach().exp().float().clone())
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         with exact_fp32(embeddings.device.type):
@@ -450,23 +459,23 @@ class ImageClassifier(Classifier):
         output before the projection, as the CLIP paper's linear probes read ViTs, appendix A.3); prompt_options:
         VisualPrompts' position, entry, init."""
         super().__init__()
-        self.vision, self.projection = clip.vision_model, clip.visual_projection
+        self.backbone = backbone(clip)
+        self.vision, self.projection = self.backbone.vision, self.backbone.projection
         if not train_backbone:
             self.frozen = ("vision", "projection")
             freeze(self.vision), freeze(self.projection)
-        self.prompts = (VisualPrompts(self.vision, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
+        self.prompts = (VisualPrompts(self.backbone, num_prompts, prompt_layers, prompt_dropout, **prompt_options)
                         if num_prompts else None)
-        self.pixel_prompt = pixel_prompt.attach(self.vision) if pixel_prompt is not None else None
+        self.pixel_prompt = pixel_prompt.attach(self.backbone) if pixel_prompt is not None else None
         if features not in FEATURES:
             raise UserError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
         self.features = features
-        width = clip.config.projection_dim if features == "projected" else clip.config.vision_config.hidden_size
+        width = self.backbone.projection_dim if features == "projected" else self.backbone.vision_width
         self.head = head if head is not None else Fp32Linear(width, num_classes)
         self.train_backbone = train_backbone
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision(pixel_values=pixels).pooler_output
-        return self.projection(pooled) if self.features == "projected" else pooled
+        return self.backbone.image_features(pixels, self.features == "projected")
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(pixels))
@@ -495,13 +504,13 @@ class CoOp(Classifier):
                  class_token_position: str = "end", context_init: str | None = None):
         super().__init__()
         self.clip = freeze(clip)
-        self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_context, class_token_position,
+        self.backbone = backbone(clip)
+        self.text_context = TextContext(self.backbone, tokenizer, class_names, num_context, class_token_position,
                                         context_init)
 
     def class_embeddings(self) -> torch.Tensor:
         with self.text_context.active() as (input_ids, attention_mask):
-            return F.normalize(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-                               .pooler_output.float(), dim=-1)
+            return F.normalize(self.backbone.text_features(input_ids, attention_mask).float(), dim=-1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
@@ -545,7 +554,7 @@ class CoCoOp(CoOp):
     def __init__(self, clip: CLIPModel, tokenizer, class_names: list[str], num_context: int = 4,
                  context_init: str | None = "a photo of a"):
         super().__init__(clip, tokenizer, class_names, num_context, "end", context_init)
-        width, text_width = clip.config.projection_dim, clip.config.text_config.hidden_size
+        width, text_width = backbone(clip).projection_dim, backbone(clip).text_width
         # At least one unit in between: below a width of 16 the reference's width // 16 is zero, a meta-net that
         # cannot shift anything (CoCoOp would quietly be CoOp); the published CLIPs' widths are all above it.
         hidden = max(1, width // 16)
@@ -555,10 +564,10 @@ class CoCoOp(CoOp):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         image = normalized_image_embeddings(self.clip, pixels)
         with self.text_context.active(self.meta_net(image)) as (input_ids, attention_mask):
-            text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            text = self.backbone.text_features(input_ids, attention_mask)
         text = F.normalize(text.float(), dim=-1).view(len(image), len(self.text_context.input_ids), -1)
         with exact_fp32(image.device.type):
-            return self.clip.logit_scale.exp().float() * torch.einsum("bd,bcd->bc", image.float(), text)
+            return self.backbone.logit_scale.exp().float() * torch.einsum("bd,bcd->bc", image.float(), text)
 
     def parts(self) -> list[Part]:
         return [*super().parts(), Part("meta-net", trainable(self.meta_net, "meta_net."))]
@@ -572,8 +581,9 @@ class PromptedCLIP(CoOp):
                  num_text_prompts: int = 4, prompt_dropout: float = 0.0, **prompt_options):
         Classifier.__init__(self)   # not CoOp's: the visual prompts draw their start before the text context
         self.clip = freeze(clip)
-        self.visual_prompts = VisualPrompts(clip.vision_model, num_prompts, (0,), prompt_dropout, **prompt_options)
-        self.text_context = TextContext(clip.text_model, tokenizer, class_names, num_text_prompts)
+        self.backbone = backbone(clip)
+        self.visual_prompts = VisualPrompts(self.backbone, num_prompts, (0,), prompt_dropout, **prompt_options)
+        self.text_context = TextContext(self.backbone, tokenizer, class_names, num_text_prompts)
 
     def parts(self) -> list[Part]:
         return [Part("visual prompts", trainable(self.visual_prompts, "visual_prompts."), self.visual_prompts.removed),

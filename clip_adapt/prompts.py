@@ -1,7 +1,8 @@
 """The learnable prompts: VPT's prompt tokens in the image tower, pixel-space prompts added to the image
 (Bahng et al., 2022), and CoOp's context vectors in the text tower. Each is added by hooks on `transformers`'
-own CLIP modules, never by copying its code, so the frozen backbone computes exactly what it computes without
-them. The classifiers that use them are in clip_adapt/models.py.
+own CLIP modules, or open_clip's, found through the model's Backbone (clip_adapt/backbone.py), never by copying
+their code, so the frozen backbone computes exactly what it computes without them. The classifiers that use them
+are in clip_adapt/models.py.
 """
 
 import contextlib
@@ -73,32 +74,35 @@ class VisualPrompts(Removable):
     removed() (Removable): the tower as it is without prompts.
     """
 
-    def __init__(self, vision_model: nn.Module, num_prompts: int, layers=(0,), dropout: float = 0.0,
+    def __init__(self, parts, num_prompts: int, layers=(0,), dropout: float = 0.0,
                  position: str = "front", entry: str = "pre-ln", init: str = "normal"):
+        """parts: the CLIP's Backbone (clip_adapt.backbone), or the CLIP itself."""
+        from clip_adapt.backbone import backbone
         super().__init__()
-        config = vision_model.config
+        parts = backbone(parts)
+        depth, width = parts.vision_layers, parts.vision_width
         self.layers = sorted(set(layers))
-        if not self.layers or not all(0 <= i < config.num_hidden_layers for i in self.layers):
-            raise UserError(f"prompt layers must be between 0 and {config.num_hidden_layers - 1}, got {list(layers)}")
+        if not self.layers or not all(0 <= i < depth for i in self.layers):
+            raise UserError(f"prompt layers must be between 0 and {depth - 1}, got {list(layers)}")
         for name, value, allowed in (("position", position, PROMPT_POSITIONS), ("entry", entry, PROMPT_ENTRIES),
                                      ("init", init, PROMPT_INITS)):
             if value not in allowed:
                 raise UserError(f"prompt {name} must be one of {', '.join(allowed)}, got {value!r}")
         self.num_prompts, self.position = num_prompts, position
         self.entry = entry if self.layers[0] == 0 else "post-ln"
-        prompts = torch.empty(len(self.layers), num_prompts, config.hidden_size)
+        prompts = torch.empty(len(self.layers), num_prompts, width)
         if init == "normal":
             nn.init.normal_(prompts, std=0.02)
         else:
-            bound = math.sqrt(6 / (3 * config.patch_size ** 2 + config.hidden_size))   # VPT's Xavier-uniform bound
+            bound = math.sqrt(6 / (3 * parts.patch_size ** 2 + width))   # VPT's Xavier-uniform bound
             nn.init.uniform_(prompts, -bound, bound)
         self.prompts = nn.Parameter(prompts)
         self.dropout = nn.Dropout(dropout)
         for index, layer in enumerate(self.layers):
             if index == 0 and self.entry == "pre-ln":
-                vision_model.pre_layrnorm.register_forward_pre_hook(partial(self._put_prompts, index, True))
+                parts.vision_pre_norm.register_forward_pre_hook(partial(self._put_prompts, index, True))
             else:
-                vision_model.encoder.layers[layer].register_forward_pre_hook(
+                parts.vision_blocks[layer].register_forward_pre_hook(
                     partial(self._put_prompts, index, index == 0), with_kwargs=True)
 
     def _put_prompts(self, index: int, inserting: bool, module, args, kwargs=None):
@@ -127,8 +131,10 @@ class PixelPrompter(Removable):
     the tower's patch embedding, so that the prompt joins the frozen tower the way the prompt tokens do and
     removed() takes it out. Calling the prompter itself adds it to the pixels it is given."""
 
-    def attach(self, vision_model: nn.Module) -> "PixelPrompter":
-        vision_model.embeddings.register_forward_pre_hook(self._prompt_pixels, with_kwargs=True)
+    def attach(self, parts) -> "PixelPrompter":
+        """parts: the CLIP's Backbone (clip_adapt.backbone), or the CLIP itself."""
+        from clip_adapt.backbone import backbone
+        backbone(parts).patch_embedding.register_forward_pre_hook(self._prompt_pixels, with_kwargs=True)
         return self
 
     def _prompt_pixels(self, module, args, kwargs):
@@ -233,13 +239,16 @@ class TextContext(Removable):
     removed(): the context vectors are not put in, so the M slots hold the placeholder token's own embedding, as
     the text tower reads the ids without the hook."""
 
-    def __init__(self, text_model: nn.Module, tokenizer, class_names: list[str], num_context: int,
+    def __init__(self, parts, tokenizer, class_names: list[str], num_context: int,
                  class_token_position: str = "end", init: str | None = None):
+        """parts: the CLIP's Backbone (clip_adapt.backbone), or the CLIP itself."""
+        from clip_adapt.backbone import backbone
         super().__init__()
+        parts = backbone(parts)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise UserError(f"class token position must be one of {', '.join(CLASS_TOKEN_POSITIONS)}, "
                             f"got {class_token_position!r}")
-        token_embedding = text_model.embeddings.token_embedding
+        token_embedding = parts.text_token_embedding
         if init:
             init_ids = torch.tensor(tokenizer(init, add_special_tokens=False)["input_ids"])
             with torch.no_grad():
@@ -248,20 +257,22 @@ class TextContext(Removable):
                 context = context.cpu()
             num_context = len(init_ids)
         else:
-            context = torch.randn(num_context, text_model.config.hidden_size) * 0.02
+            context = torch.randn(num_context, parts.text_width) * 0.02
         if num_context < 1:
             raise UserError("CoOp needs at least one context vector: raise the number of text context vectors, or "
                             "give initialisation words")
         self.context = nn.Parameter(context)
         self.class_token_position = class_token_position
         tokens = tokenizer([f"{name}." for name in class_names], padding=True, return_tensors="pt")
-        limit = text_model.config.max_position_embeddings
+        limit = parts.context_length
         if tokens["input_ids"].shape[1] + num_context > limit:
             raise UserError(f"{num_context} text context vectors and the class names take "
                             f"{tokens['input_ids'].shape[1] + num_context} tokens, more than CLIP's {limit}: "
                             f"lower --num-text-prompts")
         name_lengths = [len(tokenizer(name, add_special_tokens=False)["input_ids"]) for name in class_names]
-        # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token.
+        # Any token id serves as the placeholder (its embedding is replaced); BOS is never the end-of-text token
+        # (a BERT tokenizer has no BOS: its [CLS], which pools by position, not by id).
+        placeholder = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
         # How many context vectors come before the class name; the rest follow it.
         before = {"end": num_context, "middle": num_context // 2, "front": 0}[class_token_position]
         ids, masks, slots = [], [], []
@@ -269,7 +280,7 @@ class TextContext(Removable):
             # row: [BOS] <class name> . [EOS] padding, the name in row[1 : 1 + length]; -1 marks a context slot
             order = [0, *[-1] * before, *range(1, 1 + length), *[-1] * (num_context - before),
                      *range(1 + length, len(row))]
-            ids.append(torch.tensor([tokenizer.bos_token_id if i < 0 else int(row[i]) for i in order]))
+            ids.append(torch.tensor([placeholder if i < 0 else int(row[i]) for i in order]))
             masks.append(torch.tensor([1 if i < 0 else int(mask[i]) for i in order]))
             slots.append([place for place, i in enumerate(order) if i < 0])
         self.register_buffer("input_ids", torch.stack(ids), persistent=False)

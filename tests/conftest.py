@@ -43,6 +43,14 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_biomedclip_dir(tmp_path_factory) -> Path:
+    """BiomedCLIP's architecture, small and random, as a local open_clip folder (tools/open_clip_models.py):
+    a timm ViT trunk, a tiny BERT text tower with CLS pooling and an MLP projection, a 256-token context."""
+    from tools.open_clip_models import tiny_biomedclip
+    return tiny_biomedclip(tmp_path_factory.mktemp("tiny-biomedclip"))
+
+
 def known_answer_cache() -> Path:
     """Where the known-answer CLIP is kept between runs: a folder per version of the code and libraries that make
     it (tools/known_answer.py, the image processor in clip_adapt/models.py, torch, transformers), so that a change

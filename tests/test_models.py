@@ -238,7 +238,7 @@ def test_zero_prompts_give_exactly_the_frozen_embeddings(clip_parts):
         layers = range(clip.config.vision_config.num_hidden_layers)
         prompted = ImageClassifier(copy.deepcopy(clip), 4)
         from clip_adapt.prompts import VisualPrompts
-        VisualPrompts(prompted.vision, 0, layers)
+        VisualPrompts(prompted.backbone, 0, layers)
         # Through the hooks' concatenations, another path: equal to float rounding (bit for bit on one CPU only).
         torch.testing.assert_close(prompted.embed(pixels), plain_image, rtol=1e-6, atol=1e-6)
         e5 = PromptedCLIP(clip, tokenizer, CLASS_NAMES, num_prompts=0, num_text_prompts=2)

@@ -2,8 +2,9 @@
 
 Driven by the registry: each discovered script (clip_adapt.runner.experiment_scripts, E1-E8 and any added
 later) builds its model with its own build_model from its default flags and from each of its MODEL_VARIANTS,
-on the tiny random CLIP (and the tiny random GPT-2 for captioning). The model names its parts in parts()
-(clip_adapt.base.Part): the prompts, the text context, an adapter, a prefix, LoRA, a head, the backbone. For each:
+on the tiny random CLIP (and the tiny random GPT-2 for captioning); each classification script's also on
+BiomedCLIP's architecture, small and random, through open_clip (tests/conftest.py tiny_biomedclip_dir). The model
+names its parts in parts() (clip_adapt.base.Part): the prompts, the text context, an adapter, a prefix, LoRA, a head, the backbone. For each:
 
 - every tensor gets a finite gradient, the part a non-zero one at once, and within a few optimiser steps each of
   its tensors has had a non-zero gradient (a zero-initialised half, LoRA's B or the adapter's up-projection,
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from conftest import CLASSES, REPO, tiny_batch
 
-from clip_adapt.models import tiny_clip
+from clip_adapt.models import load_clip, tiny_clip
 from clip_adapt.prompts import removed_together
 from clip_adapt.runner import experiment_scripts
 
@@ -43,20 +44,26 @@ def variants(script) -> list[tuple[str, ...]]:
     return [(), *map(tuple, getattr(script.module, "MODEL_VARIANTS", ()))]
 
 
-def build(script, flags: tuple[str, ...]):
-    """The script's model as its main() builds it (seed 0), on a fresh tiny CLIP, or on its own tiny backbone
-    (--smoke's) where it brings one."""
+def fresh_clip(model_dir=None):
+    """(CLIP, image processor, tokenizer): the tiny random CLIP, or the model saved in model_dir (the tiny
+    BiomedCLIP-architecture open_clip folder) loaded as --model loads it."""
+    return tiny_clip() if model_dir is None else load_clip(str(model_dir))
+
+
+def build(script, flags: tuple[str, ...], model_dir=None):
+    """The script's model as its main() builds it (seed 0), on a fresh tiny CLIP (or the model in model_dir), or
+    on its own tiny backbone (--smoke's) where it brings one."""
     import common
     args = script.default_args("--smoke", *flags)
-    clip, _, tokenizer = tiny_clip() if script.takes_clip else script.load_backbone(args)
+    clip, _, tokenizer = fresh_clip(model_dir) if script.takes_clip else script.load_backbone(args)
     common.seed_everything(0)
     return script.build_model(clip, tokenizer, list(CLASSES) if script.task == "classification" else [], args)
 
 
-def batch(script, seed: int = 0):
+def batch(script, seed: int = 0, model_dir=None):
     """(pixels, targets): four images, and their labels or, for captioning, caption token ids (start, tokens,
     end, padding as -100)."""
-    _, processor, _ = tiny_clip()
+    _, processor, _ = fresh_clip(model_dir)
     pixels = tiny_batch(processor, 4)
     if script.task == "classification":
         return pixels, torch.arange(4)
@@ -143,10 +150,19 @@ def test_each_part_learns_moves_the_output_and_is_removed_cleanly(script, flags,
     check_part(script, flags, part_name)
 
 
-def check_part(script, flags: tuple[str, ...], part_name: str | None) -> None:
+# The same contract on BiomedCLIP's architecture (small and random: a timm trunk, a BERT text tower; open_clip).
+CLASSIFICATION_CASES = [case for case in CASES if case.values[0].task == "classification"]
+
+
+@pytest.mark.parametrize("script, flags, part_name", CLASSIFICATION_CASES)
+def test_each_part_holds_on_biomedclips_architecture(script, flags, part_name, tiny_biomedclip_dir):
+    check_part(script, flags, part_name, tiny_biomedclip_dir)
+
+
+def check_part(script, flags: tuple[str, ...], part_name: str | None, model_dir=None) -> None:
     task = script.task
-    pixels, targets = batch(script)
-    model = build(script, flags)
+    pixels, targets = batch(script, model_dir=model_dir)
+    model = build(script, flags, model_dir)
     if part_name is None:   # E1: nothing trains
         assert not any(p.requires_grad for p in model.parameters()), script.name
         return
@@ -173,7 +189,7 @@ def check_part(script, flags: tuple[str, ...], part_name: str | None) -> None:
             f"base model by {(built - base).abs().max():.3g}")
 
     # Perturbing the part changes the output.
-    perturbed = build(script, flags)
+    perturbed = build(script, flags, model_dir)
     perturb(the_part(perturbed, part_name).tensors)
     change = float((output(perturbed, task, pixels, targets) - built).abs().max())
     assert change > CHANGED, f"{script.name} {flags}: perturbing {part_name} changes the output by only {change:.3g}"

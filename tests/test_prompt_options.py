@@ -76,14 +76,14 @@ def test_front_and_back_give_the_same_embedding(clip_parts, entry):
 def test_initialisations_and_entry_of_a_deeper_first_layer(clip_parts):
     clip, _, _ = clip_parts
     torch.manual_seed(0)
-    normal = VisualPrompts(copy.deepcopy(clip).vision_model, 200, [0])
+    normal = VisualPrompts(copy.deepcopy(clip), 200, [0])
     assert abs(normal.prompts.std().item() - 0.02) < 0.002 and abs(normal.prompts.mean().item()) < 0.002
     config = clip.config.vision_config
     bound = (6 / (3 * config.patch_size ** 2 + config.hidden_size)) ** 0.5
-    xavier = VisualPrompts(copy.deepcopy(clip).vision_model, 200, [0], init="xavier")
+    xavier = VisualPrompts(copy.deepcopy(clip), 200, [0], init="xavier")
     assert xavier.prompts.abs().max() <= bound and xavier.prompts.abs().max() > 0.9 * bound
     assert normal.entry == "pre-ln"
-    assert VisualPrompts(copy.deepcopy(clip).vision_model, 2, [1, 2], entry="pre-ln").entry == "post-ln"
+    assert VisualPrompts(copy.deepcopy(clip), 2, [1, 2], entry="pre-ln").entry == "post-ln"
 
 
 # --------------------------------------------------------------------------- pixel prompts
