@@ -86,9 +86,12 @@ def rebuild(run: Path, device: torch.device):
     vars(args).update(metrics["settings"])
     if not is_random(args.model) and not Path(args.model).expanduser().exists():
         hub.notice_offline()
-    clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
+    if script.takes_clip:
+        clip, image_processor, tokenizer = load_clip(args.model, device, args.image_processor)
+    else:   # a script with its own backbone (E14's ResNet) loads it as its run did
+        clip, image_processor, tokenizer = script.load_backbone(args, device)
     if weights_identity(args.model, clip) != metrics["model_weights"]:
-        raise UserError(f"the CLIP loaded from {args.model} is not the one the run used ({metrics['model_weights']}): "
+        raise UserError(f"the model loaded from {args.model} is not the one the run used ({metrics['model_weights']}): "
                         f"predict needs the run's own weights")
     common.seed_everything(args.seed)   # as the run built its model: whatever is not in the checkpoint matches
     model = script.build_model(clip.to(device), tokenizer, metrics["class_names"], args)
