@@ -66,7 +66,7 @@ def test_a_new_script_is_picked_up_by_run_all_and_by_the_tests(tmp_path):
 @pytest.mark.slow   # the fast tier's smoke run of every script, in a copy: 195 s on a loaded 2-core Xeon
 def test_breaking_any_script_fails_the_fast_tier(tmp_path):
     """A `raise` planted as the first line of every script's build_model, in a copy: the fast tier's runs of each
-    script at smoke size (test_scripts.py's test_each_script_writes_every_output_on_the_project_data, one case per
+    script at smoke size (test_any_data.py's test_saved_cifar100_layout_runs_through_every_script, one case per
     discovered classification script; test_captioning.py's smoke run for captioning) fail for every one of them,
     each with the planted error."""
     copy = repository_copy(tmp_path)
@@ -80,12 +80,12 @@ def test_breaking_any_script_fails_the_fast_tier(tmp_path):
             return f"{match.group(0)}{match.group(1)}    raise RuntimeError('planted in {script.name}')\n"
         path.write_text(re.sub(r"^( *)def build_model\(.*\):\n", plant, source, count=1, flags=re.M))
         assert planted == 1, script.name
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rf", "tests/test_scripts.py",
-                          "tests/test_captioning.py", "-k", "test_each_script_writes_every_output_on_the_project_data "
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rf", "tests/test_any_data.py",
+                          "tests/test_captioning.py", "-k", "test_saved_cifar100_layout_runs_through_every_script "
                           "or test_smoke_writes_every_output"], cwd=copy, capture_output=True, text=True, timeout=900)
     assert run.returncode == 1, run.stdout[-3000:]
     failed = set(re.findall(r"^FAILED (\S+)", run.stdout, flags=re.M))
-    classification = {f"tests/test_scripts.py::test_each_script_writes_every_output_on_the_project_data[{s.path.name}]"
+    classification = {f"tests/test_any_data.py::test_saved_cifar100_layout_runs_through_every_script[{s.path.name}]"
                       for s in classification_scripts()}
     captioning = {test for test in failed if test.startswith("tests/test_captioning.py::test_smoke_writes_every_output")}
     assert classification <= failed and len(captioning) == len(PEFT_METHODS), failed

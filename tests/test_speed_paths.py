@@ -153,6 +153,18 @@ def test_compiled_training_equals_eager_in_one_graph(name, flags, tiny_clip_dir,
     torch.testing.assert_close(torch.tensor(histories[1]), torch.tensor(histories[0]), rtol=1e-4, atol=1e-4)
 
 
+def test_compare_models_measures_each_mode_in_process():
+    """The fast sibling of the slow test below: one measurement of each mode of a tiny ResNet, in this process."""
+    from tools import bench_models
+    assert bench_models.script_for("tiny-resnet") == "E14_resnet18"
+    assert bench_models.script_for("tiny-random-clip") == "E2_linear_probe"
+    for grad in (False, True):
+        row = bench_models.measure_inference("random:resnet-tiny", grad, 2, 1, 0, "cpu")
+        assert row["parameters"] == 12_348 and row["seconds_per_image"] > 0, grad   # its backbone and a 4-class head
+        assert row["peak_memory_mb"] >= row["memory_before_mb"] - 1 and row["memory_of_passes_mb"] >= 0, grad
+
+
+@pytest.mark.slow   # a fresh process per model and mode: 30 s on the 2-core Xeon
 def test_bench_compare_models_smoke_writes_the_figure_and_the_no_grad_table(tmp_path):
     """tools/bench.py --compare-models on the two tiny random models (a CLIP, a ResNet): each one's head-only test
     accuracy as its script's metrics.json says, and time and peak memory measured with and without no_grad."""
