@@ -456,8 +456,8 @@ def start(name: str, args: argparse.Namespace, load_model=None) -> Experiment:
 def start_timed(name: str, args: argparse.Namespace, started: float, load_model=load_clip) -> Experiment:
     args, out_dir, device, accelerator = open_run(name, args)
     if getattr(args, "base_to_new", False):
-        from clip_adapt.runner import REPO, ExperimentScript
-        base_to_new.check_open_vocabulary(name, ExperimentScript(name, REPO / f"{name}.py").module)
+        from clip_adapt.runner import script_named
+        base_to_new.check_open_vocabulary(name, script_named(name).module)
     check_data_early(args.data, args.shots, args.split_file)
     if needs_hub(args):
         hub.notice_offline()
@@ -674,10 +674,9 @@ def write_contact_sheet(exp: Experiment, pairs: list, threshold: float | None) -
 def new_class_scores(exp: Experiment, model: torch.nn.Module, base_accuracy: float) -> dict:
     """--base-to-new: the trained parts carried into the same method built for the held-out classes, scored on
     their test images among them (clip_adapt/base_to_new.py)."""
-    from clip_adapt.runner import REPO, ExperimentScript
+    from clip_adapt.runner import script_named
     new = exp.new_classes
-    script = ExperimentScript(exp.name, REPO / f"{exp.name}.py")
-    fresh = script.build_model(exp.clip, exp.tokenizer, new.class_names, exp.args).to(exp.device)
+    fresh = script_named(exp.name).build_model(exp.clip, exp.tokenizer, new.class_names, exp.args).to(exp.device)
     rebuilt = base_to_new.carried_over(model, fresh).eval()
     logits = predict_everywhere(rebuilt, new.test, 2 * exp.args.batch_size, exp.device, exp.args.precision,
                                 exp.accelerator, desc="base-to-new: the new classes")

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from clip_adapt.base import UserError
+from clip_adapt.base import UserError, is_main_process
 from clip_adapt.data import MRIData, Split
 
 
@@ -85,7 +85,7 @@ def choose_experiments(experiments: list[str], chosen: bool) -> list[str]:
     if chosen and unable:
         raise UserError(f"--base-to-new: {', '.join(unable)} cannot name a class it did not train on (a head or a "
                         f"cache tied to the training classes); choose from {', '.join(sorted(able))}")
-    if unable:
+    if unable and is_main_process():   # under accelerate launch every process chooses; one says so
         print(f"--base-to-new: running {', '.join(n for n in experiments if n in able)}; leaving out "
               f"{', '.join(unable)} (their heads or caches are tied to the training classes)")
     return [name for name in experiments if name in able]

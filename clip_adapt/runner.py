@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,13 @@ def experiment_scripts(root: Path = REPO) -> list[ExperimentScript]:
     found = [path for path in Path(root).glob("E*.py") if SCRIPT_NAME.fullmatch(path.stem)]
     found.sort(key=lambda path: (int(SCRIPT_NAME.fullmatch(path.stem).group(1)), path.stem))
     return [ExperimentScript(path.stem, path) for path in found]
+
+
+@cache
+def script_named(name: str, root: Path = REPO) -> ExperimentScript:
+    """The experiment script a run of `name` (its file name without .py) comes from, one per process, so that its
+    module is imported once however often a run asks for it."""
+    return ExperimentScript(name, Path(root) / f"{name}.py")
 
 
 def classification_scripts(root: Path = REPO) -> list[ExperimentScript]:
